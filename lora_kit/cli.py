@@ -76,6 +76,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train / plan -------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lora_kit import recipe as recipe_mod
+    from lora_kit.train import train
+
+    if args.resume and args.fresh:
+        raise CliError("--resume and --fresh are exclusive")
+    recipe = recipe_mod.load(args.recipe, args.set, name=args.name)
+    if args.run_dir:
+        recipe.output.run_dir = args.run_dir
+    resume = True if args.resume else (False if args.fresh else None)
+    result = train(recipe, resume=resume)
+    if result.main_process:  # other DDP ranks print nothing
+        print(result.ref or result.adapter_dir)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lora_kit import plan
+    from lora_kit import recipe as recipe_mod
+
+    recipe = recipe_mod.load(args.recipe, args.set, name=args.name)
+    report = plan.plan(recipe)
+    if args.json:
+        _print_json(report)
+    else:
+        print(plan.format_report(report))
+    return 0
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", metavar="RECIPE", help="YAML recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--name", default=None, help="adapter name (overrides output.name)")
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -96,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", default=[DEFAULT_MODEL], metavar="NAME", help=f"default: {DEFAULT_MODEL}")
     p.set_defaults(func=cmd_models_prepare)
 
+    p = sub.add_parser("train", help="train a QLoRA adapter from a recipe and register it; prints NAME@VERSION last")
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint (required to exist)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    p.add_argument("--run-dir", default=None, help="run directory (default: LORA_KIT_HOME/runs/NAME-HASH)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="estimate peak memory and count tokens of a recipe, before any run")
+    _add_recipe_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("generate", help="print one completion of PROMPT")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: embedded name, local dir or hub id (default: {DEFAULT_MODEL})")
@@ -106,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="send PROMPT to the tokenizer as is, without the chat template")
     p.add_argument("--quantization", choices=["none", "nf4", "fp4"], default="none", help="load the base in 4-bit (default: none)")
     p.set_defaults(func=cmd_generate)
+
+    from lora_kit.cli_adapters import add_adapters_parser
+
+    add_adapters_parser(sub)
     return parser
 
 

@@ -1,0 +1,257 @@
+"""Export registered adapters for other servers (PEFT, Cloudflare Workers AI, vLLM) and move
+them between registries as ``.tar.gz`` archives.
+
+Rules encoded here come from ../shared/reference: Cloudflare's upload constraints
+(cloudflare-workers-ai-api.md section 4.2) and vLLM's adapter checks (multi-lora-serving-anchors.md).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import tarfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_kit.adapter_validation import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, validate_adapter_dir
+from lora_kit.registry import STORED_FILES, AdapterVersion, InvalidAdapter, Registry, RegistryError, local_base_dir, sha256_file
+
+TARGETS = ("peft", "cloudflare", "vllm")
+CLOUDFLARE_MAX_RANK = 32
+CLOUDFLARE_MAX_BYTES = 300 * 1000 * 1000  # "adapter file < 300 MB"; decimal MB is the stricter reading
+CLOUDFLARE_MODEL_TYPES = ("mistral", "llama", "gemma")
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # allowed --max-lora-rank values
+VLLM_DEFAULT_MAX_RANK = 16
+MANIFEST = "lora-kit-adapter.json"
+ARCHIVE_FORMAT = 1
+_MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    target: str
+    notes: list[str] = field(default_factory=list)  # lines to show the user (e.g. vLLM flags)
+
+
+def _fresh_dir(dest: Path) -> None:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise RegistryError(f"export destination '{dest}' exists and is not an empty directory")
+
+
+def _write_dir(dest: Path, files: dict[str, bytes | Path]) -> None:
+    """Write ``files`` into ``dest`` atomically: build a sibling temp dir, then rename it."""
+    _fresh_dir(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        for name, content in files.items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp / name)
+            else:
+                (tmp / name).write_bytes(content)
+        if dest.exists():
+            dest.rmdir()  # empty (checked above)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cloudflare_model_type(av: AdapterVersion, config: dict, override: str | None = None) -> str:
+    """The ``model_type`` Cloudflare wants: explicit, else the local base's, else guessed from names."""
+    if override:
+        if override not in CLOUDFLARE_MODEL_TYPES:
+            raise RegistryError(f"model_type {override!r} is not one Cloudflare accepts ({', '.join(CLOUDFLARE_MODEL_TYPES)})")
+        return override
+    if config.get("model_type") in CLOUDFLARE_MODEL_TYPES:
+        return config["model_type"]
+    base_dir = local_base_dir(av.base_model)
+    if base_dir is not None:
+        from lora_kit.adapter_validation import base_model_type
+
+        mt = base_model_type(base_dir)
+        if mt in CLOUDFLARE_MODEL_TYPES:
+            return mt
+        raise RegistryError(
+            f"{av.ref}: its base '{av.base_model}' is a '{mt}' model; Cloudflare accepts LoRAs for "
+            f"{', '.join(CLOUDFLARE_MODEL_TYPES)} bases only"
+        )
+    spec = (av.base_model or config.get("base_model_name_or_path") or "").lower()
+    for mt in CLOUDFLARE_MODEL_TYPES:
+        if mt in spec:
+            return mt
+    raise RegistryError(
+        f"{av.ref}: cannot tell the base model's type from '{av.base_model}'; pass --model-type mistral|llama|gemma"
+    )
+
+
+def export_adapter(
+    registry: Registry,
+    ref: str,
+    dest: Path | str,
+    target: str = "peft",
+    model_type: str | None = None,
+) -> ExportResult:
+    """Write the adapter ``ref`` into the new directory ``dest`` in ``target``'s format.
+
+    ``peft`` copies the two stored files; ``cloudflare`` also adds ``model_type`` to the config
+    and refuses adapters Cloudflare would reject; ``vllm`` refuses what vLLM refuses and returns
+    the command-line flags that serve it.
+    """
+    if target not in TARGETS:
+        raise RegistryError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    av = registry.resolve(ref)
+    src = registry.adapter_path(av.id)
+    dest = Path(dest)
+    info = validate_adapter_dir(src)  # headers only: flags and per-module ranks of the stored files
+    flags = info.flags
+    notes: list[str] = []
+    files: dict[str, bytes | Path] = {CONFIG_FILE: src / CONFIG_FILE, WEIGHTS_FILE: src / WEIGHTS_FILE}
+
+    if target == "cloudflare":
+        reasons = []
+        if info.rank > CLOUDFLARE_MAX_RANK:
+            reasons.append(f"rank {info.rank} is over Cloudflare's limit of {CLOUDFLARE_MAX_RANK}")
+        size = (src / WEIGHTS_FILE).stat().st_size
+        if size >= CLOUDFLARE_MAX_BYTES:
+            reasons.append(f"{WEIGHTS_FILE} is {size / 1e6:.1f} MB; Cloudflare takes files under 300 MB")
+        extras = [k for k in ("modules_to_save", "embedding", "lm_head", "dora", "bias") if flags[k]]
+        if extras:
+            reasons.append(f"it has extra modules/features Cloudflare does not accept: {', '.join(extras)}")
+        if reasons:
+            raise RegistryError(f"cannot export {av.ref} for Cloudflare: " + "; ".join(reasons))
+        config = json.loads((src / CONFIG_FILE).read_text())
+        config["model_type"] = cloudflare_model_type(av, config, model_type)
+        files[CONFIG_FILE] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        notes.append(
+            f"upload with: npx wrangler ai finetune create <model> {av.name} {dest}  "
+            f"(model_type={config['model_type']})"
+        )
+    elif target == "vllm":
+        reasons = []
+        if flags["modules_to_save"]:
+            reasons.append("it saves whole modules (modules_to_save), which vLLM refuses")
+        if flags["dora"]:
+            reasons.append("it uses DoRA, which vLLM refuses")
+        if info.rank > VLLM_RANKS[-1]:
+            reasons.append(f"rank {info.rank} is over vLLM's largest max_lora_rank {VLLM_RANKS[-1]}")
+        if reasons:
+            raise RegistryError(f"cannot export {av.ref} for vLLM: " + "; ".join(reasons))
+        max_rank = next(r for r in VLLM_RANKS if r >= info.rank)
+        if flags["bias"]:
+            notes.append("the adapter trains biases: start vLLM with --enable-lora-bias")
+        if flags["embedding"]:
+            notes.append("the adapter adapts embeddings: its vocabulary must equal the base's")
+        flags_line = f"--enable-lora --lora-modules {av.name}={dest.resolve()}"
+        if max_rank > VLLM_DEFAULT_MAX_RANK:
+            flags_line += f" --max-lora-rank {max_rank}"
+        notes.append(f"vllm serve {av.base_model or '<base model>'} {flags_line}")
+
+    _write_dir(dest, files)
+    return ExportResult(path=dest, target=target, notes=notes)
+
+
+# -- archives ----------------------------------------------------------------------------------
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes | Path) -> None:
+    """Add a member with fixed metadata so the same version always gives the same archive bytes."""
+    info = tarfile.TarInfo(name)
+    info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, 0, "", ""
+    if isinstance(data, Path):
+        info.size = data.stat().st_size
+        with open(data, "rb") as fh:
+            tar.addfile(info, fh)
+    else:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def export_archive(registry: Registry, ref: str, dest: Path | str) -> ExportResult:
+    """Write ``ref`` as a ``.tar.gz`` (manifest + the two files) that ``import_archive`` restores bit for bit.
+
+    ``dest`` is the archive path, or an existing directory to put ``NAME-vVERSION.tar.gz`` in.
+    """
+    av = registry.resolve(ref)
+    src = registry.adapter_path(av.id)
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / f"{av.name}-v{av.version}.tar.gz"
+    if dest.exists():
+        raise RegistryError(f"'{dest}' exists; refusing to overwrite it")
+    manifest = {"format": ARCHIVE_FORMAT, "adapter": av.to_dict()}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                _tar_add(tar, MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+                for fname in STORED_FILES:
+                    _tar_add(tar, fname, src / fname)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult(path=dest, target="archive", notes=[])
+
+
+def import_archive(registry: Registry, archive: Path | str, name: str | None = None) -> AdapterVersion:
+    """Register the adapter in a ``lora-kit adapters export --archive`` file as a new version.
+
+    Members are read one by one (never ``extractall``): only the manifest and the two adapter
+    files are accepted, so an archive cannot write outside the registry or smuggle in pickles.
+    """
+    archive = Path(archive)
+    if not archive.is_file():
+        raise RegistryError(f"no archive at '{archive}'")
+    stage = registry.root / "tmp" / f"import-{os.getpid()}-{uuid.uuid4().hex}"
+    stage.mkdir(parents=True)
+    try:
+        manifest = None
+        try:
+            with tarfile.open(archive, mode="r:gz") as tar:
+                for member in tar:
+                    if member.name.lower().endswith(PICKLE_SUFFIXES):
+                        raise InvalidAdapter(f"archive member {member.name!r} refused: pickle files can run arbitrary code when loaded")
+                    if not member.isfile() or member.name not in (MANIFEST, *STORED_FILES):
+                        raise InvalidAdapter(
+                            f"archive member {member.name!r} refused: a lora-kit archive holds only "
+                            f"{MANIFEST}, {', '.join(STORED_FILES)}"
+                        )
+                    fh = tar.extractfile(member)
+                    assert fh is not None
+                    if member.name == MANIFEST:
+                        if member.size > _MAX_MANIFEST_BYTES:
+                            raise InvalidAdapter(f"{MANIFEST} is implausibly large ({member.size} bytes)")
+                        manifest = json.loads(fh.read())
+                    else:
+                        with open(stage / member.name, "wb") as out:
+                            shutil.copyfileobj(fh, out, 1 << 20)
+        except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError) as err:
+            raise InvalidAdapter(f"'{archive}' is not a readable lora-kit archive: {err}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT or "adapter" not in manifest:
+            raise InvalidAdapter(f"'{archive}' has no valid {MANIFEST} (format {ARCHIVE_FORMAT})")
+        meta = manifest["adapter"]
+        for fname in STORED_FILES:
+            if not (stage / fname).is_file():
+                raise InvalidAdapter(f"'{archive}' lacks {fname}")
+            expected = meta["files"][fname]["sha256"]
+            got = sha256_file(stage / fname)
+            if got != expected:
+                raise InvalidAdapter(f"'{archive}': {fname} has sha256 {got[:16]}..., the manifest says {expected[:16]}... (corrupted)")
+        lineage = dict(meta.get("lineage") or {})
+        lineage["imported_from"] = {"id": meta["id"], "ref": meta["ref"], "archive": archive.name, "created_at": meta["created_at"]}
+        return registry.register(
+            stage,
+            name or meta["name"],
+            base_model=meta.get("base_model"),
+            description=meta.get("description", ""),
+            tags=meta.get("tags", []),
+            lineage=lineage,
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,322 @@
+"""Validate a PEFT LoRA adapter directory before it enters the registry.
+
+Everything here reads JSON and safetensors *headers* only (no torch, no model load), so
+checking a 7B-sized adapter against a 7B base takes milliseconds. Problems that make an
+adapter unusable raise ``InvalidAdapter``; properties that limit where it can be served
+(whole saved modules, embedding LoRA, DoRA) become warnings on the registered version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_kit.registry import InvalidAdapter
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_PEFT_PREFIX = "base_model.model."
+_LORA_SUFFIXES = {
+    ".lora_A.weight": ("linear", "A"),
+    ".lora_B.weight": ("linear", "B"),
+    ".lora_embedding_A": ("embedding", "A"),
+    ".lora_embedding_B": ("embedding", "B"),
+    ".lora_magnitude_vector": ("dora", "m"),
+}
+
+
+@dataclass
+class AdapterInfo:
+    """What validation learned about an adapter directory."""
+
+    config: dict[str, Any]
+    rank: int  # the largest rank of any module (config ``r`` unless rank_pattern raises it)
+    alpha: float
+    target_modules: list[str]
+    modules: dict[str, dict[str, Any]]  # module path (base-model naming) -> {"kind", "A", "B", "rank"}
+    saved_modules: list[str]  # tensors saved whole (modules_to_save, trainable tokens)
+    saved_shapes: dict[str, list[int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    ignored_files: list[str] = field(default_factory=list)
+
+    @property
+    def flags(self) -> dict[str, bool]:
+        """Features multi-adapter servers (vLLM, Cloudflare, batched PEFT) cannot serve."""
+        return {
+            "modules_to_save": bool(self.saved_modules or self.config.get("modules_to_save")),
+            "embedding": any(m["kind"] == "embedding" for m in self.modules.values()),
+            "lm_head": any(p.split(".")[-1] == "lm_head" for p in list(self.modules) + self.saved_modules),
+            "dora": bool(self.config.get("use_dora")),
+            "bias": self.config.get("bias", "none") not in (None, "none") or bool(self.config.get("lora_bias")),
+        }
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {"dtype", "shape"} from a safetensors file's header, checking it is well formed.
+
+    Also checks that the data offsets tile the file exactly, which catches truncated files.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise InvalidAdapter(f"{path.name}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise InvalidAdapter(f"{path.name}: not a safetensors file (header length {n} > file size)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidAdapter(f"{path.name}: the safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise InvalidAdapter(f"{path.name}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    tensors: dict[str, dict[str, Any]] = {}
+    end = 0
+    for name, meta in header.items():
+        try:
+            dtype, shape, (start, stop) = meta["dtype"], [int(d) for d in meta["shape"]], meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InvalidAdapter(f"{path.name}: malformed header entry for tensor '{name}'") from None
+        tensors[name] = {"dtype": dtype, "shape": shape}
+        end = max(end, int(stop))
+    if 8 + n + end != size:
+        raise InvalidAdapter(
+            f"{path.name}: the header describes {end} data bytes but the file holds {size - 8 - n} (truncated or padded file)"
+        )
+    return tensors
+
+
+def _module_matches(module_path: str, targets: Any) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches the name or a dotted suffix."""
+    if targets in (None, "all-linear"):
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_path) is not None
+    return any(module_path == t or module_path.endswith("." + t) for t in targets)
+
+
+def _pattern_value(module_path: str, pattern: dict[str, Any], default: Any) -> Any:
+    """rank_pattern/alpha_pattern: keys are regexes matched against the end of the module path."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def parse_config(path: Path) -> dict[str, Any]:
+    """Load and sanity-check ``adapter_config.json``."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise InvalidAdapter(f"{CONFIG_FILE}: peft_type is {peft_type!r}; only LORA adapters are supported")
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise InvalidAdapter(f"{CONFIG_FILE}: 'r' (the LoRA rank) must be a positive integer, got {r!r}")
+    alpha = config.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise InvalidAdapter(f"{CONFIG_FILE}: 'lora_alpha' must be a positive number, got {alpha!r}")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise InvalidAdapter(f"{CONFIG_FILE}: 'target_modules' must be a list of module names or a regex, got {targets!r}")
+    return config
+
+
+def check_files(adapter_dir: Path) -> list[str]:
+    """Refuse pickle files and missing files; return the names of other files, which are ignored."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise InvalidAdapter(f"'{adapter_dir}' is not a directory (expected a PEFT adapter directory)")
+    names = sorted(p.name for p in adapter_dir.iterdir())
+    pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise InvalidAdapter(
+            f"refusing {', '.join(pickles)} in '{adapter_dir}': pickle files can run arbitrary code when loaded. "
+            f"Save the adapter with safetensors (PEFT: save_pretrained(..., safe_serialization=True)) "
+            f"so the directory holds {CONFIG_FILE} + {WEIGHTS_FILE}"
+        )
+    missing = [n for n in ADAPTER_FILES if not (adapter_dir / n).is_file()]
+    if missing:
+        raise InvalidAdapter(f"'{adapter_dir}' is missing {', '.join(missing)} (a PEFT LoRA adapter needs {' + '.join(ADAPTER_FILES)})")
+    return [n for n in names if n not in ADAPTER_FILES]
+
+
+def validate_adapter_dir(adapter_dir: Path, base_dir: Path | None = None) -> AdapterInfo:
+    """Validate a PEFT LoRA directory (and, when ``base_dir`` is given, check it against that base)."""
+    adapter_dir = Path(adapter_dir)
+    ignored = check_files(adapter_dir)
+    config = parse_config(adapter_dir / CONFIG_FILE)
+    tensors = read_safetensors_header(adapter_dir / WEIGHTS_FILE)
+    if not tensors:
+        raise InvalidAdapter(f"{WEIGHTS_FILE} holds no tensors")
+    r, targets = config["r"], config["target_modules"]
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+
+    modules: dict[str, dict[str, Any]] = {}
+    saved: list[str] = []
+    problems: list[str] = []
+    for name, meta in sorted(tensors.items()):
+        if meta["dtype"] not in FLOAT_DTYPES:
+            problems.append(f"tensor {name} has dtype {meta['dtype']}; LoRA weights must be floating point")
+        path = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+        for suffix, (kind, part) in _LORA_SUFFIXES.items():
+            if path.endswith(suffix):
+                module = path[: -len(suffix)]
+                entry = modules.setdefault(module, {"kind": kind})
+                if kind == "dora":
+                    entry["dora"] = meta["shape"]
+                else:
+                    entry["kind"] = kind
+                    entry[part] = meta["shape"]
+                break
+        else:
+            saved.append(path)
+
+    for module, entry in modules.items():
+        if "A" not in entry or "B" not in entry:
+            problems.append(f"{module}: has lora_{'B' if 'A' in entry else 'A'} but not lora_{'A' if 'A' in entry else 'B'}")
+            continue
+        a, b = entry["A"], entry["B"]
+        rank = _pattern_value(module, rank_pattern, r)
+        entry["rank"] = rank
+        if len(a) != 2 or len(b) != 2:
+            problems.append(f"{module}: LoRA tensors must be 2-D, got A{a} B{b}")
+            continue
+        # linear: A is (r, in), B is (out, r); embedding: A is (r, num_embeddings), B is (dim, r)
+        if a[0] != rank or b[1] != rank:
+            problems.append(f"{module}: shapes A{a} B{b} do not match rank {rank} from {CONFIG_FILE}")
+        if not _module_matches(module, targets):
+            problems.append(f"{module}: has LoRA weights but is not in target_modules {targets}")
+    if not modules:
+        problems.append(f"{WEIGHTS_FILE} holds no LoRA weights (lora_A/lora_B tensors)")
+    if problems:
+        raise InvalidAdapter("invalid adapter in '%s':\n  - %s" % (adapter_dir, "\n  - ".join(problems[:20])))
+
+    ranks = [m["rank"] for m in modules.values()]
+    alpha = float(config.get("lora_alpha", r))
+    target_list = [targets] if isinstance(targets, str) else sorted(targets)
+    info = AdapterInfo(
+        config=config,
+        rank=max(ranks),
+        alpha=alpha,
+        target_modules=target_list,
+        modules=modules,
+        saved_modules=saved,
+        saved_shapes={p: tensors[_PEFT_PREFIX + p]["shape"] if _PEFT_PREFIX + p in tensors else tensors[p]["shape"] for p in saved},
+        ignored_files=ignored,
+    )
+    if isinstance(targets, list):
+        unused = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        if unused:
+            info.warnings.append(f"target_modules {unused} have no weights in {WEIGHTS_FILE}")
+    flags = info.flags
+    if flags["modules_to_save"]:
+        what = ", ".join(saved) if saved else ", ".join(config.get("modules_to_save") or [])
+        info.warnings.append(
+            f"saves whole modules ({what}): multi-adapter servers (vLLM, Cloudflare, lora-kit batching) cannot batch it with other adapters"
+        )
+    if flags["embedding"]:
+        info.warnings.append("adapts the embedding layer: not accepted by Cloudflare; vLLM needs an equal vocabulary size")
+    if flags["lm_head"] and not flags["modules_to_save"]:
+        info.warnings.append("adapts lm_head: multi-adapter servers may refuse it")
+    if flags["dora"]:
+        info.warnings.append("uses DoRA (use_dora): vLLM and Cloudflare do not serve DoRA adapters")
+    if base_dir is not None:
+        check_against_base(info, Path(base_dir))
+    return info
+
+
+# -- the base model ----------------------------------------------------------------------------
+
+
+def base_weight_shapes(base_dir: Path) -> dict[str, list[int]]:
+    """Parameter name -> shape of a local Hugging Face model, from its safetensors headers only."""
+    base_dir = Path(base_dir)
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = sorted(p.name for p in base_dir.glob("*.safetensors"))
+    if not shards:
+        raise InvalidAdapter(f"base model '{base_dir}' has no .safetensors weights to check the adapter against")
+    shapes: dict[str, list[int]] = {}
+    for shard in shards:
+        for name, meta in read_safetensors_header(base_dir / shard).items():
+            shapes[name] = meta["shape"]
+    return shapes
+
+
+def check_against_base(info: AdapterInfo, base_dir: Path) -> None:
+    """Every adapted module exists in the base and its LoRA shapes fit the base's dimensions."""
+    config_path = base_dir / "config.json"
+    if not config_path.is_file():
+        raise InvalidAdapter(f"base model '{base_dir}' has no config.json")
+    base_config = json.loads(config_path.read_text())
+    if base_config.get("quantization_config"):
+        # Packed 4-bit weights have other shapes; the module names can still be checked.
+        info.warnings.append(f"base '{base_dir}' is stored quantized: module names checked, shapes not")
+    quantized = bool(base_config.get("quantization_config"))
+    shapes = base_weight_shapes(base_dir)
+    base_modules = {n[: -len(".weight")] for n in shapes if n.endswith(".weight")}
+    tied = base_config.get("tie_word_embeddings", False)
+    problems: list[str] = []
+
+    targets = info.config.get("target_modules")
+    if isinstance(targets, list):
+        for target in targets:
+            if not any(m == target or m.endswith("." + target) for m in base_modules) and not (target == "lm_head" and tied):
+                problems.append(f"target module '{target}' does not exist in the base model")
+
+    for module, entry in sorted(info.modules.items()):
+        weight = f"{module}.weight"
+        if weight not in shapes and module.endswith("lm_head") and tied:
+            weight = next((n for n in shapes if n.endswith("embed_tokens.weight")), weight)
+        if weight not in shapes:
+            problems.append(f"{module}: no such module in the base model")
+            continue
+        if quantized:
+            continue
+        w, a, b = shapes[weight], entry["A"], entry["B"]
+        if len(w) != 2:
+            problems.append(f"{module}: base weight has shape {w}; LoRA needs a 2-D weight")
+        elif entry["kind"] == "linear" and (a[1] != w[1] or b[0] != w[0]):
+            problems.append(f"{module}: LoRA A{a} B{b} do not fit the base weight {w} (out, in)")
+        elif entry["kind"] == "embedding" and (a[1] != w[0] or b[0] != w[1]):
+            problems.append(f"{module}: embedding LoRA A{a} B{b} do not fit the base embedding {w}")
+    for path in info.saved_modules:
+        # a saved whole module replaces the base tensor of the same name, so the shapes must agree
+        if path in shapes:
+            if not quantized and shapes[path] != info.saved_shapes.get(path, shapes[path]):
+                problems.append(f"saved module tensor {path} has shape {info.saved_shapes[path]}, the base has {shapes[path]}")
+        elif not any(path.startswith(m + ".") for m in base_modules):
+            problems.append(f"saved module tensor {path} has no counterpart in the base model")
+    if problems:
+        raise InvalidAdapter(
+            "adapter does not fit the base model '%s':\n  - %s" % (base_dir, "\n  - ".join(problems[:20]))
+        )
+
+
+def base_model_type(base_dir: Path) -> str | None:
+    """The ``model_type`` in a local base's config.json, if any."""
+    path = Path(base_dir) / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()).get("model_type")
+        except json.JSONDecodeError:
+            return None
+    return None

@@ -1,0 +1,205 @@
+"""``lora-kit adapters ...``: the registry's commands. Handlers return an exit status and raise
+``RegistryError`` (printed as one line by ``lora_kit.cli.main``) for expected failures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _registry() -> Any:
+    from lora_kit.registry import Registry
+
+    return Registry()
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _short_base(base: str | None) -> str:
+    if not base:
+        return "-"
+    return base if len(base) <= 40 else "..." + base[-37:]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    versions = _registry().list()
+    if args.json:
+        _print_json([v.to_dict() for v in versions])
+        return 0
+    if not versions:
+        print("no adapters registered (add one with `lora-kit adapters add DIR --name NAME`)")
+        return 0
+    rows = [
+        [
+            v.ref,
+            v.id[:8],
+            _short_base(v.base_model),
+            str(v.rank),
+            ",".join(v.aliases) or "-",
+            v.created_at[:19].replace("T", " "),
+            ("! " if v.warnings else "") + (v.description[:40] or "-"),
+        ]
+        for v in versions
+    ]
+    print(_table(rows, ["REF", "ID", "BASE", "RANK", "ALIASES", "CREATED (UTC)", "DESCRIPTION"]))
+    if any(v.warnings for v in versions):
+        print("! = has warnings (see `lora-kit adapters show REF`)")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    v = _registry().resolve(args.ref)
+    if args.json:
+        _print_json(v.to_dict())
+        return 0
+    print(f"{v.ref}  (id {v.id})")
+    print(f"  created      {v.created_at}")
+    print(f"  base model   {v.base_model or '-'}")
+    print(f"  rank/alpha   {v.rank} / {v.alpha:g}")
+    print(f"  targets      {', '.join(v.target_modules)}")
+    print(f"  aliases      {', '.join(v.aliases) or '-'}")
+    print(f"  tags         {', '.join(v.tags) or '-'}")
+    print(f"  description  {v.description or '-'}")
+    for fname, meta in sorted(v.files.items()):
+        print(f"  file         {fname}  {meta['size']} bytes  sha256 {meta['sha256']}")
+    for w in v.warnings:
+        print(f"  warning      {w}")
+    shown = {k: val for k, val in v.lineage.items() if k != "lora_config"}
+    if shown:
+        print("  lineage")
+        for line in json.dumps(shown, indent=2, sort_keys=True, default=str).splitlines()[1:-1]:
+            print("  " + line)
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    v = _registry().register(
+        args.dir, args.name, base_model=args.base, description=args.description or "", tags=args.tag or []
+    )
+    for w in v.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(v.ref)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    v = _registry().remove(args.ref, force=args.force)
+    print(f"removed {v.ref}")
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    v = _registry().tag(args.ref, args.alias)
+    print(f"{v.name}:{args.alias} -> {v.ref}")
+    return 0
+
+
+def cmd_untag(args: argparse.Namespace) -> int:
+    _registry().untag(args.name, args.alias)
+    print(f"removed alias {args.name}:{args.alias}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    reg = _registry()
+    problems = reg.verify(args.ref)
+    for p in problems:
+        print(f"CORRUPT: {p}")
+    if problems:
+        print(f"{len(problems)} problem(s) found in {reg.root}", file=sys.stderr)
+        return 1
+    count = 1 if args.ref else len(reg.list())
+    print(f"ok: {count} version(s) verified")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lora_kit.adapter_export import export_adapter, export_archive
+    from lora_kit.registry import RegistryError
+
+    reg = _registry()
+    if args.archive:
+        if args.target != "peft":
+            raise RegistryError("--archive writes lora-kit's own archive (PEFT files + manifest); drop --target")
+        result = export_archive(reg, args.ref, args.dest)
+    else:
+        result = export_adapter(reg, args.ref, args.dest, target=args.target, model_type=args.model_type)
+    for note in result.notes:
+        print(note)
+    print(result.path)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from lora_kit.adapter_export import import_archive
+
+    v = import_archive(_registry(), args.archive, name=args.name)
+    print(v.ref)
+    return 0
+
+
+def add_adapters_parser(subparsers: Any) -> None:
+    """Register the ``adapters`` command group on the top-level ``subparsers``."""
+    p_ad = subparsers.add_parser("adapters", help="the adapter registry: list, show, add, rm, tag, verify, export, import")
+    sub = p_ad.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
+    ref_help = "NAME (latest), NAME@VERSION, NAME:ALIAS or a version id"
+
+    p = sub.add_parser("list", help="list all adapter versions")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="show one adapter version with its lineage")
+    p.add_argument("ref", metavar="REF", help=ref_help)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("add", help="validate a PEFT directory and register it as a new version")
+    p.add_argument("dir", metavar="DIR", help="directory with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--name", required=True, help="adapter name: [a-z0-9][a-z0-9._-]{0,63}")
+    p.add_argument("--base", default=None, metavar="SPEC", help="base model (default: the config's base_model_name_or_path)")
+    p.add_argument("--description", default="", metavar="D")
+    p.add_argument("--tag", action="append", metavar="T", help="a free-form tag (repeatable)")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("rm", help="remove a version (refused while an alias points at it, unless --force)")
+    p.add_argument("ref", metavar="REF", help=ref_help)
+    p.add_argument("--force", action="store_true", help="also remove the aliases pointing at it")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("tag", help="point NAME:ALIAS at a version")
+    p.add_argument("ref", metavar="REF", help=ref_help)
+    p.add_argument("alias", metavar="ALIAS")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("untag", help="remove the alias NAME:ALIAS")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("alias", metavar="ALIAS")
+    p.set_defaults(func=cmd_untag)
+
+    p = sub.add_parser("verify", help="re-hash stored files; exit 1 on corruption")
+    p.add_argument("ref", nargs="?", default=None, metavar="REF", help="one version (default: all)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", help="write a version for PEFT, Cloudflare or vLLM, or as a .tar.gz archive")
+    p.add_argument("ref", metavar="REF", help=ref_help)
+    p.add_argument("dest", metavar="DEST", help="new directory (or, with --archive, a .tar.gz path or a directory)")
+    p.add_argument("--target", choices=["peft", "cloudflare", "vllm"], default="peft")
+    p.add_argument("--model-type", choices=["mistral", "llama", "gemma"], default=None, help="Cloudflare model_type (default: from the base model)")
+    p.add_argument("--archive", action="store_true", help="write a .tar.gz that `adapters import` restores bit for bit")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="register the adapter in an exported .tar.gz archive")
+    p.add_argument("archive", metavar="ARCHIVE")
+    p.add_argument("--name", default=None, help="register under this name (default: the archived name)")
+    p.set_defaults(func=cmd_import)

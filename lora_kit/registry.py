@@ -1,0 +1,573 @@
+"""The adapter registry: named, versioned LoRA adapters with checksums and lineage.
+
+Layout under ``root`` (default ``LORA_KIT_HOME/registry``)::
+
+    index.sqlite          adapters, versions, aliases (the single source of truth)
+    blobs/ab/abcd...      file contents, named by sha256 (identical files are stored once)
+    versions/<id>/        adapter_config.json + adapter_model.safetensors (hard links to blobs)
+    tmp/                  staging area for registrations in progress
+
+Crash safety: a registration stages and hashes its files outside the lock, then, inside one
+``BEGIN IMMEDIATE`` transaction, moves them into ``blobs/`` (atomic renames) and inserts the
+version row. A process killed at any point leaves either no row (its blobs are unreferenced
+garbage that ``gc`` removes under the same lock) or a complete version. Blobs are only ever
+deleted while holding that lock, so a concurrent registration cannot lose a blob it reuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from lora_kit import __version__, paths
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+STORED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Files of a tokenizer/chat template that, when saved next to an adapter, are hashed into lineage.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+_CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# Test hook: kill this process with SIGKILL at a named point of ``register`` (crash-safety tests).
+KILL_HOOK_ENV = "LORA_KIT_REGISTRY_TEST_KILL_AT"
+
+
+class RegistryError(Exception):
+    """A registry operation failed for a reason the user can fix; the message says which."""
+
+
+class AdapterNotFound(RegistryError):
+    """A reference resolves to no registered adapter version."""
+
+
+class InvalidAdapter(RegistryError):
+    """An adapter directory or archive is not a valid, safe PEFT LoRA adapter."""
+
+
+class InvalidName(RegistryError):
+    """An adapter name or alias breaks the naming rules."""
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One registered version of an adapter."""
+
+    name: str
+    version: int
+    id: str
+    created_at: str
+    base_model: str | None
+    description: str
+    tags: list[str]
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    files: dict[str, dict]
+    lineage: dict
+    aliases: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ref"] = self.ref
+        return out
+
+
+def check_name(name: str, what: str = "adapter name") -> str:
+    """Return ``name`` if it is a valid adapter name or alias, else raise InvalidName."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
+        raise InvalidName(
+            f"invalid {what} {name!r}: use 1-64 characters from a-z 0-9 . _ -, starting with a letter or digit "
+            "(no spaces, capitals or slashes)"
+        )
+    return name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_files(directory: Path, names: tuple[str, ...]) -> str | None:
+    """One sha256 over the named files that exist in ``directory`` (name + content), or None."""
+    present = [n for n in names if (directory / n).is_file()]
+    if not present:
+        return None
+    digest = hashlib.sha256()
+    for n in present:
+        digest.update(n.encode() + b"\0" + bytes.fromhex(sha256_file(directory / n)))
+    return digest.hexdigest()
+
+
+def _kill_hook(point: str) -> None:
+    if os.environ.get(KILL_HOOK_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def local_base_dir(spec: str | None) -> Path | None:
+    """A local directory holding the base model ``spec`` (path, prepared embedded model, hub cache), or None.
+
+    Never downloads or converts anything: validation must stay fast and offline.
+    """
+    if not spec:
+        return None
+    path = Path(spec).expanduser()
+    if (path / "config.json").is_file():
+        return path.resolve()
+    from lora_kit import models  # light: torch is imported lazily there
+
+    if spec in models.EMBEDDED:
+        return models.embedded_dir(spec) if models.is_prepared(spec) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # not a hub id, or no cache
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    next_version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL REFERENCES adapters(name),
+    version INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    base_model TEXT,
+    description TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    alpha REAL NOT NULL,
+    target_modules TEXT NOT NULL,
+    files TEXT NOT NULL,
+    lineage TEXT NOT NULL,
+    warnings TEXT NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (name, alias)
+);
+"""
+
+
+class Registry:
+    """A registry rooted at ``root`` (default: ``paths.registry_dir()``)."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else paths.registry_dir()
+        for sub in ("blobs", "versions", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "index.sqlite"
+        db = self._connect()
+        try:
+            # WAL: readers (the server resolving references) never wait for a registering writer.
+            db.execute("PRAGMA journal_mode=WAL")
+        finally:
+            db.close()
+        with self._write() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN ourselves; timeout: wait for other writers.
+        db = sqlite3.connect(self.db_path, timeout=120, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        return db
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the registry's lock (SQLite's RESERVED lock) from the start."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        db = self._connect()
+        try:
+            db.execute("BEGIN")  # one consistent snapshot for multi-query reads
+            yield db
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / "blobs" / sha256[:2] / sha256
+
+    def _row_to_version(self, db: sqlite3.Connection, row: sqlite3.Row) -> AdapterVersion:
+        aliases = [
+            r["alias"]
+            for r in db.execute(
+                "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias", (row["name"], row["version"])
+            )
+        ]
+        return AdapterVersion(
+            name=row["name"],
+            version=row["version"],
+            id=row["id"],
+            created_at=row["created_at"],
+            base_model=row["base_model"],
+            description=row["description"],
+            tags=json.loads(row["tags"]),
+            rank=row["rank"],
+            alpha=row["alpha"],
+            target_modules=json.loads(row["target_modules"]),
+            files=json.loads(row["files"]),
+            lineage=json.loads(row["lineage"]),
+            aliases=aliases,
+            warnings=json.loads(row["warnings"]),
+        )
+
+    # -- register ------------------------------------------------------------------------------
+
+    def register(
+        self,
+        adapter_dir: Path | str,
+        name: str,
+        *,
+        base_model: str | None = None,
+        description: str = "",
+        tags: tuple[str, ...] | list[str] = (),
+        lineage: dict | None = None,
+        parent: str | None = None,
+    ) -> AdapterVersion:
+        """Validate the PEFT directory ``adapter_dir`` and store it as the next version of ``name``.
+
+        ``base_model`` defaults to the adapter config's ``base_model_name_or_path``; when that base
+        is available locally, target modules and shapes are checked against it. ``parent`` is a
+        reference to the adapter this one was derived from (recorded in lineage).
+        """
+        from lora_kit import adapter_validation as av
+
+        check_name(name)
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        for tag in tags:
+            if not isinstance(tag, str) or not tag.strip():
+                raise RegistryError(f"invalid tag {tag!r}: tags are non-empty strings")
+        adapter_dir = Path(adapter_dir)
+        av.check_files(adapter_dir)  # refuse pickles before copying anything
+        parent_info = None
+        if parent is not None:
+            p = self.resolve(parent)
+            parent_info = {"ref": p.ref, "id": p.id}
+
+        stage = self.root / "tmp" / f"stage-{os.getpid()}-{uuid.uuid4().hex}"
+        stage.mkdir(parents=True)
+        try:
+            # Stage first and validate the staged copy: what is checked is exactly what is stored.
+            for fname in STORED_FILES:
+                shutil.copyfile(adapter_dir / fname, stage / fname)
+            config_base = av.parse_config(stage / av.CONFIG_FILE).get("base_model_name_or_path")
+            base_spec = base_model or config_base or None
+            base_dir = local_base_dir(base_spec)
+            info = av.validate_adapter_dir(stage, base_dir)
+            warnings = list(info.warnings)
+            if base_spec and base_dir is None:
+                warnings.append(f"base model '{base_spec}' is not available locally: modules and shapes were not checked against it")
+            files = {
+                fname: {"sha256": sha256_file(stage / fname), "size": (stage / fname).stat().st_size}
+                for fname in STORED_FILES
+            }
+            full_lineage = self._lineage(adapter_dir, info, base_spec, base_dir, lineage, parent_info)
+            for fname in STORED_FILES:
+                os.chmod(stage / fname, 0o444)  # blobs are immutable; discourage edits through links
+                with open(stage / fname, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _kill_hook("staged")
+            version_id = str(uuid.uuid4())
+            created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            with self._write() as db:
+                for fname, meta in files.items():
+                    blob = self.blob_path(meta["sha256"])
+                    if not blob.exists():
+                        blob.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(stage / fname, blob)
+                _kill_hook("blobs")
+                row = db.execute("SELECT next_version FROM adapters WHERE name = ?", (name,)).fetchone()
+                version = row["next_version"] if row else 1
+                if row is None:
+                    db.execute("INSERT INTO adapters (name, created_at, next_version) VALUES (?, ?, ?)", (name, created, 2))
+                else:
+                    db.execute("UPDATE adapters SET next_version = ? WHERE name = ?", (version + 1, name))
+                db.execute(
+                    "INSERT INTO versions (id, name, version, created_at, base_model, description, tags, rank, alpha,"
+                    " target_modules, files, lineage, warnings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        version_id,
+                        name,
+                        version,
+                        created,
+                        base_spec,
+                        description,
+                        json.dumps(list(tags)),
+                        info.rank,
+                        info.alpha,
+                        json.dumps(info.target_modules),
+                        json.dumps(files, sort_keys=True),
+                        json.dumps(full_lineage, sort_keys=True, default=str),
+                        json.dumps(warnings),
+                    ),
+                )
+                _kill_hook("inserted")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return self.resolve(version_id)
+
+    def _lineage(
+        self,
+        adapter_dir: Path,
+        info: Any,
+        base_spec: str | None,
+        base_dir: Path | None,
+        extra: dict | None,
+        parent: dict | None,
+    ) -> dict:
+        """Lineage recorded automatically, overlaid with the caller's (trainer's) ``extra``."""
+        out: dict[str, Any] = {
+            "lora_kit_version": __version__,
+            "lora_config": info.config,
+            "source_dir": str(adapter_dir.resolve()),
+        }
+        if base_spec:
+            out["base_model"] = {"spec": base_spec}
+            if base_dir is not None:
+                # Cheap fingerprint of the local base: its config + weight headers (not the GBs of data).
+                from lora_kit.adapter_validation import base_weight_shapes
+
+                digest = hashlib.sha256((base_dir / "config.json").read_bytes())
+                digest.update(json.dumps(base_weight_shapes(base_dir), sort_keys=True).encode())
+                out["base_model"].update({"local_dir": str(base_dir), "fingerprint": digest.hexdigest()})
+        tok = _hash_files(adapter_dir, _TOKENIZER_FILES)
+        if tok:
+            out["tokenizer_sha256"] = tok
+        template = _hash_files(adapter_dir, _CHAT_TEMPLATE_FILES)
+        if template:
+            out["chat_template_sha256"] = template
+        if parent:
+            out["parent"] = parent
+        out.update(extra or {})
+        return out
+
+    # -- read ----------------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> AdapterVersion:
+        """``NAME`` (latest), ``NAME@3``, ``NAME:alias`` or a version id -> that version."""
+        if not isinstance(ref, str) or not ref:
+            raise AdapterNotFound(f"empty adapter reference {ref!r}")
+        with self._read() as db:
+            if _UUID_RE.match(ref):
+                row = db.execute("SELECT * FROM versions WHERE id = ?", (ref,)).fetchone()
+                if row:
+                    return self._row_to_version(db, row)
+            if "@" in ref:
+                name, _, ver = ref.partition("@")
+                if not ver.isdigit():
+                    raise AdapterNotFound(f"bad reference {ref!r}: the version after '@' must be a number (e.g. {name}@1)")
+                row = db.execute("SELECT * FROM versions WHERE name = ? AND version = ?", (name, int(ver))).fetchone()
+                if row is None:
+                    self._not_found(db, name, f"no version {ver}")
+            elif ":" in ref:
+                name, _, alias = ref.partition(":")
+                row = db.execute(
+                    "SELECT v.* FROM versions v JOIN aliases a ON a.name = v.name AND a.version = v.version"
+                    " WHERE a.name = ? AND a.alias = ?",
+                    (name, alias),
+                ).fetchone()
+                if row is None:
+                    self._not_found(db, name, f"no alias '{alias}'")
+            else:
+                name = ref
+                row = db.execute(
+                    "SELECT * FROM versions WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+                ).fetchone()
+                if row is None:
+                    self._not_found(db, name, "")
+            return self._row_to_version(db, row)
+
+    def _not_found(self, db: sqlite3.Connection, name: str, what: str) -> None:
+        versions = [r[0] for r in db.execute("SELECT version FROM versions WHERE name = ? ORDER BY version", (name,))]
+        if versions:
+            aliases = [f"{r[0]}->@{r[1]}" for r in db.execute("SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias", (name,))]
+            raise AdapterNotFound(
+                f"adapter '{name}' has {what}; versions: {', '.join(map(str, versions))}"
+                + (f"; aliases: {', '.join(aliases)}" if aliases else "")
+            )
+        names = [r[0] for r in db.execute("SELECT DISTINCT name FROM versions")]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ("; it is empty" if not names else "; `lora-kit adapters list` shows what is there")
+        raise AdapterNotFound(f"no adapter '{name}' in the registry at {self.root}{hint}")
+
+    def list(self) -> list[AdapterVersion]:
+        """All versions, ordered by name then version."""
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM versions ORDER BY name, version").fetchall()
+            return [self._row_to_version(db, r) for r in rows]
+
+    def adapter_path(self, ref: str) -> Path:
+        """A directory with this version's ``adapter_config.json`` + ``adapter_model.safetensors`` (read-only)."""
+        av = self.resolve(ref)
+        target = self.root / "versions" / av.id
+        if all((target / f).is_file() for f in STORED_FILES):
+            return target
+        # (Re)build the directory from blobs: hard links (no copy) where the filesystem allows.
+        tmp = self.root / "tmp" / f"vdir-{os.getpid()}-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        try:
+            for fname, meta in av.files.items():
+                blob = self.blob_path(meta["sha256"])
+                if not blob.is_file():
+                    raise RegistryError(f"{av.ref}: the stored file {fname} ({meta['sha256'][:12]}) is missing; run `lora-kit adapters verify`")
+                try:
+                    os.link(blob, tmp / fname)
+                except OSError:
+                    shutil.copyfile(blob, tmp / fname)
+            if target.exists():
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not all((target / f).is_file() for f in STORED_FILES):  # lost a race to a twin: fine
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    # -- change --------------------------------------------------------------------------------
+
+    def tag(self, ref: str, alias: str) -> AdapterVersion:
+        """Point ``NAME:alias`` at the version ``ref`` resolves to (moving the alias if it exists)."""
+        check_name(alias, "alias")
+        if alias.isdigit():
+            raise InvalidName(f"invalid alias {alias!r}: an alias cannot be a number (it would read like a version)")
+        av = self.resolve(ref)
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM versions WHERE id = ?", (av.id,)).fetchone() is None:
+                raise AdapterNotFound(f"{av.ref} was removed meanwhile")
+            db.execute(
+                "INSERT INTO aliases (name, alias, version) VALUES (?, ?, ?)"
+                " ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version",
+                (av.name, alias, av.version),
+            )
+        return self.resolve(av.id)
+
+    def untag(self, name: str, alias: str) -> None:
+        """Remove the alias ``name:alias``."""
+        with self._write() as db:
+            cur = db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+            if cur.rowcount == 0:
+                self._not_found(db, name, f"no alias '{alias}'")
+
+    def remove(self, ref: str, force: bool = False) -> AdapterVersion:
+        """Remove the version ``ref`` resolves to (refused while aliases point at it unless ``force``).
+
+        Files no other version uses are deleted.
+        """
+        av = self.resolve(ref)
+        with self._write() as db:
+            aliases = [r[0] for r in db.execute("SELECT alias FROM aliases WHERE name = ? AND version = ?", (av.name, av.version))]
+            if aliases and not force:
+                raise RegistryError(
+                    f"{av.ref} is still pointed at by alias(es) {', '.join(f'{av.name}:{a}' for a in aliases)}; "
+                    "move or remove them (`lora-kit adapters untag`) or pass --force"
+                )
+            db.execute("DELETE FROM aliases WHERE name = ? AND version = ?", (av.name, av.version))
+            db.execute("DELETE FROM versions WHERE id = ?", (av.id,))
+        self.gc()
+        return av
+
+    def gc(self) -> list[str]:
+        """Delete blobs and version directories no version references, and dead staging dirs."""
+        removed: list[str] = []
+        with self._write() as db:  # the lock: no registration can commit a reference meanwhile
+            referenced: set[str] = set()
+            ids: set[str] = set()
+            for row in db.execute("SELECT id, files FROM versions"):
+                ids.add(row["id"])
+                referenced.update(meta["sha256"] for meta in json.loads(row["files"]).values())
+            for blob in (self.root / "blobs").glob("*/*"):
+                if blob.name not in referenced:
+                    blob.unlink(missing_ok=True)
+                    removed.append(str(blob.relative_to(self.root)))
+            for vdir in (self.root / "versions").iterdir():
+                if vdir.name not in ids:
+                    shutil.rmtree(vdir, ignore_errors=True)
+                    removed.append(str(vdir.relative_to(self.root)))
+        for tmp in (self.root / "tmp").iterdir():
+            # Staging dirs are named after their process; those of dead processes are garbage.
+            m = re.match(r"^(?:stage|vdir|import)-(\d+)-", tmp.name)
+            if m and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(str(tmp.relative_to(self.root)))
+        return removed
+
+    # -- check ---------------------------------------------------------------------------------
+
+    def verify(self, ref: str | None = None) -> list[str]:
+        """Re-hash the stored files of one version (or all); return the problems found (empty = ok)."""
+        versions = [self.resolve(ref)] if ref is not None else self.list()
+        problems: list[str] = []
+        for av in versions:
+            vdir = self.root / "versions" / av.id
+            for fname, meta in sorted(av.files.items()):
+                blob = self.blob_path(meta["sha256"])
+                if not blob.is_file():
+                    problems.append(f"{av.ref}: {fname} is missing from the store ({blob})")
+                    continue
+                got = sha256_file(blob)
+                if got != meta["sha256"]:
+                    problems.append(f"{av.ref}: {fname} is corrupted (sha256 {got[:16]}..., expected {meta['sha256'][:16]}...)")
+                elif blob.stat().st_size != meta["size"]:
+                    problems.append(f"{av.ref}: {fname} has size {blob.stat().st_size}, expected {meta['size']}")
+                linked = vdir / fname
+                if linked.exists() and not os.path.samefile(linked, blob) and sha256_file(linked) != meta["sha256"]:
+                    problems.append(f"{av.ref}: {linked} differs from the stored file (edited copy)")
+        return problems
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
