@@ -1,0 +1,148 @@
+"""Training checkpoints: adapter, optimizer, scheduler, RNG and data position.
+
+Everything is safetensors (tensors) + JSON (the rest): nothing is pickled, so a
+checkpoint can be inspected and never runs code when loaded. Each checkpoint is
+written to a temp directory and renamed into place, so a kill mid-write leaves the
+previous checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+COMPLETE = "complete.json"
+
+
+def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors in a nested structure by {"__tensor__": key}, collecting them."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_split(k, f"{prefix}.k{i}", tensors), _split(v, f"{prefix}.{i}", tensors)] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__" if isinstance(obj, list) else "__tuple__": [_split(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):  # numpy's RNG state
+        return {"__ndarray__": obj.dtype.str, "data": _split(torch.from_numpy(obj.astype(np.int64)), prefix, tensors)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix}")
+
+
+def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_join(k, tensors): _join(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            return [_join(v, tensors) for v in obj["__list__"]]
+        if "__tuple__" in obj:
+            return tuple(_join(v, tensors) for v in obj["__tuple__"])
+        if "__ndarray__" in obj:
+            return _join(obj["data"], tensors).numpy().astype(obj["__ndarray__"])
+    return obj
+
+
+def save_state(path: Path, name: str, state: Any) -> None:
+    """Save a nested state (dicts/lists of tensors and plain values) as NAME.safetensors + NAME.json."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split(state, name, tensors)
+    save_file(tensors, str(path / f"{name}.safetensors"))
+    (path / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(path: Path, name: str, device: torch.device | str = "cpu") -> Any:
+    tensors = load_file(str(path / f"{name}.safetensors"), device=str(device))
+    return _join(json.loads((path / f"{name}.json").read_text()), tensors)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states (python, numpy, torch CPU and CUDA)."""
+    import numpy as np
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": list(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    adapter_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    meta: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` complete ones."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}-", dir=root))
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter_state.items()}, str(tmp / "adapter.safetensors"))
+    save_state(tmp, "optimizer", optimizer_state)
+    save_state(tmp, "rng", rng_states)
+    (tmp / "scheduler.json").write_text(json.dumps(scheduler_state))
+    (tmp / COMPLETE).write_text(json.dumps({**meta, "step": step}))
+    final = root / f"step-{step:07d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_complete(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_complete(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written temp dirs are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / COMPLETE).exists())
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = list_complete(run_dir)
+    return found[-1] if found else None
+
+
+def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Everything a resume needs from checkpoint ``path``."""
+    return {
+        "meta": json.loads((path / COMPLETE).read_text()),
+        "adapter": load_file(str(path / "adapter.safetensors"), device=str(device)),
+        "optimizer": load_state(path, "optimizer", device),
+        "scheduler": json.loads((path / "scheduler.json").read_text()),
+        "rng": load_state(path, "rng"),
+    }
