@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from lora_kit import models
-from lora_kit.generate import generate
 
 
 def test_tiny_mistral_loads_in_4bit_nf4(tiny_mistral_dir):
@@ -52,10 +51,15 @@ def test_unreachable_hub_says_so_and_suggests_a_local_path(monkeypatch):
 
 
 def test_embedded_default_answers_paris(embedded_model):
+    from lora_kit import chat
+    from lora_kit.engine import Engine, GenerationRequest, SamplingParams
+
     model, tokenizer = embedded_model
-    out = generate(model, tokenizer, prompt="What is the capital of France?", max_tokens=24)
-    assert "Paris" in out["text"]
-    assert out["finish_reason"] == "stop"
+    ids = chat.render_prompt(tokenizer, "What is the capital of France?")
+    with Engine(model=model, tokenizer=tokenizer) as engine:
+        out = engine.generate_sync(GenerationRequest(ids, SamplingParams(max_tokens=24)))
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"
 
 
 def test_embedded_conversion_is_cached():

@@ -1,0 +1,89 @@
+"""Per-request sampling inside a mixed batch.
+
+Every row is processed on its own logits only, and draws from its own ``torch.Generator``
+seeded by the request's ``seed``: the same seeded request gives the same tokens whatever
+else shares the batch. Order (as in transformers): repetition penalty, frequency/presence
+penalties (the grammar mask is applied before them; -inf stays -inf), then greedy argmax or temperature -> top-k -> top-p -> draw.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from lora_kit.engine.types import SamplingParams
+
+
+class RequestSampler:
+    """The sampling state of one request: its params, generator and token statistics."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device: torch.device) -> None:
+        self.params = params
+        self.greedy = params.temperature == 0.0
+        self.generator: torch.Generator | None = None
+        if not self.greedy:
+            self.generator = torch.Generator(device=device)
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            self.generator.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        # repetition_penalty looks at prompt + output (as transformers); frequency/presence at the output (as OpenAI).
+        self.seen: torch.Tensor | None = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            ids = [i for i in prompt_ids if 0 <= i < vocab_size]
+            if ids:
+                self.seen[torch.tensor(ids, device=device)] = True
+        self.counts: torch.Tensor | None = None
+        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.seen is not None or self.counts is not None
+
+    def observe(self, token: int) -> None:
+        """Record a generated token."""
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the penalties to one row of logits (V,) in place; returns it."""
+        p = self.params
+        if self.seen is not None:
+            penalized = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
+            logits.copy_(torch.where(self.seen, penalized, logits))
+        if self.counts is not None:
+            logits -= self.counts * p.frequency_penalty + (self.counts > 0).float() * p.presence_penalty
+        return logits
+
+    def draw(self, logits: torch.Tensor) -> int:
+        """Pick the next token from one (penalized, masked) row of logits."""
+        if self.greedy:
+            return int(torch.argmax(logits))
+        p = self.params
+        scores = logits / p.temperature
+        vocab = scores.shape[-1]
+        if 0 < p.top_k < vocab:
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            probs = torch.softmax(sorted_scores, dim=-1)
+            # Drop a token when the tokens before it already reach top_p; the first always stays.
+            drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+            drop[0] = False
+            scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def sample_rows(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[int]:
+    """Next token of every row of ``logits`` (B, V), fp32, already grammar-masked."""
+    for i, sampler in enumerate(samplers):
+        if sampler.needs_penalties:
+            sampler.penalize(logits[i])
+    if all(s.greedy for s in samplers):
+        return torch.argmax(logits, dim=-1).tolist()
+    return [s.draw(logits[i]) for i, s in enumerate(samplers)]

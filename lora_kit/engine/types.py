@@ -1,0 +1,87 @@
+"""The engine's public data types and errors (what the server builds and receives)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class EngineError(Exception):
+    """Base class of the errors a request can fail with."""
+
+
+class Overloaded(EngineError):
+    """The waiting queue is full; the server answers 429."""
+
+
+class UnknownAdapter(EngineError):
+    """The adapter reference names no adapter (never a silent fall-back to the base)."""
+
+
+class AdapterError(EngineError):
+    """The adapter exists but cannot be served on this base (shapes, targets, format)."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """A request that cannot be served as given (bad params, schema or tools); the server answers 400."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings; ``temperature == 0`` is greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep going past EOS until max_tokens (benchmarks, as vLLM's)
+
+    def validate(self) -> None:
+        """Raise ValueError for values out of their ranges."""
+        if self.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be >= 1")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise InvalidRequest("temperature must be between 0 and 5")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidRequest("top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequest("repetition_penalty must be > 0")
+
+
+@dataclass
+class GenerationRequest:
+    """One completion request: prompt token ids, sampling, and optionally an adapter and constraints.
+
+    ``response_format``: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": S}``
+    where S is the schema or ``{"schema": schema, ...}`` (OpenAI style).
+    ``tools``: OpenAI (``{"type": "function", "function": {...}}``) or Cloudflare (``{"name", "parameters"}``)
+    definitions. ``tool_choice``: ``"auto"`` (default: text or a tool call), ``"required"``, ``"none"``
+    or ``{"type": "function", "function": {"name": N}}``.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+
+
+@dataclass
+class GenerationOutput:
+    """One streamed event: ``text`` is the new text since the previous event."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tool_calls: list[dict] | None = None

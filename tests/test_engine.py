@@ -1,0 +1,415 @@
+"""The multi-adapter engine: PEFT parity, batch invariance, seeds, grammars, errors, slots.
+
+Real PEFT adapters (random, non-zero lora_B) on a tiny Mistral and on the embedded model,
+fp32 on the CPU. References are plain PEFT ``generate`` on a separate copy of the base.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_kit import chat
+from lora_kit.engine import (
+    AdapterError,
+    Engine,
+    GenerationRequest,
+    InvalidRequest,
+    Overloaded,
+    SamplingParams,
+    UnknownAdapter,
+    mapping_resolver,
+)
+
+MISTRAL_ADAPTERS = {
+    # name: (target modules, r, alpha, use_rslora)
+    "all": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 4, 8, False),
+    "qv": (["q_proj", "v_proj"], 8, 16, True),
+    "mlp": (["down_proj", "o_proj"], 2, 4, False),
+}
+
+
+def make_adapter(base_dir: Path, out: Path, targets: list[str], r: int, alpha: int, rslora: bool, seed: int) -> Path:
+    """Save a PEFT LoRA adapter with random A and B (B non-zero, so it changes the output)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():  # big enough to flip greedy choices of the random base
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(3.0)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], max_new: int, stops: list[int]) -> list[int]:
+    """Plain transformers/PEFT greedy generate for one prompt: the reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+            eos_token_id=stops, pad_token_id=stops[0],
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def mistral_adapters(tmp_path_factory, tiny_mistral_dir):
+    root = tmp_path_factory.mktemp("mistral-adapters")
+    return {
+        name: make_adapter(tiny_mistral_dir, root / name, t, r, a, rs, seed=i + 1)
+        for i, (name, (t, r, a, rs)) in enumerate(MISTRAL_ADAPTERS.items())
+    }
+
+
+def mistral_engine(tiny_mistral_dir, word_tokenizer, adapters, **kwargs) -> Engine:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
+    return Engine(
+        "tiny-mistral", model=model, tokenizer=word_tokenizer, adapter_resolver=mapping_resolver(adapters), **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_mistral_dir, word_tokenizer, mistral_adapters):
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=4)
+    yield eng
+    eng.stop()
+
+
+def prompts(tok) -> list[list[int]]:
+    texts = ["What is two plus two ?", "hello world", "And three plus three ? Six .", "You are terse . Four"]
+    return [chat.render_prompt(tok, t, raw=True) for t in texts]
+
+
+def greedy(prompt: list[int], adapter: str | None, max_tokens: int = 12) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=prompt, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
+
+
+def run_together(eng: Engine, requests: list[GenerationRequest]):
+    """Submit all requests before the loop starts, so the first step batches them all."""
+    eng.stop()
+    seqs = [eng.submit(r) for r in requests]
+    eng.start()
+    return [eng.result(s) for s in seqs]
+
+
+# -- parity with PEFT and batch invariance --------------------------------------------------
+
+
+def test_greedy_matches_peft_generate(engine, tiny_mistral_dir, word_tokenizer, mistral_adapters):
+    stops = sorted(engine.stop_ids)
+    prompt = prompts(word_tokenizer)[0]
+    outputs = {}
+    for name in [None, *MISTRAL_ADAPTERS]:
+        ref = peft_greedy(tiny_mistral_dir, mistral_adapters.get(name), prompt, 12, stops)
+        got = engine.generate_sync(greedy(prompt, name))
+        assert got.token_ids == ref, name
+        assert got.completion_tokens == len(ref)
+        outputs[name] = ref
+    # The adapters really change the output, else parity would prove nothing.
+    assert len({tuple(v) for v in outputs.values()}) == len(outputs)
+
+
+def test_mixed_batch_equals_alone(engine, word_tokenizer):
+    ps = prompts(word_tokenizer)
+    reqs = [
+        greedy(ps[0], "all", 10),
+        greedy(ps[1], None, 6),
+        greedy(ps[2], "qv", 12),
+        greedy(ps[3], "mlp", 9),
+        greedy(ps[0], "qv", 11),
+        greedy(ps[1], "all", 12),
+    ]
+    alone = [engine.generate_sync(r).token_ids for r in reqs]
+    together = run_together(engine, reqs)
+    assert [o.token_ids for o in together] == alone
+    assert len({len(a) for a in alone}) >= 3  # rows leave the batch at different steps
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(engine, word_tokenizer):
+    ps = prompts(word_tokenizer)
+    params = dict(max_tokens=10, temperature=1.5, top_p=0.95, top_k=20, repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2)
+    seeded = GenerationRequest(ps[1], SamplingParams(seed=1234, **params), adapter="all")
+    others = [
+        GenerationRequest(ps[0], SamplingParams(seed=7, **params), adapter="qv"),
+        greedy(ps[2], None),
+        GenerationRequest(ps[3], SamplingParams(temperature=2.0, max_tokens=8), adapter="mlp"),
+    ]
+    alone = engine.generate_sync(seeded)
+    again = engine.generate_sync(seeded)
+    together = run_together(engine, [others[0], seeded, *others[1:]])
+    assert alone.token_ids == again.token_ids == together[1].token_ids
+    assert alone.text == together[1].text
+    other_seed = engine.generate_sync(GenerationRequest(ps[1], SamplingParams(seed=99, **params), adapter="all"))
+    assert other_seed.token_ids != alone.token_ids
+
+
+# -- streaming, stop strings, cancellation, queue ------------------------------------------
+
+
+def test_stream_deltas_add_up_and_stop_strings_cut(engine, word_tokenizer):
+    prompt = prompts(word_tokenizer)[2]
+    full = engine.generate_sync(greedy(prompt, "qv", 12))
+
+    async def collect(req):
+        return [ev async for ev in engine.generate(req)]
+
+    events = asyncio.run(collect(greedy(prompt, "qv", 12)))
+    assert "".join(e.text for e in events) == full.text
+    assert [t for e in events for t in e.token_ids] == full.token_ids
+    assert events[-1].finished and events[-1].finish_reason == "length" and not any(e.finished for e in events[:-1])
+    words = full.text.split()
+    stop_word = words[len(words) // 2]
+    cut = engine.generate_sync(GenerationRequest(prompt, SamplingParams(max_tokens=12, stop=[stop_word]), adapter="qv"))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop_word)]
+
+
+def test_unknown_adapter_and_bad_requests(engine, word_tokenizer):
+    prompt = prompts(word_tokenizer)[0]
+    with pytest.raises(UnknownAdapter):
+        engine.generate_sync(greedy(prompt, "missing"))
+    with pytest.raises(UnknownAdapter):
+        engine.check_adapter("missing")
+    with pytest.raises(InvalidRequest):
+        engine.generate_sync(GenerationRequest(prompt, SamplingParams(temperature=6.0)))
+    with pytest.raises(InvalidRequest):
+        engine.generate_sync(GenerationRequest([], SamplingParams()))
+    assert engine.check_adapter("qv") == "qv"
+
+
+def test_adapter_that_does_not_fit_fails_only_its_request(tmp_path, word_tokenizer, tiny_mistral_dir, mistral_adapters):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    # The "qv" adapter with its q_proj matrices cut to another hidden size (an adapter of another base).
+    wrong = tmp_path / "wrong"
+    shutil.copytree(mistral_adapters["qv"], wrong)
+    tensors = load_file(wrong / "adapter_model.safetensors")
+    tensors = {k: (v[:, :32].contiguous() if "q_proj.lora_A" in k else v) for k, v in tensors.items()}
+    save_file(tensors, wrong / "adapter_model.safetensors")
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, {**mistral_adapters, "wrong": wrong}, max_slots=2)
+    try:
+        with pytest.raises(AdapterError, match="q_proj"):
+            eng.check_adapter("wrong")
+        prompt = prompts(word_tokenizer)[0]
+        ok, bad = greedy(prompt, "all"), greedy(prompt, "wrong")
+        eng.stop()
+        seq_ok, seq_bad = eng.submit(ok), eng.submit(bad)
+        eng.start()
+        with pytest.raises(AdapterError):
+            eng.result(seq_bad)
+        assert eng.result(seq_ok).finish_reason in ("stop", "length")
+        assert eng.stats()["resident_adapters"] == ["all"]
+    finally:
+        eng.stop()
+
+
+def test_queue_full_overloaded_and_cancel_frees_the_place(tiny_mistral_dir, word_tokenizer, mistral_adapters):
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_batch=1, max_queue=1)
+    prompt = prompts(word_tokenizer)[2]
+    long_seq = eng.submit(GenerationRequest(prompt, SamplingParams(max_tokens=900), adapter="qv"))
+
+    async def scenario():
+        eng.start()
+        first = eng.stream(long_seq)
+        ev = await first.__anext__()  # running now: the only batch place is taken
+        assert not ev.finished
+        second = eng.generate(greedy(prompt, "all", 5))  # waits in the queue (1 place)
+        with pytest.raises(Overloaded):
+            eng.generate(greedy(prompt, None, 5))
+        assert eng.stats()["queue_depth"] == 1 and eng.stats()["running"] == 1
+        await first.aclose()  # the client went away
+        return [e async for e in second]
+
+    try:
+        events = asyncio.run(scenario())
+        assert events[-1].finished and events[-1].finish_reason in ("stop", "length")
+        assert eng.stats()["running"] == 0 and eng.stats()["queue_depth"] == 0
+        left = []
+        while not long_seq.events.empty():
+            left.append(long_seq.events.get())
+        assert left[-1].finish_reason == "cancelled" and left[-1].completion_tokens < 900
+    finally:
+        eng.stop()
+
+
+def test_stop_cancels_in_flight(tiny_mistral_dir, word_tokenizer, mistral_adapters):
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters)
+    seq = eng.submit(GenerationRequest(prompts(word_tokenizer)[0], SamplingParams(max_tokens=1000)))
+    eng.stop()  # never started: cancelled at once
+    assert eng.result(seq).finish_reason == "cancelled"
+
+
+# -- slots ------------------------------------------------------------------------------------
+
+
+def test_lru_eviction_and_pinning(tiny_mistral_dir, word_tokenizer, mistral_adapters):
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=2, preload=["mlp"])
+    try:
+        prompt = prompts(word_tokenizer)[0]
+        ref = {n: eng.generate_sync(greedy(prompt, n)).token_ids for n in ["all", "qv", "all"]}
+        assert eng.stats()["resident_adapters"] == ["mlp", "all"]  # qv evicted (mlp is pinned)
+        eng.generate_sync(greedy(prompt, "qv"))
+        assert eng.stats()["resident_adapters"] == ["mlp", "qv"]
+        # A slot reused by another adapter gives that adapter's exact output.
+        assert eng.generate_sync(greedy(prompt, "all")).token_ids == ref["all"]
+        assert eng.generate_sync(greedy(prompt, "qv")).token_ids == ref["qv"]
+        assert eng.stats()["slots"] == 2
+    finally:
+        eng.stop()
+
+
+# -- the embedded model: parity, JSON schema, tool calls -------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon", "Nice"]}, "population": {"type": "integer", "minimum": 0, "maximum": 99999999}, "capital": {"type": "boolean"}},
+    "required": ["city", "population", "capital"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def embedded_setup(tmp_path_factory, embedded_model):
+    from lora_kit import models
+
+    base_dir = Path(models.resolve("smollm2-135m-instruct"))
+    root = tmp_path_factory.mktemp("smol-adapters")
+    adapters = {
+        "smol-a": make_adapter(base_dir, root / "a", ["q_proj", "v_proj", "down_proj"], 8, 16, False, seed=11),
+        "smol-b": make_adapter(base_dir, root / "b", ["o_proj", "up_proj", "k_proj"], 4, 4, False, seed=12),
+    }
+    model = models.load_model("smollm2-135m-instruct")
+    eng = Engine(model=model, tokenizer=embedded_model[1], adapter_resolver=mapping_resolver(adapters))
+    yield base_dir, adapters, eng
+    eng.stop()
+
+
+def test_embedded_greedy_matches_peft_alone_and_mixed(embedded_setup, embedded_model):
+    base_dir, adapters, eng = embedded_setup
+    tok = embedded_model[1]
+    prompt = chat.render_prompt(tok, "What is the capital of France?")
+    stops = sorted(eng.stop_ids)
+    refs = {n: peft_greedy(base_dir, adapters.get(n), prompt, 8, stops) for n in [None, "smol-a", "smol-b"]}
+    assert len({tuple(v) for v in refs.values()}) == 3
+    together = run_together(eng, [greedy(prompt, n, 8) for n in refs])
+    assert [o.token_ids for o in together] == list(refs.values())
+
+
+def test_json_schema_output_parses_and_validates(embedded_setup, embedded_model):
+    _, _, eng = embedded_setup
+    tok = embedded_model[1]
+    prompt = chat.render(tok, [{"role": "user", "content": "Give the city, population and capital flag of Paris as JSON."}], add_generation_prompt=True).input_ids
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
+    free = GenerationRequest(prompt, SamplingParams(max_tokens=60), adapter="smol-a")
+    constrained = GenerationRequest(prompt, SamplingParams(max_tokens=60), adapter="smol-a", response_format=fmt)
+    obj = GenerationRequest(prompt, SamplingParams(max_tokens=60, temperature=0.8, seed=3), response_format={"type": "json_object"})
+    out_free, out_schema, out_obj = run_together(eng, [free, constrained, obj])
+    assert out_schema.finish_reason == "stop", out_schema.text
+    value = json.loads(out_schema.text)
+    assert set(value) == {"city", "population", "capital"}
+    assert value["city"] in ("Paris", "Lyon", "Nice")
+    assert isinstance(value["population"], int) and isinstance(value["capital"], bool)
+    assert out_free.text != out_schema.text  # the unconstrained row in the same batch is free text
+    if out_obj.finish_reason == "stop":
+        assert isinstance(json.loads(out_obj.text), dict)
+    with pytest.raises(InvalidRequest):
+        eng.submit(GenerationRequest(prompt, response_format={"type": "json_schema", "json_schema": {"type": "nonsense"}}))
+
+
+def test_tool_call_is_returned_parsed(embedded_setup, embedded_model):
+    _, _, eng = embedded_setup
+    tok = embedded_model[1]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    prompt = chat.render(tok, messages, add_generation_prompt=True, tools=[WEATHER_TOOL]).input_ids
+    req = GenerationRequest(prompt, SamplingParams(max_tokens=48), tools=[WEATHER_TOOL], tool_choice="required")
+
+    async def collect():
+        return [ev async for ev in eng.generate(req)]
+
+    events = asyncio.run(collect())
+    final = events[-1]
+    assert final.finish_reason == "tool_calls"
+    assert [c["name"] for c in final.tool_calls] == ["get_weather"]
+    assert isinstance(final.tool_calls[0]["arguments"]["city"], str)
+    assert "".join(e.text for e in events) == ""  # the call is not streamed as text
+    auto = eng.generate_sync(GenerationRequest(prompt, SamplingParams(max_tokens=12), adapter="smol-b", tools=[WEATHER_TOOL]))
+    if auto.tool_calls:
+        assert auto.finish_reason == "tool_calls" and auto.tool_calls[0]["name"] == "get_weather"
+    else:
+        assert auto.text and not auto.text.lstrip().startswith("{")
+
+
+def test_registry_references_resolve_to_canonical_versions(tmp_path, tiny_mistral_dir, word_tokenizer, mistral_adapters):
+    from lora_kit.registry import Registry
+
+    reg = Registry(tmp_path / "registry")
+    reg.register(mistral_adapters["qv"], "helper", base_model=str(tiny_mistral_dir))
+    reg.register(mistral_adapters["all"], "helper", base_model=str(tiny_mistral_dir))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
+    eng = Engine("tiny-mistral", model=model, tokenizer=word_tokenizer, registry_root=tmp_path / "registry")
+    try:
+        assert eng.check_adapter("helper") == "helper@2"
+        assert eng.check_adapter("helper@1") == "helper@1"
+        with pytest.raises(UnknownAdapter):
+            eng.check_adapter("helper@9")
+        prompt = prompts(word_tokenizer)[2]
+        by_ref = eng.generate_sync(greedy(prompt, "helper@1")).token_ids
+        by_dir = peft_greedy(tiny_mistral_dir, mistral_adapters["qv"], prompt, 12, sorted(eng.stop_ids))
+        assert by_ref == by_dir
+        assert eng.stats()["resident_adapters"] == ["helper@2", "helper@1"]
+    finally:
+        eng.stop()
+
+
+def test_nf4_base_matches_peft(tiny_mistral_dir, word_tokenizer, mistral_adapters):
+    """A bitsandbytes 4-bit base: the wrapped Linear4bit layers give PEFT's exact tokens."""
+    from peft import PeftModel
+
+    from lora_kit import models
+
+    model = models.load_model(str(tiny_mistral_dir), "nf4")
+    eng = Engine("tiny-nf4", model=model, tokenizer=word_tokenizer, adapter_resolver=mapping_resolver(mistral_adapters))
+    try:
+        prompt = prompts(word_tokenizer)[2]
+        got = eng.generate_sync(greedy(prompt, "qv", 10)).token_ids
+    finally:
+        eng.stop()
+    ref_model = PeftModel.from_pretrained(models.load_model(str(tiny_mistral_dir), "nf4"), mistral_adapters["qv"]).eval()
+    ids = torch.tensor([prompt])
+    stops = sorted(eng.stop_ids)
+    with torch.inference_mode():
+        ref = ref_model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+            eos_token_id=stops, pad_token_id=stops[0],
+        )  # fmt: skip
+    assert got == ref[0, len(prompt) :].tolist()
