@@ -53,26 +53,21 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lora_kit import models
-    from lora_kit.generate import generate
+    from lora_kit import chat
+    from lora_kit.engine import Engine, GenerationRequest, SamplingParams
 
-    if args.temperature < 0 or args.temperature > 5:
+    if not 0 <= args.temperature <= 5:
         raise CliError("--temperature must be between 0 and 5")
-    model, tokenizer = models.load(args.model, quantization=args.quantization)
-    if args.lora:
-        from lora_kit import adapters_runtime
-
-        model = adapters_runtime.attach_peft(model, args.lora)
-    out = generate(
-        model,
-        tokenizer,
-        prompt=args.prompt,
-        raw=args.raw,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-    )
-    print(out["text"])
+    # The same engine as `lora-kit serve`: same renderer, same adapter path, same sampling.
+    engine = Engine(args.model, quantization=args.quantization, max_slots=1)
+    try:
+        adapter = engine.check_adapter(args.lora) if args.lora else None
+        ids = chat.render_prompt(engine.tokenizer, args.prompt, raw=args.raw)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        out = engine.generate_sync(GenerationRequest(ids, params, adapter=adapter))
+    finally:
+        engine.stop()
+    print(out.text)
     return 0
 
 
@@ -100,7 +95,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from lora_kit import recipe as recipe_mod
 
     recipe = recipe_mod.load(args.recipe, args.set, name=args.name)
-    report = plan.plan(recipe)
+    report = plan.plan(recipe, device=args.device)
     if args.json:
         _print_json(report)
     else:
@@ -144,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="estimate peak memory and count tokens of a recipe, before any run")
     _add_recipe_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="plan for this device (default: this machine's)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="print one completion of PROMPT")
@@ -160,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lora_kit.cli_adapters import add_adapters_parser
 
     add_adapters_parser(sub)
+    from lora_kit.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

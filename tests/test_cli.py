@@ -44,6 +44,18 @@ def test_bad_model_is_one_line_error():
     assert "Traceback" not in out.stderr
 
 
+def test_unknown_adapter_is_an_error_not_the_base_model(tmp_path):
+    env = {**os.environ, "LORA_KIT_HOME": str(tmp_path)}
+    # the embedded model is converted per LORA_KIT_HOME; point at the shared one to keep it quick
+    from lora_kit import models
+
+    base = str(models.embedded_dir("smollm2-135m-instruct"))
+    out = subprocess.run([*LORA_KIT, "generate", "--model", base, "--lora", "nope", "hi"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2
+    assert "nope" in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout == ""
+
+
 def test_models_list_json():
     import json
 

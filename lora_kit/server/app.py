@@ -1,0 +1,183 @@
+"""The FastAPI application: routes, error handling, the access log and request metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lora_kit.server import cloudflare, errors, openai
+from lora_kit.server.errors import ApiError, error_response
+from lora_kit.server.finetunes import FinetuneStore
+from lora_kit.server.generation import Runner
+from lora_kit.server.metrics import CONTENT_TYPE, Metrics
+from lora_kit.server.state import ServerState
+
+access_log = logging.getLogger("lora_kit.access")
+error_log = logging.getLogger("lora_kit.server")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # JSON bodies: 131072-character prompts with room to spare
+DEFAULT_MAX_UPLOAD_BYTES = 300 * 1024 * 1024  # Cloudflare's limit on an adapter file
+DEFAULT_MAX_TOKENS_CAP = 4096
+
+
+def route_label(path: str) -> str:
+    """A low-cardinality name for a path (no account ids or model names) for logs and metrics."""
+    if path.startswith("/client/v4/accounts/"):
+        if "/ai/run/" in path:
+            return "cloudflare.run"
+        if "/finetune-assets" in path:
+            return "cloudflare.finetune_assets"
+        if "/ai/finetunes" in path:
+            return "cloudflare.finetunes"
+        return "cloudflare.other"
+    return {
+        "/v1/chat/completions": "openai.chat_completions",
+        "/v1/completions": "openai.completions",
+        "/v1/models": "openai.models",
+        "/healthz": "healthz",
+        "/metrics": "metrics",
+    }.get(path, "other")
+
+
+INFERENCE_ROUTES = {"cloudflare.run", "openai.chat_completions", "openai.completions"}
+
+
+class AccessLog:
+    """ASGI middleware: a request id, one JSON log line per request, and request metrics.
+
+    It is pure ASGI (not ``BaseHTTPMiddleware``) so streamed responses are not buffered and the
+    logged duration covers the whole stream.
+    """
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        request_id = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = {"code": 500}
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            seconds = time.monotonic() - started
+            route = route_label(scope.get("path", ""))
+            adapter = state.get("adapter")
+            if route in INFERENCE_ROUTES:
+                self.metrics.record_request(route, adapter, status["code"], seconds)
+            if status["code"] >= 400:
+                self.metrics.record_error(route, int(state.get("error_code") or status["code"]))
+            client = scope.get("client") or ("", 0)
+            access_log.info(json.dumps({
+                "ts": round(time.time(), 3),
+                "request_id": request_id,
+                "client": client[0],
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "route": route,
+                "status": status["code"],
+                "error_code": state.get("error_code"),
+                "adapter": adapter,
+                "duration_ms": round(seconds * 1000, 1),
+            }))
+
+
+def create_app(
+    engine: Any,
+    registry: Any,
+    *,
+    api_token: Optional[str] = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+    uploads_dir: Optional[Path] = None,
+) -> FastAPI:
+    """The HTTP app over a started ``engine`` and a ``registry``.
+
+    With ``api_token`` set, every inference and management route needs
+    ``Authorization: Bearer <api_token>``; ``/healthz`` and ``/metrics`` stay open.
+    """
+    metrics = Metrics(stats=engine.stats)
+    state = ServerState(
+        engine=engine,
+        registry=registry,
+        runner=Runner(engine, metrics),
+        metrics=metrics,
+        finetunes=FinetuneStore(registry, uploads_dir),
+        api_token=api_token or None,
+        max_body_bytes=max_body_bytes,
+        max_upload_bytes=max_upload_bytes,
+        max_tokens_cap=max_tokens_cap,
+    )
+    app = FastAPI(title="lora-kit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lora_kit = state
+
+    def _fail(request: Request, err: ApiError) -> JSONResponse:
+        request.state.error_code = err.code
+        return error_response(err, request.url.path)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, err: ApiError) -> JSONResponse:
+        return _fail(request, err)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _fail(request, errors.bad_input(str(err)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 404:
+            api = ApiError(errors.NO_ROUTE, f"No route for {request.method} {request.url.path}")
+        elif err.status_code == 405:
+            api = ApiError(errors.METHOD_NOT_ALLOWED, f"Method {request.method} not allowed for {request.url.path}")
+        else:
+            api = ApiError((err.status_code, err.status_code), str(err.detail))
+        return _fail(request, api)
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, err: Exception) -> JSONResponse:
+        error_log.exception("internal error on %s %s", request.method, request.url.path)
+        return _fail(request, ApiError(errors.INTERNAL, "Internal server error"))
+
+    @app.get("/healthz")
+    async def healthz() -> Any:
+        stats = engine.stats()
+        return {"status": "ok", "model": state.served_model, **_jsonable(stats)}
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.include_router(cloudflare.router(state))
+    app.include_router(openai.router(state))
+    app.add_middleware(AccessLog, metrics=metrics)
+    return app
+
+
+def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in stats.items():
+        out[key] = sorted(value) if isinstance(value, (set, frozenset)) else value
+    return out

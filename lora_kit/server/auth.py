@@ -1,0 +1,38 @@
+"""Bearer-token auth for the inference and management routes (constant-time comparison)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Callable, Optional
+
+from fastapi import Request
+
+from lora_kit.server.errors import AUTH, ApiError
+
+
+def bearer_token(request: Request) -> Optional[str]:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def token_matches(given: Optional[str], expected: str) -> bool:
+    """Compare in constant time, so the answer time does not leak how much of a guess was right."""
+    if given is None:
+        return False
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def require_token(expected: Optional[str]) -> Callable[[Request], None]:
+    """A FastAPI dependency: 10000/401 unless the request carries ``expected``; a no-op when it is None."""
+
+    def check(request: Request) -> None:
+        if expected is None:
+            return
+        if not token_matches(bearer_token(request), expected):
+            raise ApiError(AUTH, "Authentication error", openai_code="invalid_api_key")
+
+    return check

@@ -1,0 +1,94 @@
+"""API errors and the two error bodies: Cloudflare's envelope and OpenAI's ``{"error": {...}}``.
+
+Codes and statuses follow Cloudflare's documented Workers AI errors (reference section 1.5) and
+those seen in practice (5006 bad input, 3037 fine-tune not found, 10000 auth, 3001 internal).
+Errors always carry a 4xx/5xx status: the official SDK ignores ``success: false`` on a 200.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi.responses import JSONResponse
+
+# (code, HTTP status) pairs.
+BAD_INPUT = (5006, 400)
+NO_SUCH_MODEL = (5007, 400)
+FINETUNE_NOT_FOUND = (3037, 404)
+FINETUNE_MISSING_FILES = (3039, 400)
+AUTH = (10000, 401)
+TOO_LARGE = (3006, 413)
+OVERLOADED = (3040, 429)
+INTERNAL = (3001, 500)
+NO_ROUTE = (7003, 404)
+METHOD_NOT_ALLOWED = (7001, 405)
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class ApiError(Exception):
+    """An error answered to the client: ``kind`` is one of the (code, status) pairs above."""
+
+    def __init__(
+        self,
+        kind: tuple[int, int],
+        message: str,
+        *,
+        param: Optional[str] = None,
+        headers: Optional[dict[str, str]] = None,
+        openai_code: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.code, self.status = kind
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+        self.openai_code = openai_code
+
+
+def bad_input(message: str, param: Optional[str] = None) -> ApiError:
+    """5006/400: the body does not match the schema; ``message`` names the field and why."""
+    return ApiError(BAD_INPUT, message, param=param)
+
+
+def overloaded(retry_after_s: int = 1) -> ApiError:
+    """3040/429 with ``Retry-After`` (the SDKs honour it for delays up to 60 s)."""
+    return ApiError(
+        OVERLOADED,
+        "Capacity temporarily exceeded, please try again.",
+        headers={"Retry-After": str(retry_after_s)},
+        openai_code="rate_limit_exceeded",
+    )
+
+
+def envelope(result: Any) -> dict[str, Any]:
+    """Cloudflare's success envelope."""
+    return {"result": result, "success": True, "errors": [], "messages": []}
+
+
+def cloudflare_body(err: ApiError) -> dict[str, Any]:
+    """Cloudflare's failure envelope: ``result`` null, one ``{code, message}`` in ``errors``."""
+    return {"result": None, "success": False, "errors": [{"code": err.code, "message": err.message}], "messages": []}
+
+
+def openai_body(err: ApiError) -> dict[str, Any]:
+    """OpenAI's error body; ``code`` keeps the Cloudflare code when no OpenAI one fits."""
+    return {
+        "error": {
+            "message": err.message,
+            "type": _OPENAI_TYPES.get(err.status, "server_error" if err.status >= 500 else "invalid_request_error"),
+            "param": err.param,
+            "code": err.openai_code or str(err.code),
+        }
+    }
+
+
+def is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def error_response(err: ApiError, path: str) -> JSONResponse:
+    """The error in the body shape of the API that ``path`` belongs to."""
+    body = openai_body(err) if is_openai_path(path) else cloudflare_body(err)
+    return JSONResponse(body, status_code=err.status, headers=err.headers)

@@ -1,0 +1,237 @@
+"""Cloudflare-style fine-tune uploads on top of the registry.
+
+Cloudflare creates a fine-tune first (``POST /ai/finetunes`` -> id), then receives its two
+files one by one (``.../finetune-assets``). The registry only takes complete, valid adapter
+directories, so an upload is staged in ``<home>/finetune-uploads/<id>/`` until both files are
+there; then it is registered (validated by the registry, which gives the reason for a refusal)
+and the staged id keeps pointing at the registered version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from lora_kit import paths
+from lora_kit.server import errors
+from lora_kit.server.errors import ApiError
+
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+META = "finetune.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def missing_files(finetune: str, missing: list[str]) -> ApiError:
+    """3039/400: the fine-tune lacks required files."""
+    return ApiError(
+        errors.FINETUNE_MISSING_FILES,
+        f"Finetune {finetune!r} is missing required files: {', '.join(missing)} "
+        f"(upload {' and '.join(REQUIRED_FILES)} to /finetunes/{{id}}/finetune-assets)",
+        param="lora",
+    )
+
+
+class FinetuneStore:
+    """Staged uploads (``id -> meta``) and their registration into ``registry``."""
+
+    def __init__(self, registry: Any, root: Optional[Path] = None) -> None:
+        self.registry = registry
+        self.root = Path(root) if root is not None else paths.home() / "finetune-uploads"
+        self._lock = threading.Lock()
+
+    # -- staged fine-tunes ---------------------------------------------------------------------
+
+    def _meta_path(self, finetune_id: str) -> Path:
+        return self.root / finetune_id / META
+
+    def _load(self, finetune_id: str) -> Optional[dict[str, Any]]:
+        try:
+            uuid.UUID(finetune_id)
+        except ValueError:
+            return None
+        path = self._meta_path(finetune_id)
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text())
+
+    def _save(self, meta: dict[str, Any]) -> None:
+        path = self._meta_path(meta["id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path)
+
+    def _staged(self) -> list[dict[str, Any]]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for child in sorted(self.root.iterdir()):
+            meta = self._load(child.name)
+            if meta is not None:
+                out.append(meta)
+        return out
+
+    def create(
+        self, name: str, model: str, description: str = "", public: bool = False, base_model: Optional[str] = None
+    ) -> dict[str, Any]:
+        """A new, empty fine-tune for the served ``base_model``. The name must be a valid registry name."""
+        from lora_kit.registry import RegistryError, check_name
+
+        try:
+            check_name(name, "fine-tune name")
+        except RegistryError as err:
+            raise errors.bad_input(f"name: {err}", param="name") from err
+        now = _now()
+        meta = {
+            "id": str(uuid.uuid4()),
+            "name": name,
+            "description": description or "",
+            "model": model,
+            "public": bool(public),
+            "base_model": base_model,
+            "created_at": now,
+            "modified_at": now,
+            "ref": None,
+        }
+        with self._lock:
+            self._save(meta)
+        return meta
+
+    def find(self, ref: str) -> Optional[dict[str, Any]]:
+        """The staged fine-tune with this id, else the newest *pending* one with this name."""
+        meta = self._load(ref)
+        if meta is not None:
+            return meta
+        pending = [m for m in self._staged() if m["name"] == ref and not m.get("ref")]
+        return max(pending, key=lambda m: m["created_at"]) if pending else None
+
+    def translate(self, ref: str) -> str:
+        """Map a staged fine-tune id to its registry reference; 3039 if it still lacks files.
+
+        A name that is already in the registry resolves there, even if a newer upload under the
+        same name is still pending.
+        """
+        meta = self._load(ref)
+        if meta is None:
+            if self._in_registry(ref):
+                return ref
+            meta = self.find(ref)
+            if meta is None:
+                return ref
+        if meta.get("ref"):
+            return meta["ref"]
+        have = set(os.listdir(self.root / meta["id"]))
+        raise missing_files(ref, [f for f in REQUIRED_FILES if f not in have])
+
+    def _in_registry(self, ref: str) -> bool:
+        from lora_kit.registry import RegistryError
+
+        try:
+            self.registry.resolve(ref)
+            return True
+        except RegistryError:
+            return False
+
+    def upload(self, finetune_id: str, file_name: str, data: bytes) -> dict[str, Any]:
+        """Store one asset; once both are present, register the adapter. Returns the fine-tune."""
+        from lora_kit.registry import RegistryError
+
+        if file_name not in REQUIRED_FILES:
+            raise errors.bad_input(
+                f"file_name must be one of {', '.join(REQUIRED_FILES)}, not {file_name!r}", param="file_name"
+            )
+        with self._lock:
+            meta = self._load(finetune_id)
+            if meta is None:
+                meta = self._registered_as_finetune(finetune_id)
+                if meta is not None:
+                    raise errors.bad_input(
+                        f"finetune {finetune_id!r} is complete; its files cannot be changed (create a new fine-tune)"
+                    )
+                raise ApiError(errors.FINETUNE_NOT_FOUND, f"Finetune {finetune_id} not found")
+            if meta.get("ref"):
+                raise errors.bad_input(
+                    f"finetune {finetune_id!r} is complete; its files cannot be changed (create a new fine-tune)"
+                )
+            stage = self.root / finetune_id
+            tmp = stage / f".{file_name}.part"
+            tmp.write_bytes(data)
+            os.replace(tmp, stage / file_name)
+            meta["modified_at"] = _now()
+            if all((stage / f).is_file() for f in REQUIRED_FILES):
+                try:
+                    version = self.registry.register(
+                        stage,
+                        meta["name"],
+                        base_model=meta.get("base_model") or None,
+                        description=meta.get("description") or "",
+                        lineage={"source": "finetune-assets upload", "finetune_id": finetune_id},
+                    )
+                except RegistryError as err:
+                    # Drop the refused file so a corrected one can be uploaded.
+                    (stage / file_name).unlink(missing_ok=True)
+                    raise errors.bad_input(f"the adapter was refused: {err}", param="file") from err
+                meta["ref"] = version.ref
+                for f in REQUIRED_FILES:
+                    (stage / f).unlink(missing_ok=True)  # the registry holds its own copy now
+            self._save(meta)
+            return meta
+
+    def _registered_as_finetune(self, ref: str) -> Optional[dict[str, Any]]:
+        try:
+            version = self.registry.resolve(ref)
+        except Exception:  # noqa: BLE001
+            return None
+        return version_row(version, "")
+
+    # -- listing -------------------------------------------------------------------------------
+
+    def list(self, served_model: str) -> list[dict[str, Any]]:
+        """Every registered adapter version, then every pending upload, as Cloudflare fine-tunes."""
+        rows = [version_row(v, served_model) for v in self.registry.list()]
+        for meta in self._staged():
+            if not meta.get("ref"):
+                rows.append(public_row(meta))
+        return rows
+
+
+def public_row(meta: dict[str, Any]) -> dict[str, Any]:
+    """A staged fine-tune in Cloudflare's ``Finetune`` shape."""
+    return {
+        "id": meta["id"],
+        "name": meta["name"],
+        "description": meta.get("description") or "",
+        "model": meta["model"],
+        "public": bool(meta.get("public")),
+        "created_at": meta["created_at"],
+        "modified_at": meta["modified_at"],
+        "ready": bool(meta.get("ref")),
+        "ref": meta.get("ref"),
+    }
+
+
+def version_row(version: Any, served_model: str) -> dict[str, Any]:
+    """A registered adapter version in Cloudflare's ``Finetune`` shape (plus its registry fields)."""
+    return {
+        "id": version.id,
+        "name": version.name,
+        "description": version.description or "",
+        "model": version.base_model or served_model,
+        "public": False,
+        "created_at": version.created_at,
+        "modified_at": version.created_at,
+        "ready": True,
+        "ref": version.ref,
+        "version": version.version,
+        "rank": version.rank,
+        "alpha": version.alpha,
+        "target_modules": list(version.target_modules),
+    }

@@ -1,0 +1,284 @@
+"""What both APIs share: model-name matching, adapter checks, sampling, running a request on the engine.
+
+Errors are mapped to :class:`ApiError` *before* anything is sent: a stream is primed with
+its first engine event, so an unknown adapter or a full queue is a 4xx status, not a
+broken stream. Closing a request's iterator (client gone) cancels it in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Optional
+
+from lora_kit.engine import (
+    AdapterError,
+    EngineError,
+    GenerationOutput,
+    GenerationRequest,
+    Overloaded,
+    SamplingParams,
+    UnknownAdapter,
+)
+from lora_kit.server import errors
+from lora_kit.server.errors import ApiError
+from lora_kit.server.metrics import Metrics
+
+CLOUDFLARE_MODEL_PREFIXES = ("@cf/", "@hf/")
+
+
+def model_matches(name: str, served: str) -> bool:
+    """True for the served model's own name and for ``@cf/<author>/<served name>``-style names.
+
+    Only the served model is accepted: ``@cf/mistral/mistral-7b-instruct-v0.1`` names this
+    server's base only if the base *is* served under that last path segment.
+    """
+    if name == served:
+        return True
+    if not name.startswith(CLOUDFLARE_MODEL_PREFIXES):
+        return False
+    if name.endswith("/" + served):
+        return True
+    return name.rsplit("/", 1)[-1].lower() == served.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def sampling_params(
+    *,
+    max_tokens: Optional[int],
+    temperature: float,
+    top_p: Optional[float],
+    top_k: Optional[int],
+    seed: Optional[int],
+    repetition_penalty: Optional[float],
+    frequency_penalty: Optional[float],
+    presence_penalty: Optional[float],
+    stop: Optional[list[str]] = None,
+    max_tokens_cap: int,
+    default_max_tokens: int = 256,
+) -> SamplingParams:
+    """Engine sampling settings from request fields; raises 5006 for values the engine cannot honour.
+
+    ``max_tokens`` is clamped to the server's cap (a cap, not a new upper bound of the schema).
+    Cloudflare's v0.1 schema lets ``top_p`` reach 2: anything >= 1 keeps the whole distribution.
+    ``top_p`` 0 is the limit of keeping only the most likely token, i.e. ``top_k`` 1.
+    """
+    wanted = default_max_tokens if max_tokens is None else max_tokens
+    k = top_k or 0
+    p = 1.0 if top_p is None else min(float(top_p), 1.0)
+    if p <= 0.0:
+        p, k = 1.0, 1
+    params = SamplingParams(
+        max_tokens=max(1, min(wanted, max_tokens_cap)),
+        temperature=float(temperature),
+        top_p=p,
+        top_k=k,
+        seed=seed,
+        repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
+        frequency_penalty=0.0 if frequency_penalty is None else float(frequency_penalty),
+        presence_penalty=0.0 if presence_penalty is None else float(presence_penalty),
+        stop=list(stop or []),
+    )
+    try:
+        params.validate()
+    except ValueError as err:
+        raise errors.bad_input(str(err)) from err
+    return params
+
+
+def engine_error(err: Exception, adapter: Optional[str] = None) -> ApiError:
+    """The API error for an engine exception."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, Overloaded):
+        return errors.overloaded()
+    if isinstance(err, UnknownAdapter):
+        return ApiError(
+            errors.FINETUNE_NOT_FOUND,
+            f"Finetune {adapter!r} not found: {err}" if adapter else f"Finetune not found: {err}",
+            param="lora",
+            openai_code="model_not_found",
+        )
+    if isinstance(err, AdapterError):
+        return errors.bad_input(f"lora: adapter {adapter!r} cannot be served on this base model: {err}", param="lora")
+    if isinstance(err, ValueError):
+        return errors.bad_input(str(err))
+    if isinstance(err, EngineError):
+        return ApiError(errors.INTERNAL, f"Internal server error: {err}")
+    return ApiError(errors.INTERNAL, "Internal server error")
+
+
+@dataclass
+class Completion:
+    """A finished generation, gathered from the engine's events."""
+
+    text: str = ""
+    finish_reason: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tool_calls: list[dict] = field(default_factory=list)
+
+    def add(self, out: GenerationOutput) -> None:
+        self.text += out.text
+        self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
+        self.completion_tokens = out.completion_tokens or self.completion_tokens
+        if out.tool_calls:
+            self.tool_calls = list(out.tool_calls)
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+class Runner:
+    """Runs requests on the engine and records their token metrics."""
+
+    def __init__(self, engine: Any, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    async def check_adapter(self, ref: Optional[str]) -> Optional[str]:
+        """The canonical reference of ``ref`` (None for the base); 3037/404 when it names no adapter.
+
+        Runs in a worker thread: loading an adapter waits for the engine's model lock, which a
+        decode step holds, and the event loop must keep streaming meanwhile.
+        """
+        if ref is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.engine.check_adapter, ref)
+        except Exception as err:  # noqa: BLE001 - mapped to an API error
+            raise engine_error(err, ref) from err
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """The engine's events for ``request``, primed: engine errors before the first event raise here.
+
+        The returned iterator must be closed (``aclose``) or exhausted; closing cancels the request.
+        """
+        started = time.monotonic()
+        try:
+            # Overloaded, UnknownAdapter and InvalidRequest raise here, at submission.
+            events = self.engine.generate(request).__aiter__()
+        except Exception as err:  # noqa: BLE001
+            raise engine_error(err, request.adapter) from err
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as err:  # noqa: BLE001
+            await _close(events)
+            raise engine_error(err, request.adapter) from err
+        self.metrics.record_first_token(request.adapter, time.monotonic() - started)
+        return self._follow(first, events, request.adapter)
+
+    async def _follow(
+        self, first: Optional[GenerationOutput], events: AsyncIterator[GenerationOutput], adapter: Optional[str]
+    ) -> AsyncIterator[GenerationOutput]:
+        last: Optional[GenerationOutput] = first
+        try:
+            if first is not None:
+                yield first
+            async for out in events:
+                last = out
+                yield out
+        finally:
+            await _close(events)
+            if last is not None:
+                self.metrics.record_tokens(adapter, last.prompt_tokens, last.completion_tokens)
+
+    async def complete(self, request: GenerationRequest, disconnected: Optional[Callable[[], Any]] = None) -> Completion:
+        """Run ``request`` to the end. If ``disconnected`` (an awaitable factory) finishes first, cancel it."""
+        events = await self.stream(request)
+
+        async def gather() -> Completion:
+            done = Completion()
+            try:
+                async for out in events:
+                    done.add(out)
+            except ApiError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                raise engine_error(err, request.adapter) from err
+            finally:
+                await _close(events)
+            return done
+
+        if disconnected is None:
+            return await gather()
+        work = asyncio.ensure_future(gather())
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                work.cancel()  # the client is gone: free its batch place
+                await asyncio.gather(work, return_exceptions=True)
+            watch.cancel()
+        if work.cancelled():
+            raise ApiError(errors.INTERNAL, "client disconnected")
+        return work.result()
+
+
+async def _close(events: Any) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # noqa: BLE001 - closing must never mask the real outcome
+            pass
+
+
+def disconnect_waiter(request: Any) -> Callable[[], Any]:
+    """An awaitable factory that returns when the HTTP client disconnects (body already read)."""
+
+    async def wait() -> None:
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                return
+
+    return wait
+
+
+# -- tool calls in the two wire shapes -------------------------------------------------------------
+
+
+def _name_and_arguments(call: dict[str, Any]) -> tuple[str, Any]:
+    fn = call.get("function") if isinstance(call.get("function"), dict) else call
+    return str(fn.get("name", "")), fn.get("arguments", {})
+
+
+def cloudflare_tool_calls(calls: list[dict]) -> list[dict[str, Any]]:
+    """Cloudflare's ``[{name, arguments: object}]``."""
+    import json
+
+    out = []
+    for call in calls:
+        name, args = _name_and_arguments(call)
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                pass
+        out.append({"name": name, "arguments": args})
+    return out
+
+
+def openai_tool_calls(calls: list[dict]) -> list[dict[str, Any]]:
+    """OpenAI's ``[{id, type: "function", function: {name, arguments: JSON string}}]``."""
+    import json
+    import uuid
+
+    out = []
+    for i, call in enumerate(calls):
+        name, args = _name_and_arguments(call)
+        if not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+        call_id = call.get("id") or f"call_{uuid.uuid4().hex[:24]}"
+        out.append({"index": i, "id": call_id, "type": "function", "function": {"name": name, "arguments": args}})
+    return out

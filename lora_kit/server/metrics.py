@@ -1,0 +1,130 @@
+"""Prometheus metrics in the text exposition format (version 0.0.4), without a client library.
+
+Counters and histograms are kept per label set under one lock; gauges (queue depth, running
+requests, resident adapters, slots) are read from ``engine.stats()`` at scrape time.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Callable, Iterable, Optional
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _labels(**labels: Optional[str]) -> Labels:
+    return tuple(sorted((k, "" if v is None else str(v)) for k, v in labels.items()))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt_labels(labels: Labels, extra: Iterable[tuple[str, str]] = ()) -> str:
+    pairs = list(labels) + list(extra)
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+
+
+def _fmt_value(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+class _Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.total += 1
+        self.sum += value
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+
+class Metrics:
+    """The server's metrics. ``record_*`` are called by the routes; :meth:`render` by ``GET /metrics``."""
+
+    def __init__(self, stats: Optional[Callable[[], dict[str, Any]]] = None) -> None:
+        self._lock = threading.Lock()
+        self._stats = stats
+        self.requests: dict[Labels, float] = {}
+        self.errors: dict[Labels, float] = {}
+        self.tokens: dict[Labels, float] = {}
+        self.prompt_tokens: dict[Labels, float] = {}
+        self.latency: dict[Labels, _Histogram] = {}
+        self.ttft: dict[Labels, _Histogram] = {}
+
+    def record_request(self, route: str, adapter: Optional[str], status: int, seconds: float) -> None:
+        """One finished inference request (any status)."""
+        with self._lock:
+            key = _labels(route=route, adapter=adapter or "", status=str(status))
+            self.requests[key] = self.requests.get(key, 0) + 1
+            lat_key = _labels(route=route, adapter=adapter or "")
+            self.latency.setdefault(lat_key, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def record_error(self, route: str, code: int) -> None:
+        with self._lock:
+            key = _labels(route=route, code=str(code))
+            self.errors[key] = self.errors.get(key, 0) + 1
+
+    def record_first_token(self, adapter: Optional[str], seconds: float) -> None:
+        with self._lock:
+            key = _labels(adapter=adapter or "")
+            self.ttft.setdefault(key, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def record_tokens(self, adapter: Optional[str], prompt_tokens: int, completion_tokens: int) -> None:
+        with self._lock:
+            key = _labels(adapter=adapter or "")
+            self.tokens[key] = self.tokens.get(key, 0) + completion_tokens
+            self.prompt_tokens[key] = self.prompt_tokens.get(key, 0) + prompt_tokens
+
+    def render(self) -> str:
+        """All metrics as Prometheus text."""
+        lines: list[str] = []
+
+        def counter(name: str, help_: str, values: dict[Labels, float]) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} counter")
+            for labels, value in sorted(values.items()):
+                lines.append(f"{name}{_fmt_labels(labels)} {_fmt_value(value)}")
+
+        def histogram(name: str, help_: str, values: dict[Labels, _Histogram]) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} histogram")
+            for labels, hist in sorted(values.items()):
+                for bound, count in zip(hist.buckets, hist.counts):
+                    lines.append(f"{name}_bucket{_fmt_labels(labels, [('le', _fmt_value(bound))])} {count}")
+                lines.append(f"{name}_bucket{_fmt_labels(labels, [('le', '+Inf')])} {hist.total}")
+                lines.append(f"{name}_sum{_fmt_labels(labels)} {_fmt_value(hist.sum)}")
+                lines.append(f"{name}_count{_fmt_labels(labels)} {hist.total}")
+
+        def gauge(name: str, help_: str, value: float) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} gauge")
+            lines.append(f"{name} {_fmt_value(value)}")
+
+        with self._lock:
+            counter("lora_kit_requests_total", "Inference requests by route, adapter and HTTP status.", self.requests)
+            counter("lora_kit_request_errors_total", "Failed requests by route and API error code.", self.errors)
+            counter("lora_kit_generated_tokens_total", "Generated (completion) tokens by adapter.", self.tokens)
+            counter("lora_kit_prompt_tokens_total", "Prompt tokens by adapter.", self.prompt_tokens)
+            histogram("lora_kit_request_duration_seconds", "Inference request latency.", self.latency)
+            histogram("lora_kit_time_to_first_token_seconds", "Time from request to first generated token.", self.ttft)
+        stats = self._stats() if self._stats else {}
+        gauge("lora_kit_queue_depth", "Requests waiting for a batch place.", float(stats.get("queue_depth", 0)))
+        gauge("lora_kit_running_requests", "Requests being decoded now.", float(stats.get("running", 0)))
+        resident = stats.get("resident_adapters", 0)
+        gauge("lora_kit_resident_adapters", "Adapters loaded in LoRA slots.", float(len(resident) if isinstance(resident, (list, tuple, set, dict)) else resident))
+        gauge("lora_kit_adapter_slots", "LoRA slots.", float(stats.get("slots", 0) or 0))
+        return "\n".join(lines) + "\n"
