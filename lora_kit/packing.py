@@ -77,12 +77,23 @@ def collate(rows: Sequence[Row], pad_id: int) -> dict[str, "torch.Tensor"]:
 
 
 def loss_sum(model: "torch.nn.Module", batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", int]:
-    """Summed next-token cross-entropy over supervised tokens, and their count."""
+    """Summed next-token cross-entropy over supervised tokens, and their count.
+
+    Logits are computed only at positions whose next token is supervised in some row
+    (``logits_to_keep``): with short replies that is a few percent of the tokens, and the
+    vocabulary projection plus its loss is a large share of a small model's step.
+    """
     import torch.nn.functional as F
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"], use_cache=False)
-    logits = out.logits[:, :-1].float()
     target = batch["labels"][:, 1:]
-    n = int((target != IGNORE).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    supervised = target != IGNORE
+    n = int(supervised.sum())
+    positions = supervised.any(dim=0).nonzero().squeeze(1)
+    if n == 0:
+        positions = positions.new_zeros(1)  # a (zero) loss that still touches every weight, as DDP expects
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                use_cache=False, logits_to_keep=positions)
+    logits = out.logits.float()
+    kept = target.index_select(1, positions)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), kept.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return loss, n

@@ -51,8 +51,12 @@ def module_dims(shape: dict[str, Any]) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def estimate(recipe: Recipe, shape: dict[str, Any], seq_len: int, cuda: bool) -> list[tuple[str, float, str]]:
-    """Peak-memory terms as (name, bytes, formula)."""
+def estimate(recipe: Recipe, shape: dict[str, Any], seq_len: int, cuda: bool, supervised_share: float = 1.0) -> list[tuple[str, float, str]]:
+    """Peak-memory terms as (name, bytes, formula).
+
+    ``supervised_share`` (from the data audit) sizes the logits: the loss computes them only
+    at positions whose next token is supervised in some row of the micro-batch.
+    """
     L, h, V = shape["num_hidden_layers"], shape["hidden_size"], shape["vocab_size"]
     heads, inter = shape["num_attention_heads"], shape["intermediate_size"]
     dims = module_dims(shape)
@@ -75,17 +79,21 @@ def estimate(recipe: Recipe, shape: dict[str, Any], seq_len: int, cuda: bool) ->
     terms.append(("optimizer states", lora * opt_bytes, f"{lora:,} params x {opt_bytes} B ({recipe.train.optimizer})"))
     act = compute_bytes
     # Saved per layer for backward (inputs of the 7 projections, their LoRA dropout copies,
-    # norms, residuals, the SwiGLU intermediates): ~ (16 h + 3 i) values per token.
-    per_layer = B * T * (16 * h + 3 * inter) * act
+    # norms, residuals, the SwiGLU intermediates): ~ (16 h + 5 i) values per token.
+    per_layer = B * T * (16 * h + 5 * inter) * act
     # sdpa with an explicit (block-diagonal) mask takes the math path: scores + softmax per head.
     attn = B * heads * T * T * (act + act)
     if recipe.train.gradient_checkpointing:
         terms.append(("checkpointed layer inputs", L * B * T * h * act, f"{L} layers x {B}x{T} tokens x {h} x {act} B"))
-        terms.append(("one layer recomputed for backward", per_layer + attn, f"{B}x{T} x (16x{h} + 3x{inter}) x {act} B + attention {B}x{heads}x{T}^2 x {2 * act} B"))
+        terms.append(("one layer recomputed for backward", per_layer + attn, f"{B}x{T} x (16x{h} + 5x{inter}) x {act} B + attention {B}x{heads}x{T}^2 x {2 * act} B"))
     else:
-        terms.append(("activations, all layers", L * (per_layer + attn), f"{L} x [{B}x{T} x (16x{h} + 3x{inter}) x {act} B + attention {B}x{heads}x{T}^2 x {2 * act} B]"))
-    terms.append(("logits + loss (fp32)", B * T * V * 4 * 3, f"{B}x{T} x {V} vocab x 4 B x 3 (logits, fp32 copy, grad)"))
-    terms.append(("runtime (CUDA context)" if cuda else "runtime (Python, torch, libraries)", (0.5 if cuda else 0.9) * GiB, "measured constant"))
+        terms.append(("activations, all layers", L * (per_layer + attn), f"{L} x [{B}x{T} x (16x{h} + 5x{inter}) x {act} B + attention {B}x{heads}x{T}^2 x {2 * act} B]"))
+    kept = min(T, max(1, math.ceil(B * T * supervised_share)))
+    terms.append(("logits + loss (fp32)", B * kept * V * 4 * 3, f"{B}x{kept} kept positions x {V} vocab x 4 B x 3 (logits, log-softmax, grad)"))
+    if cuda:
+        terms.append(("runtime (CUDA context, kernels)", 0.5 * GiB, "typical CUDA context size"))
+    else:
+        terms.append(("runtime (Python, torch, libraries)", 0.5 * GiB, "RSS after importing torch/transformers/peft/bitsandbytes (0.46 GB measured)"))
     return terms
 
 
@@ -96,6 +104,7 @@ def plan(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available() if device is None else device == "cuda"
     report: dict[str, Any] = {"base": recipe.model.base, "device": "cuda" if cuda else "cpu"}
     seq_len = recipe.data.max_seq_len
+    share = 1.0
     try:
         tokenizer = models.load_tokenizer(recipe.model.base)
         train_records, eval_records = data.load_splits(recipe.data, recipe.train.seed)
@@ -106,6 +115,7 @@ def plan(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
         steps = recipe.train.max_steps or steps_per_epoch * recipe.train.epochs
         if not recipe.data.packing:
             seq_len = min(seq_len, audit.max_len)
+        share = audit.supervised_share
         report["data"] = {
             "train_examples": audit.kept, "eval_examples": len(eval_records), "tokens": audit.tokens,
             "supervised_tokens": audit.supervised_tokens, "truncated": audit.truncated, "rows": len(rows),
@@ -115,7 +125,7 @@ def plan(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
     except (models.ModelError, data.DataError, OSError) as err:
         report["data"] = {"error": str(err)}
     shape = model_shape(recipe.model.base)
-    terms = estimate(recipe, shape, seq_len, cuda)
+    terms = estimate(recipe, shape, seq_len, cuda, share)
     total = sum(b for _, b, _ in terms)
     report["memory"] = {"terms": [{"name": n, "bytes": int(b), "formula": f} for n, b, f in terms], "total_bytes": int(total), "seq_len": seq_len}
     if cuda and torch.cuda.is_available():
