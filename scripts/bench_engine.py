@@ -2,9 +2,10 @@
 
 Everything runs side by side in one process on the embedded model with rank-8 all-linear
 random adapters; every request generates exactly ``--tokens`` tokens (EOS ignored) so the
-token counts are equal. Prints a table of tokens/s and ratios.
+token counts are equal. Every round runs every measurement once; prints a table of
+median tokens/s and the median of the per-round ratios, and the bytes-read ceiling.
 
-    LORA_KIT_HOME=/tmp/lkhome .venv/bin/python scripts/bench_engine.py --quick
+    .venv/bin/python scripts/bench_engine.py [--quick] [--rounds N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -89,20 +91,31 @@ def timed_generate(model, tokenizer, prompts: list[list[int]], tokens: int, **kw
     return took
 
 
-def best(fn, repeats: int) -> float:
-    return min(fn() for _ in range(repeats))
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def lora_bytes_per_adapter(engine: Engine, name: str) -> int:
+    """Bytes of one resident adapter's (padded) A and B over all wrapped layers."""
+    slot = engine._slots.slot_of(name)
+    assert slot is not None
+    return sum(
+        (layer.lora_A[slot].numel() + layer.lora_B[slot].numel()) * layer.lora_A.element_size()
+        for layer in engine._layers.values()
+        if layer.lora_A is not None and slot in layer.slots_with
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short run (< 3 min on a 2-core CPU)")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per request (default 64, quick 16)")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per measurement, best kept (default 3, quick 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds over all measurements (default 5, quick 1)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     tokens = args.tokens or (16 if args.quick else 64)
-    repeats = args.repeats or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     torch.manual_seed(0)
 
     base_dir = Path(models.resolve(args.model))
@@ -110,7 +123,6 @@ def main() -> None:
     prompts = [chat.render_prompt(tokenizer, q) for q in QUESTIONS]
     p8, p32 = prompts[:8], (prompts * 2)[:32]
     tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
-    rows: list[tuple[str, float, str, float, str]] = []
     try:
         dirs = make_adapters(base_dir, tmp, 33)
         names = [f"a{i}" for i in range(32)]
@@ -120,13 +132,6 @@ def main() -> None:
             engine.check_adapter(n)
         timed_engine(engine, p8, names[:8], 2)  # warm-up
 
-        # 1. 8 requests, 8 adapters vs the same requests on the base
-        t_mixed = best(lambda: timed_engine(engine, p8, names[:8], tokens), repeats)
-        t_base = best(lambda: timed_engine(engine, p8, [None] * 8, tokens), repeats)
-        tps = lambda n, t: n * tokens / t  # noqa: E731
-        rows.append(("8 req / 8 adapters vs base only (lora-kit)", tps(8, t_mixed), "base only", tps(8, t_base), ">= 0.95"))
-
-        # 2. vs PEFT adapter_names on the same mixed batch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -134,37 +139,63 @@ def main() -> None:
         for n in names[1:8]:
             peft_model.load_adapter(dirs[n], adapter_name=n)
         peft_model.eval()
-        t_peft = best(lambda: timed_generate(peft_model, tokenizer, p8, tokens, adapter_names=names[:8]), repeats)
-        rows.append(("8 req / 8 adapters: lora-kit vs PEFT adapter_names", tps(8, t_mixed), "PEFT mixed batch", tps(8, t_peft), ">= 2.5"))
-        del peft_model
-
-        # 3. 32 requests over 1, 8, 32 adapters
-        t32 = {k: best(lambda k=k: timed_engine(engine, p32, [names[i % k] for i in range(32)], tokens), repeats) for k in (1, 8, 32)}
-        rows.append(("32 req / 8 adapters vs 1 adapter", tps(32, t32[8]), "1 adapter", tps(32, t32[1]), ""))
-        rows.append(("32 req / 32 adapters vs 1 adapter", tps(32, t32[32]), "1 adapter", tps(32, t32[1]), ">= 0.9"))
-
-        # 4. base only: lora-kit vs plain transformers generate
         plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-        t_hf = best(lambda: timed_generate(plain, tokenizer, p8, tokens), repeats)
-        rows.append(("8 req base only: lora-kit vs transformers generate", tps(8, t_base), "HF generate", tps(8, t_hf), ">= 1.0"))
 
-        # 5. cold adapter load (safetensors -> validated -> slot), ms
+        # Every round runs every measurement once, so a ratio compares runs minutes apart at
+        # most; a shared CPU's speed drifts more than that between separate passes.
+        runs = {
+            "mixed8": lambda: timed_engine(engine, p8, names[:8], tokens),
+            "base8": lambda: timed_engine(engine, p8, [None] * 8, tokens),
+            "peft8": lambda: timed_generate(peft_model, tokenizer, p8, tokens, adapter_names=names[:8]),
+            "hf8": lambda: timed_generate(plain, tokenizer, p8, tokens),
+            **{f"a{k}x32": (lambda k=k: timed_engine(engine, p32, [names[i % k] for i in range(32)], tokens)) for k in (1, 8, 32)},
+            "base32": lambda: timed_engine(engine, p32, [None] * 32, tokens),
+        }
+        times: dict[str, list[float]] = {key: [] for key in runs}
+        for r in range(rounds):
+            for key, run in runs.items():
+                times[key].append(run())
+            print(f"round {r + 1}/{rounds} done", file=sys.stderr)
+        del peft_model, plain
+
+        # cold adapter load (safetensors -> validated -> slot), ms
         start = time.perf_counter()
         engine.check_adapter("a32")
         cold_ms = (time.perf_counter() - start) * 1000
+        adapter_bytes = lora_bytes_per_adapter(engine, "a0")
+        base_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
         engine.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nmodel {args.model}, fp32 {engine.device}, {torch.get_num_threads()} threads, {tokens} tokens/request, best of {repeats}")
-    print(f"{'measurement':52} {'lora-kit tok/s':>14} {'baseline':>18} {'tok/s':>8} {'ratio':>6} {'goal':>7}")
-    results = []
-    for label, ours, base_label, base, goal in rows:
-        print(f"{label:52} {ours:14.1f} {base_label:>18} {base:8.1f} {ours / base:6.2f} {goal:>7}")
-        results.append({"measurement": label, "lora_kit_tps": ours, "baseline": base_label, "baseline_tps": base, "ratio": ours / base, "goal": goal})
-    print(f"{'cold adapter load (rank 8, all-linear, disk -> slot)':52} {cold_ms:11.1f} ms")
+    def row(label: str, ours: str, base: str, base_label: str, n: int, goal: str) -> dict:
+        ratio = median([tb / to for to, tb in zip(times[ours], times[base])])
+        return {"measurement": label, "lora_kit_tps": n * tokens / median(times[ours]), "baseline": base_label,
+                "baseline_tps": n * tokens / median(times[base]), "ratio": ratio, "goal": goal}  # fmt: skip
+
+    rows = [
+        row("8 req / 8 adapters vs base only (lora-kit)", "mixed8", "base8", "base only", 8, ">= 0.95"),
+        row("8 req / 8 adapters: lora-kit vs PEFT adapter_names", "mixed8", "peft8", "PEFT mixed batch", 8, ">= 2.5"),
+        row("32 req / 1 adapter vs base only", "a1x32", "base32", "base only", 32, ""),
+        row("32 req / 8 adapters vs 1 adapter", "a8x32", "a1x32", "1 adapter", 32, ""),
+        row("32 req / 32 adapters vs 1 adapter", "a32x32", "a1x32", "1 adapter", 32, ">= 0.9"),
+        row("8 req base only: lora-kit vs transformers generate", "base8", "hf8", "HF generate", 8, ">= 1.0"),
+    ]
+    print(f"\nmodel {args.model}, fp32 {engine.device}, {torch.get_num_threads()} threads, {tokens} tokens/request, "
+          f"{rounds} round(s); tok/s = median, ratio = median of per-round ratios")  # fmt: skip
+    print(f"| measurement | lora-kit tok/s | baseline | tok/s | ratio | goal |")
+    print(f"|---|---:|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['measurement']} | {r['lora_kit_tps']:.1f} | {r['baseline']} | {r['baseline_tps']:.1f} | {r['ratio']:.2f} | {r['goal']} |")
+    print(f"| cold adapter load (rank 8, all-linear, disk -> slot) | {cold_ms:.1f} ms | | | | |")
+    # A decode step on the CPU is bound by the bytes of weights it reads: what the adapters add is a ceiling.
+    share = adapter_bytes / base_bytes
+    print(f"\none adapter = {adapter_bytes / 2**20:.1f} MiB = {100 * share:.2f}% of the base's {base_bytes / 2**20:.0f} MiB; "
+          f"bytes-read ceiling for 8 distinct adapters vs base: {1 / (1 + 8 * share):.3f}x, "
+          f"32 distinct vs 1: {(1 + share) / (1 + 32 * share):.3f}x")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"tokens": tokens, "repeats": repeats, "rows": results, "cold_load_ms": cold_ms}, indent=2))
+        args.json.write_text(json.dumps({"tokens": tokens, "rounds": rounds, "rows": rows, "cold_load_ms": cold_ms,
+                                         "adapter_bytes": adapter_bytes, "base_bytes": base_bytes}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from lora_kit.engine import (
     UnknownAdapter,
     mapping_resolver,
 )
+from lora_kit.engine.lora_layer import BatchedLoraLinear, LoraContext
 
 MISTRAL_ADAPTERS = {
     # name: (target modules, r, alpha, use_rslora)
@@ -143,6 +144,58 @@ def test_mixed_batch_equals_alone(engine, word_tokenizer):
     assert len({len(a) for a in alone}) >= 3  # rows leave the batch at different steps
 
 
+def test_grouped_batch_equals_alone(engine, word_tokenizer):
+    # Shared adapters: the batch runs grouped (each adapter read once, uneven groups
+    # zero-padded), with a base row and adapters that target different module subsets.
+    ps = prompts(word_tokenizer)
+    names = ["all", "all", "all", "qv", "qv", None, "mlp", "mlp"]
+    reqs = [greedy(ps[i % 4], name, 5 + i) for i, name in enumerate(names)]
+    alone = [engine.generate_sync(r).token_ids for r in reqs]
+    together = run_together(engine, reqs)
+    assert [o.token_ids for o in together] == alone
+
+
+def test_context_groups_rows_only_when_adapters_are_shared():
+    ctx = LoraContext()
+    cpu = torch.device("cpu")
+    ctx.set_rows([0, 0, 0, 1, 1, None, 2, 2], zero_slot=9, device=cpu)
+    assert ctx.group_slots.tolist() == [0, 1, 2]
+    assert ctx.group_rows.tolist() == [0, 1, 2, 3, 4, 8, 6, 7, 8]  # 8 = the appended zero row
+    assert ctx.group_targets.tolist() == [0, 1, 2, 3, 4, 0, 6, 7, 0]
+    assert ctx.slot_index.tolist() == [0, 0, 0, 1, 1, 9, 2, 2]
+    ctx.set_rows([0, 1, 2, 3], zero_slot=9, device=cpu)  # all distinct: per row
+    assert ctx.group_rows is None and ctx.slot_index.tolist() == [0, 1, 2, 3]
+    ctx.set_rows([0] * 7 + [1, 2, 3], zero_slot=9, device=cpu)  # padding to 7 would exceed 2x the rows
+    assert ctx.group_rows is None
+    ctx.set_rows([4, 4], zero_slot=9, device=cpu)  # one adapter for every row: plain matmuls
+    assert ctx.single == 4 and ctx.group_rows is None
+    ctx.set_rows([None, None], zero_slot=9, device=cpu)
+    assert ctx.slot_index is None
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("slots", [[0, 0, 0, 1, 1, None, 2, 2], [0, 1, None, 2], [1, 1, 1]])
+def test_batched_lora_linear_matches_per_row_products(slots, tokens):
+    torch.manual_seed(0)
+    ctx = LoraContext()
+    layer = BatchedLoraLinear(torch.nn.Linear(16, 24), "proj", ctx)
+    layer.lora_A = torch.randn(4, 16, 4)  # slots 0..2 and the zero slot 3
+    layer.lora_B = torch.randn(4, 4, 24)
+    layer.lora_A[3] = 0
+    layer.lora_B[3] = 0
+    layer.lora_B[2, 3:] = 0  # slot 2 has rank 3: padded with zeros
+    layer.slots_with = {0, 1, 2}
+    x = torch.randn(len(slots), tokens, 16)
+    ctx.set_rows(slots, zero_slot=3, device=torch.device("cpu"))
+    with torch.inference_mode():
+        got = layer(x)
+    want = layer.base(x).detach()
+    for row, slot in enumerate(slots):
+        if slot is not None:
+            want[row] += x[row] @ layer.lora_A[slot] @ layer.lora_B[slot]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(engine, word_tokenizer):
     ps = prompts(word_tokenizer)
     params = dict(max_tokens=10, temperature=1.5, top_p=0.95, top_k=20, repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2)
@@ -219,6 +272,26 @@ def test_adapter_that_does_not_fit_fails_only_its_request(tmp_path, word_tokeniz
             eng.result(seq_bad)
         assert eng.result(seq_ok).finish_reason in ("stop", "length")
         assert eng.stats()["resident_adapters"] == ["all"]
+    finally:
+        eng.stop()
+
+
+def test_adapter_with_nan_weights_is_refused(tmp_path, word_tokenizer, tiny_mistral_dir, mistral_adapters):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(mistral_adapters["mlp"], poisoned)
+    tensors = load_file(poisoned / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if "down_proj.lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, poisoned / "adapter_model.safetensors")
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, {**mistral_adapters, "poisoned": poisoned}, max_slots=2)
+    try:
+        with pytest.raises(AdapterError, match="down_proj.*NaN or infinite"):
+            eng.check_adapter("poisoned")
+        assert eng.stats()["resident_adapters"] == []
     finally:
         eng.stop()
 

@@ -85,6 +85,7 @@ def load_adapter(
     max_rank: int,
 ) -> AdapterWeights:
     """Load and validate an adapter against ``base_shapes`` (module path -> (in, out) of the base)."""
+    import torch
     from safetensors import safe_open
 
     path = Path(path)
@@ -124,10 +125,13 @@ def load_adapter(
         if rank > max_rank:
             raise AdapterError(f"{path}: rank {rank} of '{module}' exceeds the engine's max rank {max_rank}")
         scale = _scale(config, module, int(_pattern_value(config.get("rank_pattern") or {}, module, rank)))
-        modules[module] = (
-            a.to(device=device, dtype=dtype).contiguous(),
-            (b.double() * scale).to(device=device, dtype=dtype).contiguous(),
-        )
+        a_c = a.to(device=device, dtype=dtype).contiguous()
+        b_c = (b.double() * scale).to(device=device, dtype=dtype).contiguous()
+        # A NaN/inf weight would poison every row it meets, and grouped batches multiply
+        # other rows' padding by these weights: refuse it here, for this adapter only.
+        if not (torch.isfinite(a_c).all() and torch.isfinite(b_c).all()):
+            raise AdapterError(f"{path}: '{module}' has NaN or infinite weights (after scaling to {dtype})")
+        modules[module] = (a_c, b_c)
         top_rank = max(top_rank, rank)
     return AdapterWeights(key=key, path=path, rank=top_rank, modules=modules)
 
