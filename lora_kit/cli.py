@@ -55,9 +55,11 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lora_kit import chat
     from lora_kit.engine import Engine, GenerationRequest, SamplingParams
+    from lora_kit.engine.threads import dedicate_cpu_threads
 
     if not 0 <= args.temperature <= 5:
         raise CliError("--temperature must be between 0 and 5")
+    dedicate_cpu_threads()
     # The same engine as `lora-kit serve`: same renderer, same adapter path, same sampling.
     engine = Engine(args.model, quantization=args.quantization, max_slots=1)
     try:

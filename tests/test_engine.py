@@ -486,3 +486,29 @@ def test_nf4_base_matches_peft(tiny_mistral_dir, word_tokenizer, mistral_adapter
             eos_token_id=stops, pad_token_id=stops[0],
         )  # fmt: skip
     assert got == ref[0, len(prompt) :].tolist()
+
+
+# -- CPU threads ------------------------------------------------------------------------------
+
+
+def test_run_in_thread_returns_raises_and_sets_the_thread_count():
+    from lora_kit.engine.threads import run_in_thread
+
+    assert run_in_thread(lambda: torch.get_num_threads(), threads=1) == 1
+    with pytest.raises(ValueError, match="boom"):
+        run_in_thread(lambda: (_ for _ in ()).throw(ValueError("boom")))
+
+
+def test_dedicated_main_thread_is_single_and_engine_threads_get_the_cores():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(2)\n"
+        "from lora_kit.engine.threads import dedicate_cpu_threads, engine_threads, run_in_thread\n"
+        "n = dedicate_cpu_threads()\n"
+        "print(n, torch.get_num_threads(), engine_threads(), run_in_thread(torch.get_num_threads), torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", "1", "2", "2", "1"]  # the main thread stays at 1 after a worker took 2

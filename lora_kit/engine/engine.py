@@ -17,6 +17,7 @@ from lora_kit.engine.lora_layer import LoraContext, wrap_linear_layers
 from lora_kit.engine.sampling import RequestSampler
 from lora_kit.engine.scheduler import Scheduler, Sequence
 from lora_kit.engine.slots import NoFreeSlot, SlotManager
+from lora_kit.engine.threads import engine_threads, run_in_thread
 from lora_kit.engine.types import (
     EngineError,
     GenerationOutput,
@@ -47,11 +48,13 @@ class Engine:
         model: Any = None,
         tokenizer: Any = None,
         max_rank: int = 256,
+        threads: int | None = None,
     ) -> None:
         from lora_kit import models
 
+        self.threads = threads or engine_threads()
         if model is None:
-            model = models.load_model(model_spec, quantization)  # type: ignore[arg-type]
+            model = run_in_thread(lambda: models.load_model(model_spec, quantization), self.threads)  # type: ignore[arg-type]
         if tokenizer is None:
             tokenizer = models.load_tokenizer(model_spec)
         model.eval()
@@ -77,7 +80,7 @@ class Engine:
         max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self._scheduler = Scheduler(
             model, tokenizer, self._ctx, self._slots, self._model_lock, self.stop_ids, self._grammar_cache,
-            max_batch=max_batch, max_queue=max_queue, max_length=max_length,
+            max_batch=max_batch, max_queue=max_queue, max_length=max_length, threads=self.threads,
         )  # fmt: skip
         self._thread: threading.Thread | None = None
         if len(preload) > max_slots:

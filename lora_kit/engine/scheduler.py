@@ -77,6 +77,7 @@ class Scheduler:
         max_batch: int,
         max_queue: int,
         max_length: int,
+        threads: int,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -88,6 +89,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_length = max_length
+        self.threads = threads
         self.device = next(model.parameters()).device
         self.batch = RunningBatch(self.device)
         self.waiting: deque[Sequence] = deque()
@@ -114,6 +116,7 @@ class Scheduler:
 
     def run(self) -> None:
         """Admit, step, repeat until stopped; then cancel whatever is left."""
+        torch.set_num_threads(self.threads)  # this thread's own OpenMP pool (see engine/threads.py)
         while True:
             with self.cond:
                 if self.stopping:

@@ -60,9 +60,11 @@ def serve(args: Any) -> int:
     to ``--graceful-timeout`` seconds, then cancels them (which cancels them in the engine).
     """
     from lora_kit.engine import Engine
+    from lora_kit.engine.threads import dedicate_cpu_threads
     from lora_kit.registry import Registry
     from lora_kit.server.app import create_app
 
+    dedicate_cpu_threads()  # the decode loop gets the cores; this thread only serves HTTP
     configure_logging(args.log_level)
     token = args.api_token or os.environ.get(TOKEN_ENV) or None
     engine = Engine(
