@@ -4,8 +4,8 @@ The CPU torch wheel uses GNU OpenMP, which keeps a pool of worker threads for ev
 that ever ran a parallel region. Once the workers of all pools outnumber the cores, idle
 workers stop spinning and sleep, and every parallel region pays a futex wake-up. A decode
 step of a small model is hundreds of small ops, so a loop thread started after the main
-thread had loaded the model ran 1.3-1.9x slower per step (rank-8 LoRA product: 15 us in
-the main thread, 110 us in the loop thread; see BENCHMARKS.md).
+thread had loaded the model ran 1.5-2x slower per step with adapters (a rank-8 LoRA
+product: 15 us in the main thread, 110 us in the loop thread; see BENCHMARKS.md).
 
 So a process whose heavy work is the engine (``lora-kit serve``, ``lora-kit generate``)
 calls :func:`dedicate_cpu_threads` first: its main thread stays single-threaded (no pool),
