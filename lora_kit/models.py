@@ -7,6 +7,7 @@ into a safetensors directory under ``LORA_KIT_HOME/models`` so later loads take 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,19 @@ Quantization = Literal["nf4", "fp4", "none"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class _OptionalKernelNotice(logging.Filter):
+    """Drops one bitsandbytes notice. On an AVX512-bf16 CPU, importing bitsandbytes tries to
+    fetch an optional fused 4-bit kernel from the Hugging Face hub (the `kernels` package)
+    and warns when it cannot; it then uses its built-in kernels, which is what lora-kit
+    runs on. Shown on every command, the notice read like a failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
 
 
 class ModelError(RuntimeError):

@@ -67,3 +67,15 @@ def test_embedded_conversion_is_cached():
     before = models.embedded_dir("smollm2-135m-instruct").stat().st_mtime_ns
     models.prepare_embedded("smollm2-135m-instruct")
     assert models.embedded_dir("smollm2-135m-instruct").stat().st_mtime_ns == before
+
+
+def test_bitsandbytes_optional_kernel_notice_is_not_shown():
+    import subprocess
+    import sys
+
+    def stderr_of(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+
+    if "kernels-community" not in stderr_of("import bitsandbytes.backends.cpu.ops"):
+        pytest.skip("bitsandbytes does not try the optional kernel on this CPU: nothing to filter")
+    assert "kernels-community" not in stderr_of("import lora_kit.models, bitsandbytes.backends.cpu.ops")
