@@ -45,7 +45,7 @@ def run_lora_kit(r, tokenizer, packing: bool) -> dict:
 
         base = models.load_model(r.model.base, r.model.quantization, r.model.double_quant)
         model = PeftModel.from_pretrained(base, str(result.adapter_dir))
-        return {"tokens_per_s": result.metrics["tokens_per_s"], "optimizer_steps": result.metrics.get("steps"),
+        return {"tokens_per_s": result.metrics["tokens_per_s"], "optimizer_steps": result.metrics["steps"],
                 "eval_loss": eval_loss_of(model, tokenizer, r)}
 
 
