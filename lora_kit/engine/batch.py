@@ -4,7 +4,8 @@ Requests that arrive together are prefilled together (left-padded; a request alo
 prefilled exactly as ``generate`` does for one prompt); their cache is then merged into
 the running batch by left-padding the shorter side, with an attention mask that hides the padding and explicit position ids,
 as ``generate`` does for a left-padded batch. Rows that finish are dropped with an index
-select, and padding columns no row needs any more are trimmed.
+select, and padding columns no row needs any more are trimmed. Between those events the
+cache grows in place (:mod:`lora_kit.engine.kv_cache`): a decode step copies nothing.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
-
-def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+from lora_kit.engine.kv_cache import growing_cache, layer_kv
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -34,7 +33,7 @@ class RunningBatch:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.rows: list[Any] = []
-        self.cache: DynamicCache | None = None
+        self.cache: Cache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (B, L) 1 = real token
         self.positions = torch.zeros(0, dtype=torch.long, device=device)  # next position id per row
         self.next_tokens = torch.zeros(0, dtype=torch.long, device=device)  # sampled, not yet fed
@@ -42,24 +41,24 @@ class RunningBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, rows: list[Any], cache: DynamicCache, mask: torch.Tensor, next_tokens: list[int]) -> None:
+    def add(self, rows: list[Any], cache: Cache, mask: torch.Tensor, next_tokens: list[int]) -> None:
         """Join prefilled rows: ``cache`` and ``mask`` (R, L) hold their (left-padded) prompts,
         ``next_tokens`` their first sampled tokens, fed at the next step."""
         mask = mask.to(self.device, torch.long)
         if self.cache is None or not self.rows:
-            self.cache, self.mask = cache, mask
+            self.cache, self.mask = growing_cache(layer_kv(cache)), mask
         else:
             cur, new = self.mask.shape[1], mask.shape[1]
             total = max(cur, new)
             merged = []
-            for (k, v), (nk, nv) in zip(_kv(self.cache), _kv(cache)):
+            for (k, v), (nk, nv) in zip(layer_kv(self.cache), layer_kv(cache)):
                 merged.append(
                     (
                         torch.cat([_pad_left(k, total - cur), _pad_left(nk, total - new)], dim=0),
                         torch.cat([_pad_left(v, total - cur), _pad_left(nv, total - new)], dim=0),
                     )
                 )
-            self.cache = DynamicCache(ddp_cache_data=merged)
+            self.cache = growing_cache(merged)
             pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n), m], dim=1) if n else m  # noqa: E731
             self.mask = torch.cat([pad(self.mask, total - cur), pad(mask, total - new)], dim=0)
         self.rows.extend(rows)
@@ -83,8 +82,8 @@ class RunningBatch:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
         assert self.cache is not None
-        kv = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in _kv(self.cache)]
-        self.cache = DynamicCache(ddp_cache_data=kv)
+        kv = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in layer_kv(self.cache)]
+        self.cache = growing_cache(kv)
         self.mask = mask[:, start:]
         self.positions = self.positions.index_select(0, idx)
         self.next_tokens = self.next_tokens.index_select(0, idx)
