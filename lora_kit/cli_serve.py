@@ -34,6 +34,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="requests decoded together (default: 16)")
     p.add_argument("--max-tokens-cap", type=int, default=4096, metavar="N", help="upper bound applied to max_tokens (default: 4096)")
     p.add_argument("--quantization", choices=["none", "nf4"], default="none", help="load the base in 4-bit NF4 (default: none)")
+    p.add_argument(
+        "--no-pack-weights",
+        dest="pack_weights",
+        action="store_false",
+        help="on the CPU, keep transformers' linear kernels instead of oneDNN-packed weights (slower; bit-exact with transformers)",
+    )
     p.add_argument("--graceful-timeout", type=float, default=30.0, metavar="S", help="seconds in-flight requests get on SIGTERM (default: 30)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)

@@ -127,8 +127,8 @@ def load_adapter(
         scale = _scale(config, module, int(_pattern_value(config.get("rank_pattern") or {}, module, rank)))
         a_c = a.to(device=device, dtype=dtype).contiguous()
         b_c = (b.double() * scale).to(device=device, dtype=dtype).contiguous()
-        # A NaN/inf weight would poison every row it meets, and grouped batches multiply
-        # other rows' padding by these weights: refuse it here, for this adapter only.
+        # A NaN/inf weight turns every logit of a row on this adapter into NaN, which no
+        # sampler can decode: refuse it at load time with a clear error, for this adapter only.
         if not (torch.isfinite(a_c).all() and torch.isfinite(b_c).all()):
             raise AdapterError(f"{path}: '{module}' has NaN or infinite weights (after scaling to {dtype})")
         modules[module] = (a_c, b_c)

@@ -14,6 +14,7 @@ from lora_kit import chat
 from lora_kit.engine.adapters import Resolver, load_adapter, registry_resolver
 from lora_kit.engine.constraints import GrammarCache
 from lora_kit.engine.lora_layer import LoraContext, wrap_linear_layers
+from lora_kit.engine.packed_linear import copy_unpacked_weights, pack_output_head
 from lora_kit.engine.sampling import RequestSampler
 from lora_kit.engine.scheduler import Scheduler, Sequence
 from lora_kit.engine.slots import NoFreeSlot, SlotManager
@@ -27,11 +28,23 @@ from lora_kit.engine.types import (
 )
 
 
+def _pack(model: Any, layers: dict[str, Any], batch_hint: int) -> int:
+    """Pack what oneDNN can take; the number of layers packed (head included)."""
+    packed = sum(layer.pack(batch_hint) for layer in layers.values()) + int(pack_output_head(model, batch_hint))
+    if packed:
+        copy_unpacked_weights(model)
+    return packed
+
+
 class Engine:
     """Serve many LoRA adapters from one base model, every request with its own adapter.
 
     ``adapter_resolver(ref) -> (canonical key, adapter dir)`` finds adapters; by default the
-    lora-kit registry at ``registry_root``. ``model``/``tokenizer`` may be passed pre-loaded.
+    lora-kit registry at ``registry_root``. ``model``/``tokenizer`` may be passed pre-loaded
+    (the engine takes the model over: it wraps its linear layers in place).
+    ``pack_weights``: on the CPU, dense fp32/bf16 linear weights (and the output head) are
+    repacked for oneDNN, ~1.8x faster decoding (``lora_kit.engine.packed_linear``); False
+    keeps transformers' kernels, bit for bit.
     """
 
     def __init__(
@@ -49,6 +62,7 @@ class Engine:
         tokenizer: Any = None,
         max_rank: int = 256,
         threads: int | None = None,
+        pack_weights: bool = True,
     ) -> None:
         from lora_kit import models
 
@@ -72,6 +86,10 @@ class Engine:
         self._resolver = adapter_resolver or registry_resolver(registry_root)
         self._ctx = LoraContext()
         self._layers = wrap_linear_layers(model, self._ctx)
+        self.packed_layers = 0
+        if pack_weights:
+            hint = max(8, min(max_batch, 32))
+            self.packed_layers = run_in_thread(lambda: _pack(model, self._layers, hint), self.threads)
         self._base_shapes = {name: (layer.in_features, layer.out_features) for name, layer in self._layers.items()}
         self._slots = SlotManager(self._layers, self._ctx, max_slots, self._load)
         self._model_lock = self._slots.lock

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lora_kit.engine.packed_linear import PackedLinear, can_pack
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -25,23 +27,18 @@ class LoraContext:
     ``slot_index`` is None for a forward without any adapter row (the base runs untouched).
     ``version`` changes whenever the rows change, so layers may reuse their gathered weights.
 
-    Two ways to run a mixed batch, picked once per change of rows:
-
-    * per row (``slot_index``): every row gets a copy of its adapter's A/B; two ``bmm``.
-      Exact work, but an adapter shared by k rows is read k times per step.
-    * grouped (``group_rows``): rows are grouped by adapter, each adapter is read once and
-      applied to its group with one ``bmm`` (groups zero-padded to the largest), the result
-      is scattered back with ``index_add_``. Three more ops per layer, so it only pays when
-      adapters are shared: on the CPU a decode step is bound by the bytes of weights read.
+    A mixed batch gives every row a copy of its adapter's A/B, gathered once per change of
+    rows, and runs two ``bmm``. Measured on the CPU against two alternatives that read an
+    adapter shared by several rows only once (rows grouped per adapter; the batch's adapters
+    concatenated into one masked LoRA): both were slower or no faster at 8 to 32 rows, as
+    their extra ops (gathers, masks, scatter) or extra products cost more than re-reading a
+    rank-8 adapter.
     """
 
     def __init__(self) -> None:
         self.slot_index: torch.Tensor | None = None
         self.active: frozenset[int] = frozenset()
         self.single: int | None = None  # the one slot when every row uses the same adapter
-        self.group_slots: torch.Tensor | None = None  # (U,) the distinct slots, when grouped
-        self.group_rows: torch.Tensor | None = None  # (U*G,) row of each group entry; padding -> the zero row
-        self.group_targets: torch.Tensor | None = None  # (U*G,) row each entry adds into; padding -> row 0
         self.version = 0
 
     def set_rows(self, slots: list[int | None], zero_slot: int, device: torch.device) -> None:
@@ -49,36 +46,11 @@ class LoraContext:
         active = frozenset(s for s in slots if s is not None)
         self.version += 1
         self.active = active
-        self.group_slots = self.group_rows = self.group_targets = None
         if not active:
             self.slot_index, self.single = None, None
             return
         self.single = next(iter(active)) if len(active) == 1 and None not in slots else None
         self.slot_index = torch.tensor([zero_slot if s is None else s for s in slots], dtype=torch.long, device=device)
-        if self.single is None:
-            self._group(slots, device)
-
-    def _group(self, slots: list[int | None], device: torch.device) -> None:
-        groups: dict[int, list[int]] = {}
-        for row, slot in enumerate(slots):
-            if slot is not None:
-                groups.setdefault(slot, []).append(row)
-        members = sum(len(g) for g in groups.values())
-        width = max(len(g) for g in groups.values())
-        # Grouping pays when an adapter serves two rows or more on average, and padding
-        # the groups to one width does not double the rows the LoRA products run on.
-        if len(groups) * 2 > members or len(groups) * width > 2 * members:
-            return
-        pad_row = len(slots)  # the zero row the layer appends to its input
-        rows: list[int] = []
-        targets: list[int] = []
-        for members_of in groups.values():
-            extra = width - len(members_of)
-            rows += members_of + [pad_row] * extra
-            targets += members_of + [0] * extra  # a zero contribution: adds exactly 0.0
-        self.group_slots = torch.tensor(list(groups), dtype=torch.long, device=device)
-        self.group_rows = torch.tensor(rows, dtype=torch.long, device=device)
-        self.group_targets = torch.tensor(targets, dtype=torch.long, device=device)
 
     def clear(self) -> None:
         self.set_rows([], 0, torch.device("cpu"))
@@ -93,7 +65,7 @@ class BatchedLoraLinear(nn.Module):
     slot is all zeros. Filled by :class:`~lora_kit.engine.slots.SlotManager`.
     """
 
-    def __init__(self, base: nn.Linear, name: str, ctx: LoraContext) -> None:
+    def __init__(self, base: nn.Module, name: str, ctx: LoraContext) -> None:
         super().__init__()
         self.base = base
         self.name = name
@@ -126,8 +98,6 @@ class BatchedLoraLinear(nn.Module):
                 return out
             return out + (h @ lora_b[ctx.single]).view(out.shape).to(out.dtype)
         rows = x.shape[0]
-        if ctx.group_rows is not None:
-            return self._grouped(lx, out, rows)
         a_t, b_t = self._rows_weights()
         h = torch.bmm(lx.reshape(rows, -1, self.in_features), a_t)  # (B, T, r)
         if inplace:
@@ -135,36 +105,24 @@ class BatchedLoraLinear(nn.Module):
             return out
         return out + torch.bmm(h, b_t).view(out.shape).to(out.dtype)
 
-    def _grouped(self, lx: torch.Tensor, out: torch.Tensor, rows: int) -> torch.Tensor:
-        """Each distinct adapter once, over the rows that use it (see :class:`LoraContext`)."""
-        ctx = self.ctx
-        assert ctx.group_rows is not None and ctx.group_targets is not None
-        a_g, b_g = self._rows_weights()  # (U, in, r), (U, r, out)
-        groups = a_g.shape[0]
-        x3 = lx.reshape(rows, -1, self.in_features)
-        tokens = x3.shape[1]
-        padded = torch.cat([x3, x3.new_zeros(1, tokens, self.in_features)])
-        xg = padded.index_select(0, ctx.group_rows).view(groups, -1, self.in_features)
-        y = torch.bmm(torch.bmm(xg, a_g), b_g).view(-1, tokens, self.out_features)
-        delta = y.to(out.dtype)
-        if out.is_contiguous() and not torch.is_grad_enabled():
-            out.view(rows, tokens, self.out_features).index_add_(0, ctx.group_targets, delta)
-            return out
-        return out.view(rows, tokens, self.out_features).index_add(0, ctx.group_targets, delta).view(out.shape)
-
     def _rows_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A^T and B^T of each row's slot (or, grouped, of each distinct slot), gathered once
-        per change of the batch's rows."""
+        """A^T and B^T of each row's slot, gathered once per change of the batch's rows."""
         ctx = self.ctx
         cached = self._gathered
         if cached is not None and cached[0] == ctx.version:
             return cached[1], cached[2]
         assert self.lora_A is not None and self.lora_B is not None and ctx.slot_index is not None
-        index = ctx.group_slots if ctx.group_slots is not None else ctx.slot_index
-        a_t = self.lora_A.index_select(0, index)  # (B or U, in, r), contiguous
-        b_t = self.lora_B.index_select(0, index)  # (B or U, r, out), contiguous
+        a_t = self.lora_A.index_select(0, ctx.slot_index)  # (B, in, r), contiguous
+        b_t = self.lora_B.index_select(0, ctx.slot_index)  # (B, r, out), contiguous
         self._gathered = (ctx.version, a_t, b_t)
         return a_t, b_t
+
+    def pack(self, batch_hint: int) -> bool:
+        """Run the base product with a oneDNN-packed weight (see ``packed_linear``), when it can."""
+        if not can_pack(self.base):
+            return False
+        self.base = PackedLinear(self.base, batch_hint)
+        return True
 
     def drop_gathered(self) -> None:
         """Forget the gathered weights (slot contents changed)."""

@@ -74,6 +74,7 @@ def serve(args: Any) -> int:
         preload=tuple(args.preload or ()),
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        pack_weights=args.pack_weights,
     )
     engine.start()
     try:

@@ -1,0 +1,82 @@
+"""oneDNN-packed linear layers: the same products as nn.Linear, the dense weight gone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lora_kit.engine.packed_linear import PackedLinear, can_pack, copy_unpacked_weights, pack_output_head
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 48), (8, 48), (3, 5, 48)])
+def test_packed_linear_equals_nn_linear(bias, shape):
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80, bias=bias)
+    dense = layer.weight.detach().clone()
+    x = torch.randn(*shape)
+    want = layer(x).detach()
+    packed = PackedLinear(layer, batch_hint=8)
+    with torch.inference_mode():
+        got = packed(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # another summation order, not other numbers
+    assert packed.weight.is_mkldnn and not packed.weight.requires_grad
+    assert torch.equal(packed.dense_weight(), dense)  # the layout changed, not the values
+
+
+def test_bf16_packed_linear_is_close():
+    if not can_pack(nn.Linear(4, 4).to(torch.bfloat16)):
+        pytest.skip("oneDNN bf16 not supported on this CPU")
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    want = layer(x).detach().float()
+    with torch.inference_mode():
+        got = PackedLinear(layer, 8)(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_only_dense_cpu_linears_are_packed():
+    class FourBit(nn.Linear):  # stands for bitsandbytes' Linear4bit, an nn.Linear subclass
+        pass
+
+    assert can_pack(nn.Linear(4, 4))
+    assert not can_pack(FourBit(4, 4))
+    assert not can_pack(nn.Linear(4, 4).half())
+    assert not can_pack(PackedLinear(nn.Linear(4, 4), 8))  # already packed
+    assert not can_pack(nn.Conv1d(4, 4, 1))
+
+
+def test_tied_head_gets_its_own_copy_and_the_embedding_stays_dense():
+    from transformers import AutoModelForCausalLM
+
+    from lora_kit import models
+
+    # A fresh copy: packing changes the model in place.
+    model = AutoModelForCausalLM.from_pretrained(models.resolve("smollm2-135m-instruct"), dtype=torch.float32).eval()
+    embed = model.get_input_embeddings()
+    assert model.get_output_embeddings().weight is embed.weight  # SmolLM2 ties them
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        assert pack_output_head(model, 8)
+        got = model(input_ids=ids).logits
+    head = model.get_output_embeddings()
+    assert isinstance(head, PackedLinear) and not embed.weight.is_mkldnn
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not pack_output_head(model, 8)  # packed once
+
+
+def test_dense_leftovers_get_their_own_memory():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    model[2] = PackedLinear(model[2], 8)
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters() if not p.is_mkldnn}
+    copy_unpacked_weights(model)
+    for name, p in model.named_parameters():
+        if name in before:
+            ptr, values = before[name]
+            assert p.data_ptr() != ptr and torch.equal(p, values)
+    assert model[2].weight.is_mkldnn  # the packed weight is left alone
