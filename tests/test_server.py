@@ -348,6 +348,14 @@ def test_openai_completions(oa):
     assert streamed == text
 
 
+def test_ignore_eos_generates_exactly_max_tokens(oa):
+    # A two-word answer ends at EOS; with vLLM's ignore_eos extension it runs to max_tokens.
+    short = oa.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60, temperature=0)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 60
+    full = oa.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 60
+
+
 def test_openai_errors(oa):
     import openai
 
@@ -390,7 +398,8 @@ def test_429_when_queue_full_and_disconnect_frees_place(world):
     engine = Engine(MODEL, registry_root=world["registry"].root, max_batch=1, max_queue=1)
     engine.start()
     app = create_app(engine, world["registry"], uploads_dir=world["root"] / "uploads")
-    long_body = {"messages": QUESTION, "max_tokens": 400, "temperature": 0, "stream": True}
+    # ignore_eos: the running request must hold the only place until its client leaves.
+    long_body = {"messages": QUESTION, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
     try:
         with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
             with client.stream("POST", RUN + MODEL, json=long_body) as running:

@@ -91,6 +91,7 @@ def build_request(state: ServerState, req: RunRequest, adapter: Optional[str]) -
         repetition_penalty=req.repetition_penalty,
         frequency_penalty=req.frequency_penalty,
         presence_penalty=req.presence_penalty,
+        ignore_eos=req.ignore_eos,
         max_tokens_cap=state.max_tokens_cap,
     )
     ids = prompt_ids(state.engine.tokenizer, req, tools)

@@ -54,6 +54,7 @@ def sampling_params(
     frequency_penalty: Optional[float],
     presence_penalty: Optional[float],
     stop: Optional[list[str]] = None,
+    ignore_eos: bool = False,
     max_tokens_cap: int,
     default_max_tokens: int = 256,
 ) -> SamplingParams:
@@ -78,6 +79,7 @@ def sampling_params(
         frequency_penalty=0.0 if frequency_penalty is None else float(frequency_penalty),
         presence_penalty=0.0 if presence_penalty is None else float(presence_penalty),
         stop=list(stop or []),
+        ignore_eos=ignore_eos,
     )
     try:
         params.validate()

@@ -76,6 +76,7 @@ def _params(state: ServerState, req: OpenAISampling, default_max_tokens: int) ->
         frequency_penalty=req.frequency_penalty,
         presence_penalty=req.presence_penalty,
         stop=req.stop_list(),
+        ignore_eos=req.ignore_eos,
         max_tokens_cap=state.max_tokens_cap,
         default_max_tokens=default_max_tokens,
     )

@@ -168,8 +168,11 @@ class Sampling(_Lenient):
     stream: bool = False
     lora: Optional[str] = Field(default=None, min_length=1)
     response_format: Optional[ResponseFormat] = None
+    # Not in Cloudflare's schema (vLLM's extension): keep generating past end-of-sequence
+    # until max_tokens, for load tests and benchmarks with fixed output lengths.
+    ignore_eos: bool = False
 
-    @field_validator("raw", "stream", mode="before")
+    @field_validator("raw", "stream", "ignore_eos", mode="before")
     @classmethod
     def _bools(cls, value: Any) -> Any:
         return _strict_bool(value)
@@ -213,6 +216,7 @@ class OpenAISampling(_Lenient):
     stop: Union[str, list[str], None] = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extension (extra_body in the SDK), as in the Cloudflare form
 
     @field_validator("stream", mode="before")
     @classmethod
