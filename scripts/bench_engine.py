@@ -105,6 +105,14 @@ def adapter_bytes(adapter_dir: Path) -> int:
     return sum(t.numel() * 4 for t in load_file(adapter_dir / "adapter_model.safetensors").values())
 
 
+def decode_step_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter, less the input embedding
+    table when the output head has its own copy (a lookup reads a few rows, not the table)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return total - (embed.numel() * embed.element_size() if embed is not head else 0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short run (< 3 min on a 2-core CPU)")
@@ -165,7 +173,7 @@ def main() -> None:
         engine.check_adapter("a32")
         cold_ms = (time.perf_counter() - start) * 1000
         one_adapter = adapter_bytes(dirs["a0"])
-        base_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        base_bytes = decode_step_bytes(engine.model)
         engine.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,11 +198,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['measurement']} | {r['lora_kit_tps']:.1f} | {r['baseline']} | {r['baseline_tps']:.1f} | {r['ratio']:.2f} | {r['goal']} |")
     print(f"| cold adapter load (rank 8, all-linear, disk -> slot) | {cold_ms:.1f} ms | | | | |")
-    # A decode step on the CPU is bound by the bytes of weights it reads, so the bytes the
-    # adapters add bound a decode step alone (prefill and per-token work dilute it end to end).
+    # If a decode step were bound by the bytes it reads, the adapters' bytes would bound the
+    # ratios (prefill and per-token work dilute this end to end). See BENCHMARKS.md for when
+    # a step is bandwidth-bound on the CPU.
     share = one_adapter / base_bytes
     print(f"\none adapter = {one_adapter / 2**20:.1f} MiB = {100 * share:.2f}% of the base's {base_bytes / 2**20:.0f} MiB; "
-          f"bytes-read bound on a decode step, 8 distinct adapters vs base: {1 / (1 + 8 * share):.3f}x, "
+          f"bytes-read bound of a decode step, 8 distinct adapters vs base: {1 / (1 + 8 * share):.3f}x, "
           f"32 distinct vs 1: {(1 + share) / (1 + 32 * share):.3f}x")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"tokens": tokens, "rounds": rounds, "rows": rows, "cold_load_ms": cold_ms,
