@@ -398,13 +398,17 @@ def test_429_when_queue_full_and_disconnect_frees_place(world):
     engine = Engine(MODEL, registry_root=world["registry"].root, max_batch=1, max_queue=1)
     engine.start()
     app = create_app(engine, world["registry"], uploads_dir=world["root"] / "uploads")
-    # ignore_eos: the running request must hold the only place until its client leaves.
+    # ignore_eos: the running request must hold the only place until its client leaves
+    # (400 tokens: ~18 s here), not until the model happens to end its answer.
     long_body = {"messages": QUESTION, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
     try:
         with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
             with client.stream("POST", RUN + MODEL, json=long_body) as running:
                 assert running.status_code == 200
-                next(running.iter_lines())  # decoding has started: it holds the only batch place
+                # Keep the iterator: a dropped one is closed by the garbage collector, and httpcore
+                # then closes the connection, so the server (rightly) cancels the running request.
+                lines = running.iter_lines()
+                next(lines)  # decoding has started: it holds the only batch place
                 result = {}
 
                 def queued():
@@ -417,11 +421,13 @@ def test_429_when_queue_full_and_disconnect_frees_place(world):
                 assert rejected.status_code == 429
                 assert rejected.headers["retry-after"] == "1"
                 assert rejected.json()["errors"][0]["code"] == 3040
-            # The streaming client went away: its place frees and the queued request completes.
+            # The streaming client went away: its request is cancelled (not run to its 400 tokens),
+            # its place frees and the queued request completes.
             waiter.join(120)
             assert result["resp"].status_code == 200
             assert result["resp"].json()["result"]["usage"]["completion_tokens"] == 2
             wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["queue_depth"] == 0)
+            assert engine.stats()["finished"] == {"cancelled": 1, "length": 1}
     finally:
         engine.stop(10)
 
@@ -491,7 +497,7 @@ def test_finetune_upload_through_the_sdk(cf, world, solo):
     assert "refused" in err.value.body["errors"][0]["message"]
 
 
-def test_metrics_and_healthz(http, solo):
+def test_metrics_and_healthz(world, http, solo):
     assert run_raw(http, {"prompt": "hi", "lora": "missing"}).status_code == 404
     health = http.get("/healthz").json()
     assert health["status"] == "ok" and health["model"] == MODEL
@@ -502,6 +508,11 @@ def test_metrics_and_healthz(http, solo):
     assert "lora_kit_queue_depth 0" in text
     assert "lora_kit_resident_adapters" in text
     assert 'lora_kit_request_errors_total{code="3037",route="cloudflare.run"}' in text
+    prefix = 'lora_kit_engine_finished_total{reason="'
+    exported = {line[len(prefix):].split('"')[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix)}
+    finished = world["engine"].stats()["finished"]
+    assert finished.get("stop", 0) + finished.get("length", 0) > 0
+    assert exported == {reason: float(n) for reason, n in finished.items()}
 
 
 def test_cli_serve_stops_cleanly_on_sigterm(tmp_path):

@@ -258,10 +258,12 @@ class Engine:
                 )
 
     def stats(self) -> dict[str, Any]:
-        """Queue depth, running requests, resident adapters (least recently used first), slots."""
+        """Queue depth, running requests, resident adapters (least recently used first), slots,
+        and the requests finished so far by reason (stop, length, tool_calls, cancelled, error)."""
         return {
             "queue_depth": len(self._scheduler.waiting),
             "running": len(self._scheduler.batch),
+            "finished": dict(self._scheduler.finished),
             "resident_adapters": self._slots.resident(),
             "slots": self.max_slots,
         }

@@ -95,6 +95,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.cond = threading.Condition()
         self.stopping = False
+        # Finished requests by reason (stop, length, tool_calls, cancelled, error): for operators.
+        self.finished: dict[str, int] = {}
 
     # -- submission (any thread) ---------------------------------------------------------
 
@@ -170,6 +172,7 @@ class Scheduler:
             for seq in list(self.waiting):
                 if seq.cancelled:
                     self.waiting.remove(seq)
+                    self._finish(seq, "cancelled", emit=False)  # nobody listens any more
                     continue
                 if seq.adapter_key is None or self.slots.can_acquire(seq.adapter_key):
                     self.waiting.remove(seq)
@@ -332,6 +335,9 @@ class Scheduler:
             )
         )
 
+    def _count(self, reason: str) -> None:
+        self.finished[reason] = self.finished.get(reason, 0) + 1
+
     def _finish(self, seq: Sequence, reason: str, emit: bool) -> None:
         if seq.done:
             return
@@ -347,6 +353,7 @@ class Scheduler:
                 seq.text, seq.emitted = "", 0
             else:
                 seq.emitted = 0  # an unfinished call is shown as the text it is
+        self._count(reason)
         if emit:
             self._emit(seq, len(seq.text), finished=True, reason=reason, tool_calls=tool_calls)
 
@@ -354,6 +361,7 @@ class Scheduler:
         if seq.done:
             return
         seq.done = True
+        self._count("error")
         if seq.slot is not None:
             self.slots.release(seq.slot)
             seq.slot = None

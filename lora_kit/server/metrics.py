@@ -127,4 +127,6 @@ class Metrics:
         resident = stats.get("resident_adapters", 0)
         gauge("lora_kit_resident_adapters", "Adapters loaded in LoRA slots.", float(len(resident) if isinstance(resident, (list, tuple, set, dict)) else resident))
         gauge("lora_kit_adapter_slots", "LoRA slots.", float(stats.get("slots", 0) or 0))
+        finished = {_labels(reason=reason): float(n) for reason, n in (stats.get("finished") or {}).items()}
+        counter("lora_kit_engine_finished_total", "Requests the engine finished, by reason (cancelled: client gone).", finished)
         return "\n".join(lines) + "\n"
