@@ -12,10 +12,11 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lora-kit-installed
 MODEL := $(LORA_KIT_HOME)/models/smollm2-135m-instruct/.prepared
+KERNEL := $(VENV)/.lora-kit-kernel
 
 .PHONY: setup test demo bench clean
 
-setup: $(STAMP) $(MODEL)
+setup: $(STAMP) $(MODEL) $(KERNEL)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,11 @@ $(STAMP): pyproject.toml
 
 $(MODEL): $(STAMP)
 	$(BIN)/lora-kit models prepare smollm2-135m-instruct
+
+# The CPU LoRA kernel, built once per machine and source (the engine builds it on first use
+# too, and falls back to torch where it cannot be built, hence the leading '-').
+$(KERNEL): lora_kit/engine/csrc/bgmv.cpp $(STAMP)
+	-$(BIN)/lora-kit kernels build && touch $@
 
 test: setup
 	$(BIN)/pytest -q

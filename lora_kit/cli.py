@@ -49,6 +49,15 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels_build(args: argparse.Namespace) -> int:
+    from lora_kit.engine import bgmv
+
+    if not bgmv.load():
+        raise CliError(f"the CPU LoRA kernel cannot be built here: {bgmv.error()}")
+    print(bgmv.loaded_path())
+    return 0
+
+
 # -- generate ----------------------------------------------------------------------------------
 
 
@@ -130,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("prepare", help="convert an embedded model into a cached safetensors directory")
     p.add_argument("names", nargs="*", default=[DEFAULT_MODEL], metavar="NAME", help=f"default: {DEFAULT_MODEL}")
     p.set_defaults(func=cmd_models_prepare)
+
+    p_kernels = sub.add_parser("kernels", help="the engine's CPU LoRA kernel: build it now (else on first use)")
+    ksub = p_kernels.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)
+    p = ksub.add_parser("build", help="compile the kernel for this machine into LORA_KIT_HOME/kernels; prints its path")
+    p.set_defaults(func=cmd_kernels_build)
 
     p = sub.add_parser("train", help="train a QLoRA adapter from a recipe and register it; prints NAME@VERSION last")
     _add_recipe_args(p)

@@ -40,6 +40,19 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         action="store_false",
         help="on the CPU, keep transformers' linear kernels instead of oneDNN-packed weights (slower; bit-exact with transformers)",
     )
+    p.add_argument(
+        "--no-cpu-kernel",
+        dest="cpu_kernel",
+        action="store_false",
+        help="on the CPU, add the rows' LoRA products with torch's bmm instead of lora-kit's BGMV kernel",
+    )
+    p.add_argument(
+        "--adapter-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="dtype adapters are held in (default: the model's; bfloat16 halves the bytes an adapter row reads per step, "
+        "rounding its weights to bf16)",
+    )
     p.add_argument("--graceful-timeout", type=float, default=30.0, metavar="S", help="seconds in-flight requests get on SIGTERM (default: 30)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)

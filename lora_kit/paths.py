@@ -25,3 +25,7 @@ def registry_dir() -> Path:
 
 def runs_dir() -> Path:
     return home() / "runs"
+
+
+def kernels_dir() -> Path:
+    return home() / "kernels"

@@ -24,6 +24,7 @@ from lora_kit.engine import (
     UnknownAdapter,
     mapping_resolver,
 )
+from lora_kit.engine import bgmv
 from lora_kit.engine.lora_layer import BatchedLoraLinear, LoraContext
 
 MISTRAL_ADAPTERS = {
@@ -118,7 +119,8 @@ def run_together(eng: Engine, requests: list[GenerationRequest]):
 
 @pytest.fixture(scope="module")
 def exact_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters):
-    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=4, pack_weights=False)
+    """transformers' own linear kernels and torch's bmm for the LoRA rows (the CUDA code path)."""
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=4, pack_weights=False, cpu_kernel=False)
     yield eng
     eng.stop()
 
@@ -126,9 +128,13 @@ def exact_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters):
 def test_engine_packs_every_linear_and_the_head_unless_told_not_to(engine, exact_engine):
     assert engine.packed_layers == len(engine._layers) + 1 == 7 * 2 + 1  # 2 layers of 7 projections, the head
     assert exact_engine.packed_layers == 0
+    assert engine.cpu_kernel is True and exact_engine.cpu_kernel is False
 
 
-@pytest.mark.parametrize("which", ["engine", "exact_engine"])  # oneDNN-packed weights, transformers' kernels
+ENGINES = ["engine", "exact_engine"]  # packed weights + BGMV kernel; transformers' kernels + bmm
+
+
+@pytest.mark.parametrize("which", ENGINES)
 def test_greedy_matches_peft_generate(which, request, tiny_mistral_dir, word_tokenizer, mistral_adapters):
     engine = request.getfixturevalue(which)
     stops = sorted(engine.stop_ids)
@@ -162,7 +168,9 @@ def test_long_generation_across_cache_growth(engine, tiny_mistral_dir, word_toke
     assert [o.token_ids for o in run_together(engine, reqs)] == alone
 
 
-def test_mixed_batch_equals_alone(engine, word_tokenizer):
+@pytest.mark.parametrize("which", ENGINES)
+def test_mixed_batch_equals_alone(which, request, word_tokenizer):
+    engine = request.getfixturevalue(which)
     ps = prompts(word_tokenizer)
     reqs = [
         greedy(ps[0], "all", 10),
@@ -204,27 +212,80 @@ def test_context_maps_rows_to_slots():
     assert ctx.slot_index is None and not ctx.active
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
-@pytest.mark.parametrize("slots", [[0, 0, 0, 1, 1, None, 2, 2], [0, 1, None, 2], [1, 1, 1]])
-def test_batched_lora_linear_matches_per_row_products(slots, tokens):
-    torch.manual_seed(0)
-    ctx = LoraContext()
+def lora_layer(ctx: LoraContext) -> BatchedLoraLinear:
+    """A 16 -> 24 layer with slots 0..2 holding adapters, slot 3 holding an adapter that does
+    not target it (zeros, as SlotManager writes them) and the zero slot 4."""
     layer = BatchedLoraLinear(torch.nn.Linear(16, 24), "proj", ctx)
-    layer.lora_A = torch.randn(4, 16, 4)  # slots 0..2 and the zero slot 3
-    layer.lora_B = torch.randn(4, 4, 24)
-    layer.lora_A[3] = 0
-    layer.lora_B[3] = 0
+    layer.lora_A = torch.randn(5, 4, 16)  # (slot, rank, in)
+    layer.lora_B = torch.randn(5, 4, 24)  # (slot, rank, out)
+    layer.lora_A[3:] = 0
+    layer.lora_B[3:] = 0
     layer.lora_B[2, 3:] = 0  # slot 2 has rank 3: padded with zeros
     layer.slots_with = {0, 1, 2}
+    return layer
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["bgmv-kernel", "torch"])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("slots", [[0, 0, 0, 1, 1, None, 2, 2], [0, 3, None, 2], [1, 1, 1]])
+def test_batched_lora_linear_matches_per_row_products(slots, tokens, kernel):
+    if kernel:
+        assert bgmv.load(), bgmv.error()
+    torch.manual_seed(0)
+    ctx = LoraContext()
+    ctx.kernel = bgmv.op() if kernel else None
+    layer = lora_layer(ctx)
     x = torch.randn(len(slots), tokens, 16)
-    ctx.set_rows(slots, zero_slot=3, device=torch.device("cpu"))
+    ctx.set_rows(slots, zero_slot=4, device=torch.device("cpu"))
     with torch.inference_mode():
         got = layer(x)
     want = layer.base(x).detach()
     for row, slot in enumerate(slots):
         if slot is not None:
-            want[row] += x[row] @ layer.lora_A[slot] @ layer.lora_B[slot]
+            want[row] += x[row] @ layer.lora_A[slot].T @ layer.lora_B[slot]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_rows_skip_base_rows_and_adapters_that_miss_the_module():
+    ctx = LoraContext()
+    layer = lora_layer(ctx)
+    ctx.set_rows([0, 3, None, 2], zero_slot=4, device=torch.device("cpu"))
+    assert ctx.row_slots.tolist() == [0, 3, -1, 2]
+    assert layer._kernel_slots().tolist() == [0, -1, -1, 2]  # slot 3 reads nothing here
+    ctx.set_rows([1, None], zero_slot=4, device=torch.device("cpu"))
+    assert layer._kernel_slots().tolist() == [1, -1]
+
+
+def test_bgmv_kernel_matches_float64_reference_and_checks_its_inputs():
+    assert bgmv.load(), bgmv.error()
+    op = bgmv.op()
+    g = torch.Generator().manual_seed(0)
+    cases = [  # rows, tokens per row, rank (8/16/64 compiled, 12 generic), (in, out), weight dtype
+        (1, 1, 8, (64, 48), torch.float32), (3, 1, 12, (100, 37), torch.float32), (2, 5, 8, (40, 24), torch.float32),
+        (9, 1, 16, (48, 160), torch.bfloat16), (33, 1, 64, (32, 16), torch.float32), (4, 3, 16, (96, 40), torch.bfloat16),
+    ]  # fmt: skip
+    for rows, tokens, rank, (fan_in, fan_out), dtype in cases:
+        a = (torch.randn(4, rank, fan_in, generator=g) * 0.1).to(dtype)
+        b = (torch.randn(4, rank, fan_out, generator=g) * 0.1).to(dtype)
+        x, out = torch.randn(rows, tokens, fan_in, generator=g), torch.randn(rows, tokens, fan_out, generator=g)
+        slots = torch.randint(-1, 4, (rows,), generator=g)
+        want = out.double().clone()
+        for n, s in enumerate(slots.tolist()):
+            if s >= 0:
+                want[n] += x[n].double() @ a[s].double().T @ b[s].double()
+        op(out, x, a, b, slots)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    a, b = torch.zeros(2, 4, 8), torch.zeros(2, 4, 6)
+    with pytest.raises(RuntimeError, match="out of range"):
+        op(torch.zeros(1, 6), torch.zeros(1, 8), a, b, torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="shapes"):
+        op(torch.zeros(1, 6), torch.zeros(1, 7), a, b, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="split"):
+        op(torch.zeros(3, 6), torch.zeros(3, 8), a, b, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.zeros(1, 12)[:, ::2], torch.zeros(1, 8), a, b, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="float32"):
+        op(torch.zeros(1, 6), torch.zeros(1, 8, dtype=torch.float64), a, b, torch.tensor([0]))
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(engine, word_tokenizer):

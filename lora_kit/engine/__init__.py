@@ -1,9 +1,10 @@
 """Multi-adapter inference: one base model, many LoRA adapters, mixed in every batch.
 
 Modules: ``types`` (requests, outputs, errors), ``adapters`` (read/validate PEFT dirs),
-``lora_layer`` (batched LoRA forward), ``slots`` (stacked adapter weights, LRU, pins),
+``lora_layer`` (batched LoRA forward), ``bgmv`` (its CPU kernel, ``csrc/bgmv.cpp``),
+``packed_linear`` (oneDNN-packed base weights), ``slots`` (stacked adapter weights, LRU, pins),
 ``sampling`` (per-request sampling), ``constraints`` (xgrammar JSON/tool grammars),
-``batch`` (the running KV cache), ``scheduler`` (continuous batching), ``engine`` (facade).
+``batch``/``kv_cache`` (the running KV cache), ``threads`` (one OpenMP pool), ``scheduler`` (continuous batching), ``engine`` (facade).
 """
 
 from lora_kit.engine.adapters import mapping_resolver, registry_resolver

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Sequence as Seq
 import torch
 
 from lora_kit import chat
+from lora_kit.engine import bgmv
 from lora_kit.engine.adapters import Resolver, load_adapter, registry_resolver
 from lora_kit.engine.constraints import GrammarCache
 from lora_kit.engine.lora_layer import LoraContext, wrap_linear_layers
@@ -36,6 +37,17 @@ def _pack(model: Any, layers: dict[str, Any], batch_hint: int) -> int:
     return packed
 
 
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parse_dtype(value: torch.dtype | str) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in ADAPTER_DTYPES.values():
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in ADAPTER_DTYPES:
+        return ADAPTER_DTYPES[value.removeprefix("torch.")]
+    raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, not {value!r}")
+
+
 class Engine:
     """Serve many LoRA adapters from one base model, every request with its own adapter.
 
@@ -44,7 +56,13 @@ class Engine:
     (the engine takes the model over: it wraps its linear layers in place).
     ``pack_weights``: on the CPU, dense fp32/bf16 linear weights (and the output head) are
     repacked for oneDNN, ~1.8x faster decoding (``lora_kit.engine.packed_linear``); False
-    keeps transformers' kernels, bit for bit.
+    keeps transformers' kernels, bit for bit. ``cpu_kernel``: on the CPU, add the rows'
+    LoRA products with the BGMV kernel (``lora_kit.engine.bgmv``, built once per machine);
+    False, or a machine where it cannot be built, uses torch's ``bmm``.
+    ``adapter_dtype``: the dtype adapters are held in (default: the model's compute dtype).
+    ``"bfloat16"`` on an fp32 CPU model halves the bytes every adapter row reads per step
+    (the kernel widens them to fp32 as it reads); each A/B weight is then rounded to bf16
+    (~3 significant digits), so outputs differ slightly from PEFT's fp32 adapters.
     """
 
     def __init__(
@@ -63,6 +81,8 @@ class Engine:
         max_rank: int = 256,
         threads: int | None = None,
         pack_weights: bool = True,
+        cpu_kernel: bool = True,
+        adapter_dtype: torch.dtype | str | None = None,
     ) -> None:
         from lora_kit import models
 
@@ -81,10 +101,15 @@ class Engine:
         # LoRA weights live in the compute dtype (the embeddings are never 4-bit) on the model's device.
         self.device: torch.device = embed.device
         self.dtype: torch.dtype = embed.dtype
+        self.adapter_dtype = _parse_dtype(adapter_dtype) if adapter_dtype is not None else self.dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.stop_ids = chat.stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self._resolver = adapter_resolver or registry_resolver(registry_root)
         self._ctx = LoraContext()
+        # The kernel adds fp32 rows on the CPU; other devices and dtypes take torch's products.
+        fits = self.device.type == "cpu" and self.dtype == torch.float32 and max_rank <= bgmv.MAX_RANK
+        self.cpu_kernel = bool(cpu_kernel and fits and self.adapter_dtype in (torch.float32, torch.bfloat16) and bgmv.load())
+        self._ctx.kernel = bgmv.op() if self.cpu_kernel else None
         self._layers = wrap_linear_layers(model, self._ctx)
         self.packed_layers = 0
         if pack_weights:
@@ -141,7 +166,7 @@ class Engine:
     # -- adapters ------------------------------------------------------------------------
 
     def _load(self, key: str, path: Path) -> Any:
-        return load_adapter(key, path, self._base_shapes, self.dtype, self.device, self.max_rank)
+        return load_adapter(key, path, self._base_shapes, self.adapter_dtype, self.device, self.max_rank)
 
     def _resolve(self, ref: str) -> tuple[str, Path]:
         try:

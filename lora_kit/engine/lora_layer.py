@@ -2,15 +2,15 @@
 
 Each target ``nn.Linear`` (or bitsandbytes ``Linear4bit``, a subclass) of the base is
 replaced by a :class:`BatchedLoraLinear` that computes ``base(x)`` once for the whole batch
-and adds ``x @ A[slot]^T @ B[slot]^T`` per row, with the rows' A/B gathered from stacked
-slot tensors by slot index and two batched matrix products (the BGMV idea) instead of a
-Python loop over adapters. Rows without an adapter, and slots that do not target a
-module, point at zero weights and so add exactly zero.
+and adds ``x @ A[slot]^T @ B[slot]^T`` per row, each row's A/B taken from stacked slot
+tensors by slot index (the BGMV idea) instead of a Python loop over adapters: on the CPU
+by one kernel call per module, elsewhere by batched matrix products. Rows without an
+adapter, and slots that do not target a module, add exactly zero.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -24,22 +24,21 @@ if TYPE_CHECKING:
 class LoraContext:
     """What the next forward pass needs to know: each row's slot, shared by all wrapped layers.
 
-    ``slot_index`` is None for a forward without any adapter row (the base runs untouched).
-    ``version`` changes whenever the rows change, so layers may reuse their gathered weights.
-
-    A mixed batch gives every row a copy of its adapter's A/B, gathered once per change of
-    rows, and runs two ``bmm``. Measured on the CPU against two alternatives that read an
-    adapter shared by several rows only once (rows grouped per adapter; the batch's adapters
-    concatenated into one masked LoRA): both were slower or no faster at 8 to 32 rows, as
-    their extra ops (gathers, masks, scatter) or extra products cost more than re-reading a
-    rank-8 adapter.
+    ``slot_index`` is None for a forward without any adapter row (the base runs untouched);
+    otherwise the slot of each row, rows without an adapter pointing at the all-zero slot
+    (torch path); ``row_slots`` is the same with -1 for those rows (the kernel skips them).
+    ``version`` changes whenever the rows or the slots' contents change, so layers may
+    reuse what they derived from them. ``kernel``: the CPU BGMV op (:mod:`lora_kit.engine.bgmv`),
+    set by an engine whose model computes in fp32 on the CPU; None runs torch's products.
     """
 
     def __init__(self) -> None:
         self.slot_index: torch.Tensor | None = None
+        self.row_slots: torch.Tensor | None = None
         self.active: frozenset[int] = frozenset()
         self.single: int | None = None  # the one slot when every row uses the same adapter
         self.version = 0
+        self.kernel: Callable[..., None] | None = None
 
     def set_rows(self, slots: list[int | None], zero_slot: int, device: torch.device) -> None:
         """Set the slot of each row (None = base model) for the following forwards."""
@@ -47,10 +46,11 @@ class LoraContext:
         self.version += 1
         self.active = active
         if not active:
-            self.slot_index, self.single = None, None
+            self.slot_index, self.row_slots, self.single = None, None, None
             return
         self.single = next(iter(active)) if len(active) == 1 and None not in slots else None
         self.slot_index = torch.tensor([zero_slot if s is None else s for s in slots], dtype=torch.long, device=device)
+        self.row_slots = torch.tensor([-1 if s is None else s for s in slots], dtype=torch.long, device=device)
 
     def clear(self) -> None:
         self.set_rows([], 0, torch.device("cpu"))
@@ -59,10 +59,17 @@ class LoraContext:
 class BatchedLoraLinear(nn.Module):
     """A base linear layer plus the stacked LoRA weights of every resident adapter.
 
-    ``lora_A``: (slots + 1, in, rank) and ``lora_B``: (slots + 1, rank, out), i.e. PEFT's A and B
-    transposed, so a row gather is already in the layout ``bmm`` wants (a non-contiguous
-    operand made ``bmm`` ~20x slower on the CPU). The LoRA scale is folded into B; the last
-    slot is all zeros. Filled by :class:`~lora_kit.engine.slots.SlotManager`.
+    ``lora_A``: (slots + 1, rank, in) and ``lora_B``: (slots + 1, rank, out), i.e. PEFT's A and
+    B transposed, the LoRA scale folded into B; the last slot is all zeros. Filled by
+    :class:`~lora_kit.engine.slots.SlotManager`.
+
+    On the CPU (fp32 activations, inference) one call of the BGMV kernel adds every row's
+    LoRA in place, reading each row's A and B straight from the stacks. Elsewhere (CUDA,
+    bf16 activations, no compiler) torch does it: plain matmuls when every row shares one
+    adapter, else each row's A/B gathered once per change of rows and two ``bmm``.
+    Measured on the CPU, the kernel reads the adapters as fast as a ``sum()`` over the same
+    bytes; grouping rows per adapter, or concatenating the batch's adapters into one masked
+    LoRA, were slower than gathering per row on the torch path.
     """
 
     def __init__(self, base: nn.Module, name: str, ctx: LoraContext) -> None:
@@ -77,6 +84,7 @@ class BatchedLoraLinear(nn.Module):
         self.lora_B: torch.Tensor | None = None
         self.slots_with: set[int] = set()
         self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._own_slots: tuple[int, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -85,14 +93,18 @@ class BatchedLoraLinear(nn.Module):
             return out
         lora_a, lora_b = self.lora_A, self.lora_B
         assert lora_b is not None
+        grad = torch.is_grad_enabled()
+        kernel = ctx.kernel
+        if kernel is not None and not grad and out.is_contiguous() and x.is_contiguous():
+            kernel(out, x, lora_a, lora_b, self._kernel_slots())  # every token of a row: the row's slot
+            return out
         lx = x.to(lora_a.dtype)
         # Accumulate in place into the base output (a fresh tensor) when dtypes agree:
-        # fused multiply-adds, no extra allocation per layer; on the CPU these small ops
-        # are dominated by per-call overhead, so fewer calls is what makes LoRA cheap.
-        inplace = out.dtype == lora_a.dtype and out.is_contiguous() and not torch.is_grad_enabled()
+        # fused multiply-adds, no extra allocation per layer.
+        inplace = out.dtype == lora_a.dtype and out.is_contiguous() and not grad
         if ctx.single is not None:
             # Every row uses one adapter: plain matmuls, no gather.
-            h = lx.reshape(-1, self.in_features) @ lora_a[ctx.single]  # (B*T, r)
+            h = lx.reshape(-1, self.in_features) @ lora_a[ctx.single].t()  # (B*T, r)
             if inplace:
                 out.view(-1, self.out_features).addmm_(h, lora_b[ctx.single])
                 return out
@@ -105,14 +117,28 @@ class BatchedLoraLinear(nn.Module):
             return out
         return out + torch.bmm(h, b_t).view(out.shape).to(out.dtype)
 
+    def _kernel_slots(self) -> torch.Tensor:
+        """Each row's slot for the kernel: -1 for rows whose adapter does not target this module."""
+        ctx = self.ctx
+        assert ctx.row_slots is not None
+        if ctx.active <= self.slots_with:
+            return ctx.row_slots
+        cached = self._own_slots
+        if cached is None or cached[0] != ctx.version:
+            targets = torch.tensor(sorted(self.slots_with), dtype=torch.long, device=ctx.row_slots.device)
+            own = torch.where(torch.isin(ctx.row_slots, targets), ctx.row_slots, -1)
+            cached = self._own_slots = (ctx.version, own)
+        return cached[1]
+
     def _rows_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A^T and B^T of each row's slot, gathered once per change of the batch's rows."""
+        """A^T and B of each row's slot, gathered once per change of the batch's rows (torch path)."""
         ctx = self.ctx
         cached = self._gathered
         if cached is not None and cached[0] == ctx.version:
             return cached[1], cached[2]
         assert self.lora_A is not None and self.lora_B is not None and ctx.slot_index is not None
-        a_t = self.lora_A.index_select(0, ctx.slot_index)  # (B, in, r), contiguous
+        # bmm wants contiguous operands (a transposed one ran ~20x slower on the CPU).
+        a_t = self.lora_A.index_select(0, ctx.slot_index).transpose(1, 2).contiguous()  # (B, in, r)
         b_t = self.lora_B.index_select(0, ctx.slot_index)  # (B, r, out), contiguous
         self._gathered = (ctx.version, a_t, b_t)
         return a_t, b_t
@@ -129,7 +155,7 @@ class BatchedLoraLinear(nn.Module):
         self._gathered = None
 
     def extra_repr(self) -> str:
-        rank = 0 if self.lora_A is None else self.lora_A.shape[2]
+        rank = 0 if self.lora_A is None else self.lora_A.shape[1]
         return f"{self.name}: {self.in_features} -> {self.out_features}, padded rank {rank}"
 
 

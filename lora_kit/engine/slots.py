@@ -125,9 +125,9 @@ class SlotManager:
                 continue
             a, b = layer.lora_A, layer.lora_B
             assert b is not None
-            new_a = a.new_zeros(a.shape[0], a.shape[1], rank)  # (slots, in, rank)
+            new_a = a.new_zeros(a.shape[0], rank, a.shape[2])  # (slots, rank, in)
             new_b = b.new_zeros(b.shape[0], rank, b.shape[2])  # (slots, rank, out)
-            new_a[:, :, : a.shape[2]] = a
+            new_a[:, : a.shape[1]] = a
             new_b[:, : b.shape[1]] = b
             layer.lora_A, layer.lora_B = new_a, new_b
         self.rank = rank
@@ -146,13 +146,13 @@ class SlotManager:
             a, b = pair
             if layer.lora_A is None:
                 slots = self.max_slots + 1
-                layer.lora_A = torch.zeros(slots, layer.in_features, self.rank, dtype=a.dtype, device=a.device)
+                layer.lora_A = torch.zeros(slots, self.rank, layer.in_features, dtype=a.dtype, device=a.device)
                 layer.lora_B = torch.zeros(slots, self.rank, layer.out_features, dtype=b.dtype, device=b.device)
             assert layer.lora_B is not None
             r = a.shape[0]
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()
-            layer.lora_A[slot, :, :r] = a.t()  # PEFT's A is (r, in), B is (out, r)
+            layer.lora_A[slot, :r] = a  # PEFT's A is (r, in), B is (out, r)
             layer.lora_B[slot, :r] = b.t()
             layer.slots_with.add(slot)
         self.ctx.version += 1  # gathered per-row weights are stale now

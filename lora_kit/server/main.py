@@ -75,6 +75,8 @@ def serve(args: Any) -> int:
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         pack_weights=args.pack_weights,
+        cpu_kernel=args.cpu_kernel,
+        adapter_dtype=args.adapter_dtype,
     )
     engine.start()
     try:

@@ -1,0 +1,135 @@
+"""The CPU BGMV kernel (``csrc/bgmv.cpp``): built once per machine, loaded as ``torch.ops.lora_kit.bgmv_``.
+
+The kernel is compiled with the machine's C++ compiler against the installed torch's
+headers (a few seconds; no ninja, no pybind) into ``$LORA_KIT_HOME/kernels/<key>/``, where
+the key hashes the source, the torch version, the compiler and this CPU's instruction-set
+flags (it is built with ``-march=native``, so a shared home never hands one CPU a library
+built for another). A failed build is reported once and the engine keeps its pure-torch
+path; ``LORA_KIT_CPU_KERNELS=0`` turns the kernel off.
+
+It links against torch's own ``libc10``/``libtorch_cpu`` and uses their OpenMP runtime:
+``-fopenmp`` is given when compiling only, so the library never pulls in a second libgomp
+(two OpenMP pools in one process make every parallel region pay a wake-up; see ``threads``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "bgmv.cpp"
+ENV_SWITCH = "LORA_KIT_CPU_KERNELS"
+MAX_RANK = 256  # kMaxRank in bgmv.cpp: higher (padded) ranks take the torch path
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "loaded": bool, "error": str, "path": Path
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _command(compiler: str, source: Path, obj: Path, lib: Path) -> list[list[str]]:
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    lib_dirs = cpp_extension.library_paths()
+    compile_ = [compiler, "-c", str(source), "-o", str(obj), "-O3", "-march=native", "-fopenmp", "-fPIC",
+                "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", *includes]  # fmt: skip
+    link = [compiler, "-shared", str(obj), "-o", str(lib), *[f"-L{d}" for d in lib_dirs], "-lc10", "-ltorch_cpu",
+            *[f"-Wl,-rpath,{d}" for d in lib_dirs]]  # fmt: skip
+    return [compile_, link]
+
+
+def library_path(compiler: str) -> Path:
+    """Where the library for this source, torch, compiler and CPU lives."""
+    from lora_kit import paths
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), torch.__file__.encode(), compiler.encode(), _cpu_flags().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return paths.kernels_dir() / f"bgmv-{key.hexdigest()[:16]}" / "lora_kit_bgmv.so"
+
+
+def build(compiler: str, target: Path) -> None:
+    """Compile the kernel into ``target`` (installed atomically: concurrent builders are safe)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        obj, lib = Path(tmp) / "bgmv.o", Path(tmp) / target.name
+        for cmd in _command(compiler, SOURCE, obj, lib):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"`{' '.join(cmd[:3])} ...` failed:\n{done.stderr.strip()[-2000:]}")
+        os.replace(lib, target)
+
+
+def load() -> bool:
+    """Build (once) and load the kernel; False, with the reason in :func:`error`, when it cannot be used."""
+    with _lock:
+        if "loaded" in _state:
+            return bool(_state["loaded"])
+        _state["loaded"] = False
+        if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+            _state["error"] = f"turned off by {ENV_SWITCH}"
+            return False
+        if not sys.platform.startswith("linux"):
+            _state["error"] = "only built on Linux"
+            return False
+        compiler = _compiler()
+        if compiler is None:
+            _state["error"] = "no C++ compiler found (set CXX)"
+        else:
+            target = library_path(compiler)
+            try:
+                if not target.exists():
+                    print(f"lora-kit: building the CPU LoRA kernel into {target.parent} (once, a few seconds)", file=sys.stderr)
+                    build(compiler, target)
+                torch.ops.load_library(str(target))
+                _state.update(loaded=True, path=target)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                _state["error"] = str(err)
+        if not _state["loaded"]:
+            print(f"lora-kit: the CPU LoRA kernel is not used ({_state['error']}); using torch's bmm instead", file=sys.stderr)
+        return bool(_state["loaded"])
+
+
+def loaded_path() -> Path | None:
+    """The loaded library's path (None when not loaded)."""
+    return _state.get("path")  # type: ignore[return-value]
+
+
+def error() -> str | None:
+    """Why the kernel is not loaded (None when it is, or when :func:`load` was not called)."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def op() -> Callable[..., None]:
+    """The loaded op, ``op(out, x, lora_a, lora_b, slots)`` (:func:`load` must have returned True).
+
+    ``out[n] += (x[n] @ lora_a[s].T) @ lora_b[s]`` in place, for every row ``n`` of ``x``
+    (..., I) and ``out`` (..., O), fp32 and contiguous, where ``s = slots[n // (rows / len(slots))]``
+    (one slot per sequence; a negative slot adds nothing). ``lora_a`` (S, R, I), ``lora_b``
+    (S, R, O): fp32 or bf16, contiguous. Callers keep the handle: looking it up costs per call.
+    """
+    return torch.ops.lora_kit.bgmv_
