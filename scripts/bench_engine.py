@@ -3,7 +3,7 @@
 Everything runs side by side in one process on the embedded model with rank-8 all-linear
 random adapters; every request generates exactly ``--tokens`` tokens (EOS ignored) so the
 token counts are equal. Every round runs every measurement once; prints a table of
-median tokens/s and the median of the per-round ratios, and the bytes-read bound.
+median tokens/s and the median of the per-round ratios, and the adapters' size.
 
     .venv/bin/python scripts/bench_engine.py [--quick] [--rounds N] [--json out.json]
 """
@@ -98,11 +98,11 @@ def _timed_generate(model, tokenizer, prompts: list[list[int]], tokens: int, **k
     return took
 
 
-def adapter_bytes(adapter_dir: Path) -> int:
-    """Bytes of an adapter's A and B matrices in fp32 (the engine's dtype here)."""
+def adapter_bytes(adapter_dir: Path, element_size: int) -> int:
+    """Bytes of an adapter's A and B matrices held with ``element_size`` bytes per weight."""
     from safetensors.torch import load_file
 
-    return sum(t.numel() * 4 for t in load_file(adapter_dir / "adapter_model.safetensors").values())
+    return sum(t.numel() * element_size for t in load_file(adapter_dir / "adapter_model.safetensors").values())
 
 
 def decode_step_bytes(model) -> int:
@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="rounds over all measurements (default 3, quick 1)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], default=None, help="the engine's adapter dtype (default: the model's, fp32)")
+    ap.add_argument("--no-cpu-kernel", dest="cpu_kernel", action="store_false", help="torch bmm instead of the BGMV kernel")
     args = ap.parse_args()
     # As `lora-kit serve` does: every measured loop runs in a thread that owns the only
     # OpenMP pool (lora_kit/engine/threads.py); this thread only orchestrates.
@@ -136,8 +138,8 @@ def main() -> None:
     try:
         dirs = make_adapters(base_dir, tmp, 33)
         names = [f"a{i}" for i in range(32)]
-        engine = Engine(args.model, tokenizer=tokenizer, max_slots=40, max_batch=32,
-                        adapter_resolver=mapping_resolver(dirs))  # fmt: skip
+        engine = Engine(args.model, tokenizer=tokenizer, max_slots=40, max_batch=32, adapter_resolver=mapping_resolver(dirs),
+                        cpu_kernel=args.cpu_kernel, adapter_dtype=args.adapter_dtype)  # fmt: skip
         for n in names:
             engine.check_adapter(n)
         timed_engine(engine, p8, names[:8], 2)  # warm-up
@@ -172,7 +174,7 @@ def main() -> None:
         start = time.perf_counter()
         engine.check_adapter("a32")
         cold_ms = (time.perf_counter() - start) * 1000
-        one_adapter = adapter_bytes(dirs["a0"])
+        one_adapter = adapter_bytes(dirs["a0"], engine.adapter_dtype.itemsize)
         base_bytes = decode_step_bytes(engine.model)
         engine.stop()
     finally:
@@ -191,23 +193,21 @@ def main() -> None:
         row("32 req / 32 adapters vs 1 adapter", "a32x32", "a1x32", "1 adapter", 32, ">= 0.9"),
         row("8 req base only: lora-kit vs transformers generate", "base8", "hf8", "HF generate", 8, ">= 1.0"),
     ]
-    print(f"\nmodel {args.model}, fp32 {engine.device}, {threads} threads, {tokens} tokens/request, "
-          f"{rounds} round(s); tok/s = median, ratio = median of per-round ratios")  # fmt: skip
+    lora_path = "BGMV kernel" if engine.cpu_kernel else "torch bmm"
+    print(f"\nmodel {args.model}, fp32 {engine.device}, {threads} threads, adapters {str(engine.adapter_dtype).removeprefix('torch.')} "
+          f"via {lora_path}, {tokens} tokens/request, {rounds} round(s); tok/s = median, ratio = median of per-round ratios")  # fmt: skip
     print(f"| measurement | lora-kit tok/s | baseline | tok/s | ratio | goal |")
     print(f"|---|---:|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['measurement']} | {r['lora_kit_tps']:.1f} | {r['baseline']} | {r['baseline_tps']:.1f} | {r['ratio']:.2f} | {r['goal']} |")
     print(f"| cold adapter load (rank 8, all-linear, disk -> slot) | {cold_ms:.1f} ms | | | | |")
-    # If a decode step were bound by the bytes it reads, the adapters' bytes would bound the
-    # ratios (prefill and per-token work dilute this end to end). See BENCHMARKS.md for when
-    # a step is bandwidth-bound on the CPU.
     share = one_adapter / base_bytes
-    print(f"\none adapter = {one_adapter / 2**20:.1f} MiB = {100 * share:.2f}% of the base's {base_bytes / 2**20:.0f} MiB; "
-          f"bytes-read bound of a decode step, 8 distinct adapters vs base: {1 / (1 + 8 * share):.3f}x, "
-          f"32 distinct vs 1: {(1 + share) / (1 + 32 * share):.3f}x")  # fmt: skip
+    print(f"\none adapter = {one_adapter / 2**20:.1f} MiB = {100 * share:.2f}% of the {base_bytes / 2**20:.0f} MiB of base "
+          f"weights a decode step reads; 8 distinct adapters add {800 * share:.1f}%, 32 add {3200 * share:.1f}%")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"tokens": tokens, "rounds": rounds, "rows": rows, "cold_load_ms": cold_ms,
-                                         "adapter_bytes": one_adapter, "base_bytes": base_bytes}, indent=2))  # fmt: skip
+                                         "adapter_bytes": one_adapter, "base_bytes": base_bytes,
+                                         "adapter_dtype": str(engine.adapter_dtype), "cpu_kernel": engine.cpu_kernel}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -168,6 +168,22 @@ def test_long_generation_across_cache_growth(engine, tiny_mistral_dir, word_toke
     assert [o.token_ids for o in run_together(engine, reqs)] == alone
 
 
+def test_bf16_adapters_are_held_in_bf16_and_still_apply(tiny_mistral_dir, word_tokenizer, mistral_adapters):
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, adapter_dtype="int8")
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=2, adapter_dtype="bfloat16")
+    try:
+        assert eng.adapter_dtype == torch.bfloat16 and eng.cpu_kernel
+        prompt = prompts(word_tokenizer)[0]
+        base = eng.generate_sync(greedy(prompt, None)).token_ids
+        tuned = eng.generate_sync(greedy(prompt, "all")).token_ids
+        layer = eng._layers["model.layers.0.self_attn.q_proj"]
+        assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+        assert tuned != base
+    finally:
+        eng.stop()
+
+
 @pytest.mark.parametrize("which", ENGINES)
 def test_mixed_batch_equals_alone(which, request, word_tokenizer):
     engine = request.getfixturevalue(which)
