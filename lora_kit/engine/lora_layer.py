@@ -110,12 +110,12 @@ class BatchedLoraLinear(nn.Module):
                 return out
             return out + (h @ lora_b[ctx.single]).view(out.shape).to(out.dtype)
         rows = x.shape[0]
-        a_t, b_t = self._rows_weights()
-        h = torch.bmm(lx.reshape(rows, -1, self.in_features), a_t)  # (B, T, r)
+        a_rows, b_rows = self._rows_weights()
+        h = torch.bmm(lx.reshape(rows, -1, self.in_features), a_rows.transpose(1, 2))  # (B, T, r)
         if inplace:
-            out.view(rows, -1, self.out_features).baddbmm_(h, b_t)
+            out.view(rows, -1, self.out_features).baddbmm_(h, b_rows)
             return out
-        return out + torch.bmm(h, b_t).view(out.shape).to(out.dtype)
+        return out + torch.bmm(h, b_rows).view(out.shape).to(out.dtype)
 
     def _kernel_slots(self) -> torch.Tensor:
         """Each row's slot for the kernel: -1 for rows whose adapter does not target this module."""
@@ -131,17 +131,19 @@ class BatchedLoraLinear(nn.Module):
         return cached[1]
 
     def _rows_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A^T and B of each row's slot, gathered once per change of the batch's rows (torch path)."""
+        """A (B, r, in) and B (B, r, out) of each row's slot, gathered once per change of the
+        batch's rows (torch path). ``bmm`` takes A transposed as a view: measured on the CPU,
+        that is faster than a contiguous (B, in, r) copy (3.8 vs 8.7 us at 8 x 576 x 8) and
+        spares the gather a transposing copy."""
         ctx = self.ctx
         cached = self._gathered
         if cached is not None and cached[0] == ctx.version:
             return cached[1], cached[2]
         assert self.lora_A is not None and self.lora_B is not None and ctx.slot_index is not None
-        # bmm wants contiguous operands (a transposed one ran ~20x slower on the CPU).
-        a_t = self.lora_A.index_select(0, ctx.slot_index).transpose(1, 2).contiguous()  # (B, in, r)
-        b_t = self.lora_B.index_select(0, ctx.slot_index)  # (B, r, out), contiguous
-        self._gathered = (ctx.version, a_t, b_t)
-        return a_t, b_t
+        a_rows = self.lora_A.index_select(0, ctx.slot_index)
+        b_rows = self.lora_B.index_select(0, ctx.slot_index)
+        self._gathered = (ctx.version, a_rows, b_rows)
+        return a_rows, b_rows
 
     def pack(self, batch_hint: int) -> bool:
         """Run the base product with a oneDNN-packed weight (see ``packed_linear``), when it can."""

@@ -1,0 +1,92 @@
+"""What a decode step costs with 8 distinct adapters vs the base: the LoRA path's overhead, per step.
+
+Three engines on the embedded model in one process: the BGMV kernel with fp32 adapters (the
+default), the kernel with bf16 adapters, and torch's bmm (``cpu_kernel=False``). For each,
+8 requests generate 72 and then 8 tokens, on the base and on 8 distinct rank-8 all-linear
+adapters; the difference of the two runs divided by 64 is the time of one decode step,
+without prefill. Rounds interleave every measurement; prints medians.
+
+    .venv/bin/python scripts/bench_decode_step.py [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_engine import QUESTIONS, make_adapters  # noqa: E402
+
+from lora_kit import chat, models  # noqa: E402
+from lora_kit.engine import Engine, GenerationRequest, SamplingParams, mapping_resolver  # noqa: E402
+from lora_kit.engine.threads import dedicate_cpu_threads  # noqa: E402
+
+LONG, SHORT = 72, 8
+CONFIGS = {  # label -> Engine keyword arguments
+    "BGMV kernel, fp32 adapters": {},
+    "BGMV kernel, bf16 adapters": {"adapter_dtype": "bfloat16"},
+    "torch bmm, fp32 adapters": {"cpu_kernel": False},
+}
+
+
+def seconds(engine: Engine, prompts: list[list[int]], adapters: list[str | None], tokens: int) -> float:
+    engine.stop()
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    seqs = [engine.submit(GenerationRequest(p, params, adapter=a)) for p, a in zip(prompts, adapters)]
+    start = time.perf_counter()
+    engine.start()
+    outs = [engine.result(s) for s in seqs]
+    took = time.perf_counter() - start
+    engine.stop()
+    assert all(o.completion_tokens == tokens for o in outs)
+    return took
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    args = ap.parse_args()
+    threads = dedicate_cpu_threads()
+    tokenizer = models.load_tokenizer(args.model)
+    prompts = [chat.render_prompt(tokenizer, q) for q in QUESTIONS[:8]]
+    names = [f"a{i}" for i in range(8)]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
+    try:
+        dirs = make_adapters(Path(models.resolve(args.model)), tmp, 8)
+        engines = {}
+        for label, kwargs in CONFIGS.items():
+            engines[label] = Engine(args.model, tokenizer=tokenizer, max_slots=8, max_batch=8,
+                                    adapter_resolver=mapping_resolver(dirs), **kwargs)  # fmt: skip
+            for n in names:
+                engines[label].check_adapter(n)
+            seconds(engines[label], prompts, names, 2)  # warm-up
+        steps: dict[tuple[str, str], list[float]] = {(c, w): [] for c in CONFIGS for w in ("base", "mixed")}
+        for r in range(args.rounds):
+            for label, engine in engines.items():
+                for which, adapters in (("base", [None] * 8), ("mixed", names)):
+                    long, short = seconds(engine, prompts, adapters, LONG), seconds(engine, prompts, adapters, SHORT)
+                    steps[label, which].append((long - short) / (LONG - SHORT))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nmodel {args.model}, fp32, {threads} threads, 8 requests, {args.rounds} rounds; ms per decode step (median)")
+    print("| LoRA path | base ms/step | 8 adapters ms/step | LoRA ms/step | 8 adapters vs base |")
+    print("|---|---:|---:|---:|---:|")
+    for label in CONFIGS:
+        base, mixed = steps[label, "base"], steps[label, "mixed"]
+        ratio = median(b / m for b, m in zip(base, mixed))
+        print(f"| {label} | {1000 * median(base):.1f} | {1000 * median(mixed):.1f} | "
+              f"{1000 * (median(mixed) - median(base)):.1f} | {ratio:.3f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
