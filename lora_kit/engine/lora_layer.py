@@ -59,17 +59,17 @@ class LoraContext:
 class BatchedLoraLinear(nn.Module):
     """A base linear layer plus the stacked LoRA weights of every resident adapter.
 
-    ``lora_A``: (slots + 1, rank, in) and ``lora_B``: (slots + 1, rank, out), i.e. PEFT's A and
-    B transposed, the LoRA scale folded into B; the last slot is all zeros. Filled by
+    ``lora_A``: (slots + 1, rank, in) and ``lora_B``: (slots + 1, rank, out), i.e. PEFT's A as
+    it is and its B transposed, the LoRA scale folded into B; the last slot is all zeros. Filled by
     :class:`~lora_kit.engine.slots.SlotManager`.
 
     On the CPU (fp32 activations, inference) one call of the BGMV kernel adds every row's
     LoRA in place, reading each row's A and B straight from the stacks. Elsewhere (CUDA,
     bf16 activations, no compiler) torch does it: plain matmuls when every row shares one
     adapter, else each row's A/B gathered once per change of rows and two ``bmm``.
-    Measured on the CPU, the kernel reads the adapters as fast as a ``sum()`` over the same
-    bytes; grouping rows per adapter, or concatenating the batch's adapters into one masked
-    LoRA, were slower than gathering per row on the torch path.
+    Timed alone on the CPU (``scripts/bench_bgmv.py``), the kernel reads the adapters as fast
+    as a ``sum()`` over the same bytes. On the torch path, grouping rows per adapter, or
+    concatenating the batch's adapters into one masked LoRA, were slower than gathering per row.
     """
 
     def __init__(self, base: nn.Module, name: str, ctx: LoraContext) -> None:
