@@ -15,17 +15,16 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import QUESTIONS, make_adapters  # noqa: E402
+from bench_engine import QUESTIONS, make_adapters, timed_engine  # noqa: E402
 
 from lora_kit import chat, models  # noqa: E402
-from lora_kit.engine import Engine, GenerationRequest, SamplingParams, mapping_resolver  # noqa: E402
+from lora_kit.engine import Engine, mapping_resolver  # noqa: E402
 from lora_kit.engine.threads import dedicate_cpu_threads  # noqa: E402
 
 LONG, SHORT = 72, 8
@@ -34,19 +33,6 @@ CONFIGS = {  # label -> Engine keyword arguments
     "BGMV kernel, bf16 adapters": {"adapter_dtype": "bfloat16"},
     "torch bmm, fp32 adapters": {"cpu_kernel": False},
 }
-
-
-def seconds(engine: Engine, prompts: list[list[int]], adapters: list[str | None], tokens: int) -> float:
-    engine.stop()
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    seqs = [engine.submit(GenerationRequest(p, params, adapter=a)) for p, a in zip(prompts, adapters)]
-    start = time.perf_counter()
-    engine.start()
-    outs = [engine.result(s) for s in seqs]
-    took = time.perf_counter() - start
-    engine.stop()
-    assert all(o.completion_tokens == tokens for o in outs)
-    return took
 
 
 def main() -> None:
@@ -67,12 +53,12 @@ def main() -> None:
                                     adapter_resolver=mapping_resolver(dirs), **kwargs)  # fmt: skip
             for n in names:
                 engines[label].check_adapter(n)
-            seconds(engines[label], prompts, names, 2)  # warm-up
+            timed_engine(engines[label], prompts, names, 2)  # warm-up
         steps: dict[tuple[str, str], list[float]] = {(c, w): [] for c in CONFIGS for w in ("base", "mixed")}
         for r in range(args.rounds):
             for label, engine in engines.items():
                 for which, adapters in (("base", [None] * 8), ("mixed", names)):
-                    long, short = seconds(engine, prompts, adapters, LONG), seconds(engine, prompts, adapters, SHORT)
+                    long, short = timed_engine(engine, prompts, adapters, LONG), timed_engine(engine, prompts, adapters, SHORT)
                     steps[label, which].append((long - short) / (LONG - SHORT))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lora_kit.engine.kv_cache import MIN_SPARE, GrowingLayer, growing_cache, layer_kv, spare_for
@@ -58,3 +59,21 @@ def test_cache_round_trip_and_model_forward_match_dynamic_cache(tiny_mistral_dir
             assert torch.equal(got, ref)
             token = ref[:, -1:].argmax(-1)
         assert grow.get_seq_length() == dyn.get_seq_length() == 12
+
+
+def test_crop_select_and_repeat_keep_the_filled_part_exact():
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(3, 2, 6, 4, generator=g), torch.randn(3, 2, 6, 4, generator=g)
+    layer = GrowingLayer(keys, values)
+    layer.crop(-2)
+    assert torch.equal(layer.keys, keys[:, :, :4]) and layer.get_seq_length() == 4
+    new_k, new_v = torch.randn(3, 2, 1, 4, generator=g), torch.randn(3, 2, 1, 4, generator=g)
+    k, v = layer.update(new_k, new_v)  # writes over the cropped columns
+    assert torch.equal(k, torch.cat([keys[:, :, :4], new_k], dim=2)) and torch.equal(v, torch.cat([values[:, :, :4], new_v], dim=2))
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, k[[2, 0]]) and torch.equal(layer.values, v[[2, 0]])
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.keys, k[[2, 2, 0, 0]])
+    assert layer.update(torch.zeros(4, 2, 1, 4), torch.zeros(4, 2, 1, 4))[0].shape == (4, 2, 6, 4)
+    with pytest.raises(ValueError):
+        layer.crop(3)

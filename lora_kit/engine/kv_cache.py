@@ -60,14 +60,28 @@ class GrowingLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    # The engine itself rebuilds the cache when rows leave (RunningBatch.keep, which also trims
+    # padding); these keep the layer a complete DynamicLayer for transformers' own generate
+    # (assisted decoding crops, beam search reorders rows).
+
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("the engine's cache is never cropped")
+        """Forget the last ``-tokens_to_remove`` positions (transformers' convention: negative)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the negative number of positions to drop, got {tokens_to_remove}")
+        self.length = max(0, self.length + tokens_to_remove)
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("the engine's cache is never repeated")
+        """Repeat every row ``repeats`` times (spare columns kept)."""
+        self._k = self._k.repeat_interleave(repeats, dim=0)
+        self._v = self._v.repeat_interleave(repeats, dim=0)
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("use RunningBatch.keep, which rebuilds the cache")
+        """Keep only the rows at ``indices`` (spare columns kept)."""
+        self._k = self._k.index_select(0, indices.to(self._k.device))
+        self._v = self._v.index_select(0, indices.to(self._v.device))
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
 
 def _with_capacity(t: torch.Tensor, capacity: int) -> torch.Tensor:
