@@ -52,9 +52,6 @@ class LoraContext:
         self.slot_index = torch.tensor([zero_slot if s is None else s for s in slots], dtype=torch.long, device=device)
         self.row_slots = torch.tensor([-1 if s is None else s for s in slots], dtype=torch.long, device=device)
 
-    def clear(self) -> None:
-        self.set_rows([], 0, torch.device("cpu"))
-
 
 class BatchedLoraLinear(nn.Module):
     """A base linear layer plus the stacked LoRA weights of every resident adapter.
@@ -151,10 +148,6 @@ class BatchedLoraLinear(nn.Module):
             return False
         self.base = PackedLinear(self.base, batch_hint)
         return True
-
-    def drop_gathered(self) -> None:
-        """Forget the gathered weights (slot contents changed)."""
-        self._gathered = None
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[1]
