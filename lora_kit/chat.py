@@ -8,8 +8,11 @@ the serving prompt a token-level prefix of the training sequence.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lora_kit.errors import LoraKitError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -17,7 +20,7 @@ if TYPE_CHECKING:
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class ChatError(ValueError):
+class ChatError(LoraKitError, ValueError):
     """A conversation that cannot be rendered; the message names the message and why."""
 
 
@@ -56,11 +59,11 @@ def normalize_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _encode(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
-def _adds_bos(tokenizer: "PreTrainedTokenizerBase") -> bool:
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
@@ -68,7 +71,7 @@ def _adds_bos(tokenizer: "PreTrainedTokenizerBase") -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def _single_bos(tokenizer: "PreTrainedTokenizerBase", rendered: Rendered) -> Rendered:
+def _single_bos(tokenizer: PreTrainedTokenizerBase, rendered: Rendered) -> Rendered:
     bos = tokenizer.bos_token_id
     if bos is not None:
         while len(rendered.input_ids) > 1 and rendered.input_ids[0] == bos and rendered.input_ids[1] == bos:
@@ -103,7 +106,9 @@ def _mistral_turns(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
             role, content = "user", f"Result of {name}: {content}"
         if role == "assistant":
             if not turns or turns[-1][0] != "user":
-                raise ChatError(f"messages[{i}]: an assistant message must follow a user message in the Mistral v0.1 format")
+                raise ChatError(
+                    f"messages[{i}]: an assistant message must follow a user message in the Mistral v0.1 format"
+                )
             turns.append(("assistant", content))
         else:
             if turns and turns[-1][0] == "user":
@@ -119,7 +124,9 @@ def _mistral_turns(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return turns
 
 
-def _render_mistral(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any]], add_generation_prompt: bool) -> Rendered:
+def _render_mistral(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], add_generation_prompt: bool
+) -> Rendered:
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None or eos is None:
         raise ChatError("the Mistral v0.1 format needs a tokenizer with BOS and EOS tokens")
@@ -139,7 +146,9 @@ def _render_mistral(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
 # -- the tokenizer's own chat template ---------------------------------------------------
 
 
-def _template(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any]], add_generation_prompt: bool, tools: Any) -> str:
+def _template(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: Any
+) -> str:
     from jinja2 import TemplateError
 
     try:
@@ -151,7 +160,7 @@ def _template(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any
 
 
 def _render_template(
-    tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any]], add_generation_prompt: bool, tools: Any
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: Any
 ) -> Rendered:
     eos = tokenizer.eos_token_id
     out = Rendered()
@@ -168,8 +177,8 @@ def _render_template(
                 "the model's chat template renders earlier turns differently as the conversation grows; "
                 "it cannot be used for exact prompt/label masking"
             )
-        out.add(_encode(tokenizer, prompt[len(done):]), assistant=False)
-        reply = _encode(tokenizer, upto[len(prompt):])
+        out.add(_encode(tokenizer, prompt[len(done) :]), assistant=False)
+        reply = _encode(tokenizer, upto[len(prompt) :])
         if eos is not None and eos in reply:
             cut = reply.index(eos) + 1
             out.add(reply[:cut], assistant=True)
@@ -180,7 +189,7 @@ def _render_template(
     final = _template(tokenizer, messages, add_generation_prompt, tools)
     if not final.startswith(done):
         raise ChatError("the model's chat template renders earlier turns differently as the conversation grows")
-    out.add(_encode(tokenizer, final[len(done):]), assistant=False)
+    out.add(_encode(tokenizer, final[len(done) :]), assistant=False)
     if _adds_bos(tokenizer) and (not out.input_ids or out.input_ids[0] != tokenizer.bos_token_id):
         out.input_ids.insert(0, tokenizer.bos_token_id)
         out.assistant_mask.insert(0, False)
@@ -190,13 +199,13 @@ def _render_template(
 # -- public API ------------------------------------------------------------------------------
 
 
-def uses_builtin_format(tokenizer: "PreTrainedTokenizerBase") -> bool:
+def uses_builtin_format(tokenizer: PreTrainedTokenizerBase) -> bool:
     """True when the tokenizer has no chat template and the Mistral v0.1 format applies."""
     return not getattr(tokenizer, "chat_template", None)
 
 
 def render(
-    tokenizer: "PreTrainedTokenizerBase",
+    tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[Any],
     add_generation_prompt: bool = False,
     tools: Any = None,
@@ -214,7 +223,7 @@ def render(
     return _single_bos(tokenizer, rendered)
 
 
-def render_prompt(tokenizer: "PreTrainedTokenizerBase", prompt: str, raw: bool = False) -> list[int]:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, raw: bool = False) -> list[int]:
     """Cloudflare's ``prompt`` form: one user turn, or with ``raw`` the text as it is."""
     if not raw:
         return render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True).input_ids
@@ -222,7 +231,7 @@ def render_prompt(tokenizer: "PreTrainedTokenizerBase", prompt: str, raw: bool =
     return _single_bos(tokenizer, Rendered(ids, [False] * len(ids))).input_ids
 
 
-def stop_token_ids(tokenizer: "PreTrainedTokenizerBase", generation_config: Any = None) -> set[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None) -> set[int]:
     """Token ids that end a reply: the tokenizer's EOS and the model's generation EOS ids."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:

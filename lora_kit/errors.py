@@ -1,14 +1,17 @@
-"""Which exceptions are the user's to fix (printed as one line) rather than bugs (tracebacks)."""
+"""The base of every error whose message tells the user what to fix.
+
+The CLI prints a ``LoraKitError`` as one line (exit status 2); anything else is a bug and
+keeps its traceback. Each package subclasses it for its own failures (``RecipeError``,
+``RegistryError``, ``EngineError``, ...), so this module imports nothing.
+"""
 
 from __future__ import annotations
 
 
+class LoraKitError(Exception):
+    """A failure the user can fix; the message says what to do."""
+
+
 def is_user_error(err: BaseException) -> bool:
     """True for lora-kit's own error types, whose messages say what to do."""
-    from lora_kit.chat import ChatError
-    from lora_kit.engine.types import EngineError
-    from lora_kit.models import ModelError
-    from lora_kit.recipe import RecipeError
-    from lora_kit.registry import RegistryError
-
-    return isinstance(err, (ChatError, EngineError, ModelError, RecipeError, RegistryError))
+    return isinstance(err, LoraKitError)

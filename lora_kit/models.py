@@ -13,11 +13,13 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lora_kit import paths
+from lora_kit.errors import LoraKitError
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +44,7 @@ class _OptionalKernelNotice(logging.Filter):
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
 
 
-class ModelError(RuntimeError):
+class ModelError(LoraKitError, RuntimeError):
     """A base model could not be resolved or loaded; the message says what to do."""
 
 
@@ -68,7 +70,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
-def default_device() -> "torch.device":
+def default_device() -> torch.device:
     """CUDA (this process's local rank) when present, else the CPU."""
     import torch
 
@@ -77,7 +79,7 @@ def default_device() -> "torch.device":
     return torch.device("cpu")
 
 
-def default_compute_dtype(device: "torch.device | None" = None) -> "torch.dtype":
+def default_compute_dtype(device: torch.device | None = None) -> torch.dtype:
     """bf16 on CUDA; fp32 on the CPU, where bf16 matmuls are ~15x slower (see DESIGN.md)."""
     import torch
 
@@ -175,7 +177,7 @@ def _hub_error(spec: str, err: Exception) -> ModelError:
     )
 
 
-def load_tokenizer(spec: str, log: Callable[[str], None] | None = None) -> "PreTrainedTokenizerBase":
+def load_tokenizer(spec: str, log: Callable[[str], None] | None = None) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a model spec (never with remote code)."""
     from transformers import AutoTokenizer
 
@@ -188,7 +190,7 @@ def load_tokenizer(spec: str, log: Callable[[str], None] | None = None) -> "PreT
         raise ModelError(f"could not load the tokenizer of '{spec}': {err}") from err
 
 
-def quantization_config(quantization: Quantization, double_quant: bool, compute_dtype: "torch.dtype") -> Any:
+def quantization_config(quantization: Quantization, double_quant: bool, compute_dtype: torch.dtype) -> Any:
     """A bitsandbytes 4-bit config, or None for full precision."""
     if quantization == "none":
         return None
@@ -208,10 +210,10 @@ def load_model(
     spec: str,
     quantization: Quantization = "none",
     double_quant: bool = True,
-    compute_dtype: "torch.dtype | None" = None,
-    device: "torch.device | None" = None,
+    compute_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
     log: Callable[[str], None] | None = None,
-) -> "PreTrainedModel":
+) -> PreTrainedModel:
     """Load a causal LM: 4-bit (NF4/FP4, bitsandbytes) or full precision, on ``device``."""
     from transformers import AutoModelForCausalLM
 
@@ -235,7 +237,9 @@ def load_model(
     return model
 
 
-def load(spec: str, quantization: Quantization = "none", **kwargs: Any) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+def load(
+    spec: str, quantization: Quantization = "none", **kwargs: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer of a spec."""
     log = kwargs.get("log")
     return load_model(spec, quantization, **kwargs), load_tokenizer(spec, log)
@@ -244,6 +248,12 @@ def load(spec: str, quantization: Quantization = "none", **kwargs: Any) -> tuple
 def list_models() -> list[dict[str, Any]]:
     """The embedded models and whether each is prepared."""
     return [
-        {"name": m.name, "origin": m.origin, "prepared": is_prepared(m.name), "path": str(embedded_dir(m.name)), "description": m.description}
+        {
+            "name": m.name,
+            "origin": m.origin,
+            "prepared": is_prepared(m.name),
+            "path": str(embedded_dir(m.name)),
+            "description": m.description,
+        }
         for m in EMBEDDED.values()
     ]

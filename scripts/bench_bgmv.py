@@ -39,7 +39,10 @@ def main() -> None:
     op = bgmv.op()
     n = args.rows
     g = torch.Generator().manual_seed(0)
-    stacks = [(torch.randn(n + 1, RANK, i, generator=g) * 0.02, torch.randn(n + 1, RANK, o, generator=g) * 0.02) for i, o in SHAPES]
+    stacks = [
+        (torch.randn(n + 1, RANK, i, generator=g) * 0.02, torch.randn(n + 1, RANK, o, generator=g) * 0.02)
+        for i, o in SHAPES
+    ]
     stacks_bf16 = [(a.bfloat16(), b.bfloat16()) for a, b in stacks]
     slots = torch.arange(n)
     xs = [torch.randn(n, 1, i, generator=g) for i, _ in SHAPES]

@@ -58,13 +58,18 @@ def main() -> None:
         for r in range(args.rounds):
             for label, engine in engines.items():
                 for which, adapters in (("base", [None] * 8), ("mixed", names)):
-                    long, short = timed_engine(engine, prompts, adapters, LONG), timed_engine(engine, prompts, adapters, SHORT)
+                    long, short = (
+                        timed_engine(engine, prompts, adapters, LONG),
+                        timed_engine(engine, prompts, adapters, SHORT),
+                    )
                     steps[label, which].append((long - short) / (LONG - SHORT))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nmodel {args.model}, fp32, {threads} threads, 8 requests, {args.rounds} rounds; ms per decode step (median)")
+    print(
+        f"\nmodel {args.model}, fp32, {threads} threads, 8 requests, {args.rounds} rounds; ms per decode step (median)"
+    )
     print("| LoRA path | base ms/step | 8 adapters ms/step | LoRA ms/step | 8 adapters vs base |")
     print("|---|---:|---:|---:|---:|")
     for label in CONFIGS:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from statistics import median
 import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -47,7 +47,9 @@ def make_adapters(base_dir: Path, out: Path, count: int, rank: int = 8) -> dict[
 
     first = out / "a0"
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)).save_pretrained(first)
+    get_peft_model(
+        base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
+    ).save_pretrained(first)
     keys = load_file(first / "adapter_model.safetensors")
     dirs = {"a0": first}
     for i in range(1, count):
@@ -55,7 +57,9 @@ def make_adapters(base_dir: Path, out: Path, count: int, rank: int = 8) -> dict[
         d.mkdir(parents=True)
         shutil.copy(first / "adapter_config.json", d)
         g = torch.Generator().manual_seed(i)
-        save_file({k: torch.randn(v.shape, generator=g) * 0.02 for k, v in keys.items()}, d / "adapter_model.safetensors")
+        save_file(
+            {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in keys.items()}, d / "adapter_model.safetensors"
+        )
         dirs[f"a{i}"] = d
     return dirs
 
@@ -92,7 +96,9 @@ def _timed_generate(model, tokenizer, prompts: list[list[int]], tokens: int, **k
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad, **kwargs)
+        out = model.generate(
+            **batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad, **kwargs
+        )
     took = time.perf_counter() - start
     assert out.shape[1] - batch["input_ids"].shape[1] == tokens
     return took
@@ -120,8 +126,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="rounds over all measurements (default 3, quick 1)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], default=None, help="the engine's adapter dtype (default: the model's, fp32)")
-    ap.add_argument("--no-cpu-kernel", dest="cpu_kernel", action="store_false", help="torch bmm instead of the BGMV kernel")
+    ap.add_argument(
+        "--adapter-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="the engine's adapter dtype (default: the model's, fp32)",
+    )
+    ap.add_argument(
+        "--no-cpu-kernel", dest="cpu_kernel", action="store_false", help="torch bmm instead of the BGMV kernel"
+    )
     args = ap.parse_args()
     # As `lora-kit serve` does: every measured loop runs in a thread that owns the only
     # OpenMP pool (lora_kit/engine/threads.py); this thread only orchestrates.
@@ -147,7 +160,9 @@ def main() -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), dirs["a0"], adapter_name="a0")
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), dirs["a0"], adapter_name="a0"
+        )
         for n in names[1:8]:
             peft_model.load_adapter(dirs[n], adapter_name=n)
         peft_model.eval()
@@ -160,7 +175,10 @@ def main() -> None:
             "base8": lambda: timed_engine(engine, p8, [None] * 8, tokens),
             "peft8": lambda: timed_generate(peft_model, tokenizer, p8, tokens, adapter_names=names[:8]),
             "hf8": lambda: timed_generate(plain, tokenizer, p8, tokens),
-            **{f"a{k}x32": (lambda k=k: timed_engine(engine, p32, [names[i % k] for i in range(32)], tokens)) for k in (1, 8, 32)},
+            **{
+                f"a{k}x32": (lambda k=k: timed_engine(engine, p32, [names[i % k] for i in range(32)], tokens))
+                for k in (1, 8, 32)
+            },
             "base32": lambda: timed_engine(engine, p32, [None] * 32, tokens),
         }
         times: dict[str, list[float]] = {key: [] for key in runs}
@@ -168,7 +186,8 @@ def main() -> None:
             for key, run in runs.items():
                 times[key].append(run())
             print(f"round {r + 1}/{rounds} done", file=sys.stderr)
-        del peft_model, plain
+        runs.clear()  # the closures held the PEFT and transformers models
+        peft_model = plain = None  # free them before the cold-load timing
 
         # cold adapter load (safetensors -> validated -> slot), ms
         start = time.perf_counter()
@@ -196,10 +215,12 @@ def main() -> None:
     lora_path = "BGMV kernel" if engine.cpu_kernel else "torch bmm"
     print(f"\nmodel {args.model}, fp32 {engine.device}, {threads} threads, adapters {str(engine.adapter_dtype).removeprefix('torch.')} "
           f"via {lora_path}, {tokens} tokens/request, {rounds} round(s); tok/s = median, ratio = median of per-round ratios")  # fmt: skip
-    print(f"| measurement | lora-kit tok/s | baseline | tok/s | ratio | goal |")
-    print(f"|---|---:|---|---:|---:|---:|")
+    print("| measurement | lora-kit tok/s | baseline | tok/s | ratio | goal |")
+    print("|---|---:|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['measurement']} | {r['lora_kit_tps']:.1f} | {r['baseline']} | {r['baseline_tps']:.1f} | {r['ratio']:.2f} | {r['goal']} |")
+        print(
+            f"| {r['measurement']} | {r['lora_kit_tps']:.1f} | {r['baseline']} | {r['baseline_tps']:.1f} | {r['ratio']:.2f} | {r['goal']} |"
+        )
     print(f"| cold adapter load (rank 8, all-linear, disk -> slot) | {cold_ms:.1f} ms | | | | |")
     share = one_adapter / base_bytes
     print(f"\none adapter = {one_adapter / 2**20:.1f} MiB = {100 * share:.2f}% of the {base_bytes / 2**20:.0f} MiB of base "

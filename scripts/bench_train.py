@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from lora_kit import data, evaluate, models, recipe as recipe_mod
-from lora_kit.train import target_modules, train
+from lora_kit import models
+from lora_kit.training import data, evaluate
+from lora_kit.training import recipe as recipe_mod
+from lora_kit.training.trainer import target_modules, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,8 +47,11 @@ def run_lora_kit(r, tokenizer, packing: bool) -> dict:
 
         base = models.load_model(r.model.base, r.model.quantization, r.model.double_quant)
         model = PeftModel.from_pretrained(base, str(result.adapter_dir))
-        return {"tokens_per_s": result.metrics["tokens_per_s"], "optimizer_steps": result.metrics["steps"],
-                "eval_loss": eval_loss_of(model, tokenizer, r)}
+        return {
+            "tokens_per_s": result.metrics["tokens_per_s"],
+            "optimizer_steps": result.metrics["steps"],
+            "eval_loss": eval_loss_of(model, tokenizer, r),
+        }
 
 
 def run_trl(r, tokenizer, packing: bool) -> dict:
@@ -58,25 +63,52 @@ def run_trl(r, tokenizer, packing: bool) -> dict:
     model = models.load_model(r.model.base, r.model.quantization, r.model.double_quant)
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
-            output_dir=tmp, per_device_train_batch_size=r.train.micro_batch_size,
-            gradient_accumulation_steps=r.train.gradient_accumulation_steps, num_train_epochs=r.train.epochs,
-            learning_rate=r.train.learning_rate, lr_scheduler_type=r.train.scheduler, warmup_steps=r.train.warmup_steps,
-            max_grad_norm=r.train.max_grad_norm, weight_decay=r.train.weight_decay, seed=r.train.seed,
-            gradient_checkpointing=r.train.gradient_checkpointing, max_length=r.data.max_seq_len, packing=packing,
-            save_strategy="no", report_to=[], logging_steps=10, use_cpu=True, bf16=False, fp16=False,
-            dataloader_num_workers=0, disable_tqdm=True,
+            output_dir=tmp,
+            per_device_train_batch_size=r.train.micro_batch_size,
+            gradient_accumulation_steps=r.train.gradient_accumulation_steps,
+            num_train_epochs=r.train.epochs,
+            learning_rate=r.train.learning_rate,
+            lr_scheduler_type=r.train.scheduler,
+            warmup_steps=r.train.warmup_steps,
+            max_grad_norm=r.train.max_grad_norm,
+            weight_decay=r.train.weight_decay,
+            seed=r.train.seed,
+            gradient_checkpointing=r.train.gradient_checkpointing,
+            max_length=r.data.max_seq_len,
+            packing=packing,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=10,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
         )
-        peft_config = LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
-                                 target_modules=target_modules(r), task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=r.lora.r,
+            lora_alpha=r.lora.alpha,
+            lora_dropout=r.lora.dropout,
+            target_modules=target_modules(r),
+            task_type="CAUSAL_LM",
+        )
         ds = Dataset.from_list([{"messages": rec["messages"]} for rec in train_records])
-        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer, peft_config=peft_config)
-        real_tokens = sum(int(sum(x)) for x in trainer.train_dataset["attention_mask"]) if "attention_mask" in trainer.train_dataset.column_names \
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=ds, processing_class=tokenizer, peft_config=peft_config
+        )
+        real_tokens = (
+            sum(int(sum(x)) for x in trainer.train_dataset["attention_mask"])
+            if "attention_mask" in trainer.train_dataset.column_names
             else sum(len(x) for x in trainer.train_dataset["input_ids"])
+        )
         t0 = time.time()
         trainer.train()
         wall = time.time() - t0
-        return {"tokens_per_s": round(real_tokens * r.train.epochs / wall, 1), "optimizer_steps": trainer.state.global_step,
-                "eval_loss": eval_loss_of(trainer.model, tokenizer, r)}
+        return {
+            "tokens_per_s": round(real_tokens * r.train.epochs / wall, 1),
+            "optimizer_steps": trainer.state.global_step,
+            "eval_loss": eval_loss_of(trainer.model, tokenizer, r),
+        }
 
 
 def main() -> None:
@@ -96,12 +128,16 @@ def main() -> None:
     results["lora-kit (packing: false)"] = run_lora_kit(base.model_copy(deep=True), tokenizer, packing=False)
     results["lora-kit"] = run_lora_kit(base.model_copy(deep=True), tokenizer, packing=True)
     ours = results["lora-kit"]["tokens_per_s"]
-    print(f"\nbase {base.model.base} ({base.model.quantization}), r={base.lora.r} all-linear, micro batch {base.train.micro_batch_size}, "
-          f"max_seq_len {base.data.max_seq_len}, {args.epochs} epoch(s), torch threads {torch.get_num_threads()}")
+    print(
+        f"\nbase {base.model.base} ({base.model.quantization}), r={base.lora.r} all-linear, micro batch {base.train.micro_batch_size}, "
+        f"max_seq_len {base.data.max_seq_len}, {args.epochs} epoch(s), torch threads {torch.get_num_threads()}"
+    )
     print("| trainer | tokens/s | lora-kit (packed) speed-up | optimizer steps | eval loss (assistant tokens) |")
     print("|---|---:|---:|---:|---:|")
     for name, res in results.items():
-        print(f"| {name} | {res['tokens_per_s']:.1f} | {ours / res['tokens_per_s']:.2f}x | {res['optimizer_steps']} | {res['eval_loss']:.4f} |")
+        print(
+            f"| {name} | {res['tokens_per_s']:.1f} | {ours / res['tokens_per_s']:.2f}x | {res['optimizer_steps']} | {res['eval_loss']:.4f} |"
+        )
     print(json.dumps(results))
 
 

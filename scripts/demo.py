@@ -38,22 +38,28 @@ def banner(text: str) -> None:
 
 def trained_adapter() -> str:
     """NAME@VERSION of the demo adapter: reuse one trained from this exact recipe, else train."""
-    from lora_kit import recipe as recipe_mod
     from lora_kit.registry import AdapterNotFound, Registry
+    from lora_kit.training import recipe as recipe_mod
 
     recipe = recipe_mod.load(RECIPE)
     try:
         version = Registry().resolve(recipe.output.name)
         if version.lineage.get("recipe_hash") == recipe.content_hash():
-            banner(f"adapter {version.ref} already trained from {RECIPE.name} (delete it with `lora-kit adapters rm` to retrain)")
+            banner(
+                f"adapter {version.ref} already trained from {RECIPE.name} (delete it with `lora-kit adapters rm` to retrain)"
+            )
             metrics = version.lineage.get("metrics", {})
             if "base_exact_match" in metrics:
-                print(f"held-out exact match: base {metrics['base_exact_match']:.1%} -> adapter {metrics['eval_exact_match']:.1%}")
+                print(
+                    f"held-out exact match: base {metrics['base_exact_match']:.1%} -> adapter {metrics['eval_exact_match']:.1%}"
+                )
             return version.ref
     except AdapterNotFound:
         pass
     banner(f"lora-kit train {RECIPE.relative_to(ROOT)}")
-    proc = subprocess.run([sys.executable, "-m", "lora_kit", "train", str(RECIPE)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_kit", "train", str(RECIPE)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     print(proc.stdout, end="")
     if proc.returncode != 0:
         sys.exit(f"training failed (exit {proc.returncode})")
@@ -62,8 +68,12 @@ def trained_adapter() -> str:
 
 def start_server() -> tuple[subprocess.Popen, str]:
     banner("lora-kit serve --port 0")
-    proc = subprocess.Popen([sys.executable, "-m", "lora_kit", "serve", "--host", "127.0.0.1", "--port", "0"],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_kit", "serve", "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     deadline = time.monotonic() + 300
     for line in proc.stderr:
@@ -83,8 +93,12 @@ def start_server() -> tuple[subprocess.Popen, str]:
 
 
 def run_request(url: str, body: dict) -> str:
-    r = httpx.post(f"{url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", json=body, timeout=120,
-                   headers={"Authorization": "Bearer demo-token"})
+    r = httpx.post(
+        f"{url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}",
+        json=body,
+        timeout=120,
+        headers={"Authorization": "Bearer demo-token"},
+    )
     payload = r.json()
     if r.status_code != 200:
         return f"HTTP {r.status_code}: {payload['errors']}"
@@ -97,15 +111,20 @@ def main() -> int:
     name = ref.split("@")[0]
     server, url = start_server()
     try:
-        banner("Cloudflare Workers AI requests (same body with and without \"lora\")")
-        print(f"curl {url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL} \\\n"
-              f"  -H 'Authorization: Bearer $TOKEN' -H 'Content-Type: application/json' \\\n"
-              f"  -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Classify the sentiment of this review: ...\"}}], \"lora\": \"{name}\"}}'\n")
+        banner('Cloudflare Workers AI requests (same body with and without "lora")')
+        print(
+            f"curl {url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL} \\\n"
+            f"  -H 'Authorization: Bearer $TOKEN' -H 'Content-Type: application/json' \\\n"
+            f'  -d \'{{"messages": [{{"role": "user", "content": "Classify the sentiment of this review: ..."}}], "lora": "{name}"}}\'\n'
+        )
         print(f"{'review':<60} | {'base model':<40} | lora={name}")
         print("-" * 130)
         for review in REVIEWS:
-            body = {"messages": [{"role": "user", "content": f"Classify the sentiment of this review: {review}"}],
-                    "max_tokens": 24, "temperature": 0}
+            body = {
+                "messages": [{"role": "user", "content": f"Classify the sentiment of this review: {review}"}],
+                "max_tokens": 24,
+                "temperature": 0,
+            }
             base = run_request(url, body)
             tuned = run_request(url, {**body, "lora": name})
             short = (review[:57] + "...") if len(review) > 60 else review
@@ -119,8 +138,14 @@ def main() -> int:
 
         client = Cloudflare(api_token="demo-token", base_url=f"{url}/client/v4")
         review = "After a month, the headphones stopped working. Returning it."
-        result = client.ai.run(MODEL, account_id=ACCOUNT, lora=name, max_tokens=8, temperature=0,
-                               messages=[{"role": "user", "content": f"Classify the sentiment of this review: {review}"}])
+        result = client.ai.run(
+            MODEL,
+            account_id=ACCOUNT,
+            lora=name,
+            max_tokens=8,
+            temperature=0,
+            messages=[{"role": "user", "content": f"Classify the sentiment of this review: {review}"}],
+        )
         print(f"client.ai.run({MODEL!r}, lora={name!r}, ...) -> {json.dumps(result)}")
     finally:
         banner("stopping the server (SIGTERM)")

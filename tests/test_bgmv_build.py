@@ -24,7 +24,9 @@ def test_switched_off_by_environment(fresh_state, monkeypatch, tiny_mistral_dir,
     assert bgmv.ENV_SWITCH in bgmv.error()
     assert capsys.readouterr().err == ""  # asked for: no notice
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
-    engine = Engine("tiny", model=model, tokenizer=word_tokenizer, adapter_resolver=lambda ref: (_ for _ in ()).throw(KeyError(ref)))
+    engine = Engine(
+        "tiny", model=model, tokenizer=word_tokenizer, adapter_resolver=lambda ref: (_ for _ in ()).throw(KeyError(ref))
+    )
     try:
         assert engine.cpu_kernel is False and engine._ctx.kernel is None
         out = engine.generate_sync(GenerationRequest([1, 5, 6], SamplingParams(max_tokens=3, ignore_eos=True)))

@@ -53,12 +53,14 @@ def test_generation_prompt_is_prefix_of_training_ids(word_tokenizer):
     full = chat.render(tok, CONVERSATION).input_ids
     prompt = chat.render(tok, CONVERSATION[:4], add_generation_prompt=True).input_ids
     assert full[: len(prompt)] == prompt
-    assert full[len(prompt):] == ids_of(tok, ["Six", ".", "</s>"])
+    assert full[len(prompt) :] == ids_of(tok, ["Six", ".", "</s>"])
 
 
 def test_prompt_form_and_raw(word_tokenizer):
     tok = word_tokenizer
-    assert chat.render_prompt(tok, "hello world") == ids_of(tok, ["<s>", "[", "INST", "]", "hello", "world", "[/", "INST", "]"])
+    assert chat.render_prompt(tok, "hello world") == ids_of(
+        tok, ["<s>", "[", "INST", "]", "hello", "world", "[/", "INST", "]"]
+    )
     # raw: the text goes to the tokenizer untouched (it adds no BOS of its own here)
     assert chat.render_prompt(tok, "hello world", raw=True) == ids_of(tok, ["hello", "world"])
     # a raw prompt that spells BOS itself never gets a second one
@@ -76,8 +78,27 @@ def test_tool_results_become_user_turns(word_tokenizer):
     ids = chat.render(tok, msgs, add_generation_prompt=True).input_ids
     # "Result of weather: sunny" ("Result", "of", ":" are not in the test vocabulary)
     assert tok.convert_ids_to_tokens(ids) == [
-        "<s>", "[", "INST", "]", "weather", "[/", "INST", "]", "tool", "</s>",
-        "[", "INST", "]", "<unk>", "<unk>", "weather", "<unk>", "sunny", "[/", "INST", "]",
+        "<s>",
+        "[",
+        "INST",
+        "]",
+        "weather",
+        "[/",
+        "INST",
+        "]",
+        "tool",
+        "</s>",
+        "[",
+        "INST",
+        "]",
+        "<unk>",
+        "<unk>",
+        "weather",
+        "<unk>",
+        "sunny",
+        "[/",
+        "INST",
+        "]",
     ]
 
 
@@ -87,7 +108,10 @@ def test_tool_results_become_user_turns(word_tokenizer):
         ([{"role": "wizard", "content": "x"}], "messages[0].role must be one of"),
         ([{"role": "user", "content": 3}], "messages[0].content must be a string"),
         ([{"role": "assistant", "content": "hi"}], "must follow a user message"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only takes system messages at the start"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+            "only takes system messages at the start",
+        ),
         ([], "must not be empty"),
     ],
 )

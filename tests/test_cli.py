@@ -50,7 +50,13 @@ def test_unknown_adapter_is_an_error_not_the_base_model(tmp_path):
     from lora_kit import models
 
     base = str(models.embedded_dir("smollm2-135m-instruct"))
-    out = subprocess.run([*LORA_KIT, "generate", "--model", base, "--lora", "nope", "hi"], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [*LORA_KIT, "generate", "--model", base, "--lora", "nope", "hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 2
     assert "nope" in out.stderr and "Traceback" not in out.stderr
     assert out.stdout == ""

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lora_kit import data
-from lora_kit.recipe import DataSection
+from lora_kit.training import data
+from lora_kit.training.recipe import DataSection
 
 CONV = [{"role": "user", "content": "What is two plus two ?"}, {"role": "assistant", "content": "Four ."}]
 

@@ -22,9 +22,9 @@ from lora_kit.engine import (
     Overloaded,
     SamplingParams,
     UnknownAdapter,
+    bgmv,
     mapping_resolver,
 )
-from lora_kit.engine import bgmv
 from lora_kit.engine.lora_layer import BatchedLoraLinear, LoraContext
 
 MISTRAL_ADAPTERS = {
@@ -53,7 +53,12 @@ def make_adapter(base_dir: Path, out: Path, targets: list[str], r: int, alpha: i
 
 
 def peft_greedy(
-    base_dir: Path, adapter_dir: Path | None, prompt: list[int], max_new: int, stops: list[int], ignore_eos: bool = False
+    base_dir: Path,
+    adapter_dir: Path | None,
+    prompt: list[int],
+    max_new: int,
+    stops: list[int],
+    ignore_eos: bool = False,
 ) -> list[int]:
     """Plain transformers/PEFT greedy generate for one prompt: the reference."""
     from peft import PeftModel
@@ -120,7 +125,9 @@ def run_together(eng: Engine, requests: list[GenerationRequest]):
 @pytest.fixture(scope="module")
 def exact_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters):
     """transformers' own linear kernels and torch's bmm for the LoRA rows (the CUDA code path)."""
-    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=4, pack_weights=False, cpu_kernel=False)
+    eng = mistral_engine(
+        tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=4, pack_weights=False, cpu_kernel=False
+    )
     yield eng
     eng.stop()
 
@@ -306,7 +313,15 @@ def test_bgmv_kernel_matches_float64_reference_and_checks_its_inputs():
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(engine, word_tokenizer):
     ps = prompts(word_tokenizer)
-    params = dict(max_tokens=10, temperature=1.5, top_p=0.95, top_k=20, repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2)
+    params = dict(
+        max_tokens=10,
+        temperature=1.5,
+        top_p=0.95,
+        top_k=20,
+        repetition_penalty=1.2,
+        frequency_penalty=0.3,
+        presence_penalty=0.2,
+    )
     seeded = GenerationRequest(ps[1], SamplingParams(seed=1234, **params), adapter="all")
     others = [
         GenerationRequest(ps[0], SamplingParams(seed=7, **params), adapter="qv"),
@@ -463,7 +478,11 @@ def test_lru_eviction_and_pinning(tiny_mistral_dir, word_tokenizer, mistral_adap
 
 SCHEMA = {
     "type": "object",
-    "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon", "Nice"]}, "population": {"type": "integer", "minimum": 0, "maximum": 99999999}, "capital": {"type": "boolean"}},
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Lyon", "Nice"]},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
+        "capital": {"type": "boolean"},
+    },
     "required": ["city", "population", "capital"],
     "additionalProperties": False,
 }
@@ -472,7 +491,11 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+        },
     },
 }
 
@@ -507,11 +530,17 @@ def test_embedded_greedy_matches_peft_alone_and_mixed(embedded_setup, embedded_m
 def test_json_schema_output_parses_and_validates(embedded_setup, embedded_model):
     _, _, eng = embedded_setup
     tok = embedded_model[1]
-    prompt = chat.render(tok, [{"role": "user", "content": "Give the city, population and capital flag of Paris as JSON."}], add_generation_prompt=True).input_ids
+    prompt = chat.render(
+        tok,
+        [{"role": "user", "content": "Give the city, population and capital flag of Paris as JSON."}],
+        add_generation_prompt=True,
+    ).input_ids
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
     free = GenerationRequest(prompt, SamplingParams(max_tokens=60), adapter="smol-a")
     constrained = GenerationRequest(prompt, SamplingParams(max_tokens=60), adapter="smol-a", response_format=fmt)
-    obj = GenerationRequest(prompt, SamplingParams(max_tokens=60, temperature=0.8, seed=3), response_format={"type": "json_object"})
+    obj = GenerationRequest(
+        prompt, SamplingParams(max_tokens=60, temperature=0.8, seed=3), response_format={"type": "json_object"}
+    )
     out_free, out_schema, out_obj = run_together(eng, [free, constrained, obj])
     assert out_schema.finish_reason == "stop", out_schema.text
     value = json.loads(out_schema.text)
@@ -522,7 +551,9 @@ def test_json_schema_output_parses_and_validates(embedded_setup, embedded_model)
     if out_obj.finish_reason == "stop":
         assert isinstance(json.loads(out_obj.text), dict)
     with pytest.raises(InvalidRequest):
-        eng.submit(GenerationRequest(prompt, response_format={"type": "json_schema", "json_schema": {"type": "nonsense"}}))
+        eng.submit(
+            GenerationRequest(prompt, response_format={"type": "json_schema", "json_schema": {"type": "nonsense"}})
+        )
 
 
 def test_tool_call_is_returned_parsed(embedded_setup, embedded_model):
@@ -541,14 +572,18 @@ def test_tool_call_is_returned_parsed(embedded_setup, embedded_model):
     assert [c["name"] for c in final.tool_calls] == ["get_weather"]
     assert isinstance(final.tool_calls[0]["arguments"]["city"], str)
     assert "".join(e.text for e in events) == ""  # the call is not streamed as text
-    auto = eng.generate_sync(GenerationRequest(prompt, SamplingParams(max_tokens=12), adapter="smol-b", tools=[WEATHER_TOOL]))
+    auto = eng.generate_sync(
+        GenerationRequest(prompt, SamplingParams(max_tokens=12), adapter="smol-b", tools=[WEATHER_TOOL])
+    )
     if auto.tool_calls:
         assert auto.finish_reason == "tool_calls" and auto.tool_calls[0]["name"] == "get_weather"
     else:
         assert auto.text and not auto.text.lstrip().startswith("{")
 
 
-def test_registry_references_resolve_to_canonical_versions(tmp_path, tiny_mistral_dir, word_tokenizer, mistral_adapters):
+def test_registry_references_resolve_to_canonical_versions(
+    tmp_path, tiny_mistral_dir, word_tokenizer, mistral_adapters
+):
     from lora_kit.registry import Registry
 
     reg = Registry(tmp_path / "registry")
@@ -585,7 +620,9 @@ def test_nf4_base_matches_peft(tiny_mistral_dir, word_tokenizer, mistral_adapter
         got = eng.generate_sync(greedy(prompt, "qv", 10)).token_ids
     finally:
         eng.stop()
-    ref_model = PeftModel.from_pretrained(models.load_model(str(tiny_mistral_dir), "nf4"), mistral_adapters["qv"]).eval()
+    ref_model = PeftModel.from_pretrained(
+        models.load_model(str(tiny_mistral_dir), "nf4"), mistral_adapters["qv"]
+    ).eval()
     ids = torch.tensor([prompt])
     stops = sorted(eng.stop_ids)
     with torch.inference_mode():

@@ -69,7 +69,9 @@ def test_crop_select_and_repeat_keep_the_filled_part_exact():
     assert torch.equal(layer.keys, keys[:, :, :4]) and layer.get_seq_length() == 4
     new_k, new_v = torch.randn(3, 2, 1, 4, generator=g), torch.randn(3, 2, 1, 4, generator=g)
     k, v = layer.update(new_k, new_v)  # writes over the cropped columns
-    assert torch.equal(k, torch.cat([keys[:, :, :4], new_k], dim=2)) and torch.equal(v, torch.cat([values[:, :, :4], new_v], dim=2))
+    assert torch.equal(k, torch.cat([keys[:, :, :4], new_k], dim=2)) and torch.equal(
+        v, torch.cat([values[:, :, :4], new_v], dim=2)
+    )
     layer.batch_select_indices(torch.tensor([2, 0]))
     assert torch.equal(layer.keys, k[[2, 0]]) and torch.equal(layer.values, v[[2, 0]])
     layer.batch_repeat_interleave(2)

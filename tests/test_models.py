@@ -11,8 +11,15 @@ def test_tiny_mistral_loads_in_4bit_nf4(tiny_mistral_dir):
 
     model = models.load_model(str(tiny_mistral_dir), quantization="nf4")
     layer = model.model.layers[0]
-    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                 layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+    for proj in (
+        layer.self_attn.q_proj,
+        layer.self_attn.k_proj,
+        layer.self_attn.v_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.gate_proj,
+        layer.mlp.up_proj,
+        layer.mlp.down_proj,
+    ):
         assert isinstance(proj, bnb.nn.Linear4bit)
         assert proj.weight.quant_state.quant_type == "nf4"
         assert proj.weight.quant_state.nested  # double quantization

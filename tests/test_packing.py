@@ -2,13 +2,17 @@
 
 import torch
 
-from lora_kit import data, packing
-from lora_kit.recipe import DataSection
+from lora_kit.training import data, packing
+from lora_kit.training.recipe import DataSection
 
 CONVS = [
     [{"role": "user", "content": "What is two plus two ?"}, {"role": "assistant", "content": "Four ."}],
     [{"role": "user", "content": "And three plus three ?"}, {"role": "assistant", "content": "Six ."}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello world"}, {"role": "assistant", "content": "weather sunny ."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hello world"},
+        {"role": "assistant", "content": "weather sunny ."},
+    ],
 ]
 
 
@@ -31,13 +35,13 @@ def test_packed_loss_equals_token_weighted_loss_of_examples_alone(word_tokenizer
         assert packed["input_ids"].shape == (1, sum(len(e) for e in examples))
         loss_packed, n_packed = packing.loss_sum(model, packed)
         alone = [packing.loss_sum(model, packing.collate([[e]], pad_id=0)) for e in examples]
-    total = sum(float(l) for l, _ in alone)
+    total = sum(float(loss_i) for loss_i, _ in alone)
     count = sum(n for _, n in alone)
     assert n_packed == count == sum(e.supervised for e in examples)
     assert abs(float(loss_packed) / n_packed - total / count) < 1e-5
     # and per-token: the logits of the last example match it run alone
     with torch.no_grad():
-        out_packed = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0, -len(examples[2]):]
+        out_packed = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0, -len(examples[2]) :]
         out_alone = model(input_ids=torch.tensor([examples[2].input_ids])).logits[0]
     assert torch.allclose(out_packed, out_alone, atol=1e-5)
 
@@ -52,4 +56,4 @@ def test_padding_rows_do_not_change_the_loss(word_tokenizer, tiny_mistral_dir):
         loss, n = packing.loss_sum(model, batch)
         alone = [packing.loss_sum(model, packing.collate([[e]], pad_id=0)) for e in examples]
     assert torch.isfinite(loss)
-    assert abs(float(loss) - sum(float(l) for l, _ in alone)) < 1e-4
+    assert abs(float(loss) - sum(float(loss_i) for loss_i, _ in alone)) < 1e-4

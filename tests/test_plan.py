@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lora_kit import plan, recipe
+from lora_kit.training import plan, recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,8 +30,14 @@ def test_mistral_7b_terms_are_exact():
 
 
 def test_plan_cli_counts_the_demo_tokens():
-    out = subprocess.run([sys.executable, "-m", "lora_kit", "plan", str(ROOT / "recipes" / "demo-sentiment.yaml"), "--json"],
-                         capture_output=True, text=True, env=os.environ.copy(), cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "lora_kit", "plan", str(ROOT / "recipes" / "demo-sentiment.yaml"), "--json"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["data"]["train_examples"] == 200 and report["data"]["supervised_tokens"] == 400

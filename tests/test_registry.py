@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from lora_kit.adapter_export import export_adapter, export_archive, import_archive
 from lora_kit.registry import (
     KILL_HOOK_ENV,
     AdapterNotFound,
@@ -24,6 +23,7 @@ from lora_kit.registry import (
     Registry,
     RegistryError,
 )
+from lora_kit.registry.export import export_adapter, export_archive, import_archive
 
 # the installed console script; `python -m lora_kit` where the venv lacks it
 _SCRIPT = Path(sys.executable).parent / "lora-kit"
@@ -168,14 +168,19 @@ def test_tensor_shape_mismatch_is_detected(tmp_path, adapters):
     bad_rank = tmp_path / "bad_rank"
     shutil.copytree(adapters[0], bad_rank)
     _rewrite_tensor(bad_rank, "layers.0.self_attn.q_proj.lora_A", lambda t: t[:3].clone())
-    with pytest.raises(InvalidAdapter, match=r"model.layers.0.self_attn.q_proj: shapes A\[3, 64\] B\[64, 4\] do not match rank 4"):
+    with pytest.raises(
+        InvalidAdapter, match=r"model.layers.0.self_attn.q_proj: shapes A\[3, 64\] B\[64, 4\] do not match rank 4"
+    ):
         reg.register(bad_rank, "x")
 
     # consistent rank but the wrong output size for this base: caught against the base's safetensors header
     bad_out = tmp_path / "bad_out"
     shutil.copytree(adapters[0], bad_out)
     _rewrite_tensor(bad_out, "layers.1.self_attn.o_proj.lora_B", lambda t: t[:60].clone())
-    with pytest.raises(InvalidAdapter, match=r"model.layers.1.self_attn.o_proj: LoRA A\[4, 64\] B\[60, 4\] do not fit the base weight \[64, 64\]"):
+    with pytest.raises(
+        InvalidAdapter,
+        match=r"model.layers.1.self_attn.o_proj: LoRA A\[4, 64\] B\[60, 4\] do not fit the base weight \[64, 64\]",
+    ):
         reg.register(bad_out, "x")
     assert reg.list() == []
 
@@ -184,8 +189,16 @@ def test_target_module_missing_from_base_is_detected(tmp_path, adapters, word_to
     from transformers import MistralConfig, MistralForCausalLM
 
     # the same dimensions but one layer: the adapter's layer-1 modules have no home
-    cfg = MistralConfig(vocab_size=len(word_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    cfg = MistralConfig(
+        vocab_size=len(word_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    )
     MistralForCausalLM(cfg).save_pretrained(tmp_path / "one_layer")
     reg = Registry(tmp_path / "reg")
     with pytest.raises(InvalidAdapter, match="model.layers.1.mlp.down_proj: no such module in the base model"):
@@ -256,8 +269,12 @@ def test_two_processes_register_concurrently(tmp_path, adapters):
     Registry(root)
     go = tmp_path / "go"
     procs = [
-        subprocess.Popen([sys.executable, "-c", _REGISTER_SCRIPT, str(root), str(a), str(go)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _REGISTER_SCRIPT, str(root), str(a), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for a in adapters
     ]
     go.touch()  # both start registering at the same moment
@@ -276,7 +293,9 @@ def test_registration_killed_midway_leaves_registry_consistent(tmp_path, adapter
     v1 = reg.register(adapters[0], "demo")
     env = {**os.environ, KILL_HOOK_ENV: point}
     script = "import sys; from lora_kit.registry import Registry; Registry(sys.argv[1]).register(sys.argv[2], 'demo')"
-    proc = subprocess.run([sys.executable, "-c", script, str(root), str(adapters[1])], env=env, capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(root), str(adapters[1])], env=env, capture_output=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL
 
     assert [v.id for v in Registry(root).list()] == [v1.id]  # no half-registered version

@@ -63,8 +63,14 @@ def world(tmp_path_factory):
     app = create_app(engine, registry, uploads_dir=root / "uploads", max_tokens_cap=64)
     locked = create_app(engine, registry, api_token="s3cret", uploads_dir=root / "uploads", max_body_bytes=4096)
     with BackgroundServer(app) as open_srv, BackgroundServer(locked) as token_srv:
-        yield {"engine": engine, "registry": registry, "url": open_srv.url, "token_url": token_srv.url,
-               "dirs": dirs, "root": root}
+        yield {
+            "engine": engine,
+            "registry": registry,
+            "url": open_srv.url,
+            "token_url": token_srv.url,
+            "dirs": dirs,
+            "root": root,
+        }
     engine.stop(10)
 
 
@@ -115,8 +121,11 @@ def test_both_body_forms_and_envelope(http, cf, solo):
     assert prompt == base
 
     # Cloudflare's curl examples send JSON without a JSON content type; the envelope is exact.
-    resp = http.post(RUN + MODEL, content=json.dumps({"messages": QUESTION, "max_tokens": 6, "temperature": 0}),
-                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    resp = http.post(
+        RUN + MODEL,
+        content=json.dumps({"messages": QUESTION, "max_tokens": 6, "temperature": 0}),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert resp.status_code == 200
     assert resp.json() == {"result": base, "success": True, "errors": [], "messages": []}
 
@@ -130,15 +139,21 @@ def test_both_body_forms_and_envelope(http, cf, solo):
 def test_lora_selects_adapters_and_model_names(http, cf, solo):
     assert len({solo[None], solo["alpha"], solo["beta"]}) == 3
     # Same adapter + greedy = same answer; the SDK sends the model as "@cf%2Fhuggingface%2F<name>".
-    again = cf.ai.run(f"@cf/huggingface/{MODEL}", account_id=ACCOUNT, messages=QUESTION, max_tokens=6,
-                      temperature=0, lora="alpha")
+    again = cf.ai.run(
+        f"@cf/huggingface/{MODEL}", account_id=ACCOUNT, messages=QUESTION, max_tokens=6, temperature=0, lora="alpha"
+    )
     assert again["response"] == solo["alpha"]
     # Literal slashes (curl), the prompt form, and a NAME@VERSION reference.
-    literal = run_raw(http, {"prompt": QUESTION[0]["content"], "lora": "beta@1", "max_tokens": 6, "temperature": 0},
-                      model=f"@cf/huggingface/{MODEL}")
+    literal = run_raw(
+        http,
+        {"prompt": QUESTION[0]["content"], "lora": "beta@1", "max_tokens": 6, "temperature": 0},
+        model=f"@cf/huggingface/{MODEL}",
+    )
     assert literal.json()["result"]["response"] == solo["beta"]
-    encoded = http.post(RUN + f"@cf%2Fhuggingface%2F{MODEL}",
-                        json={"messages": QUESTION, "max_tokens": 6, "temperature": 0, "lora": "beta"})
+    encoded = http.post(
+        RUN + f"@cf%2Fhuggingface%2F{MODEL}",
+        json={"messages": QUESTION, "max_tokens": 6, "temperature": 0, "lora": "beta"},
+    )
     assert encoded.json()["result"]["response"] == solo["beta"]
 
 
@@ -240,8 +255,9 @@ def test_streaming_sse_framing_and_equality(http, cf, solo):
     assert "".join(e["response"] for e in deltas) == solo["alpha"]
 
     # The official SDK streams through with_streaming_response.
-    with cf.ai.with_streaming_response.run(MODEL, account_id=ACCOUNT, prompt=QUESTION[0]["content"], stream=True,
-                                           max_tokens=6, temperature=0) as sdk_resp:
+    with cf.ai.with_streaming_response.run(
+        MODEL, account_id=ACCOUNT, prompt=QUESTION[0]["content"], stream=True, max_tokens=6, temperature=0
+    ) as sdk_resp:
         lines = [line for line in sdk_resp.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     text = "".join(json.loads(line[6:])["response"] for line in lines[:-1])
@@ -250,8 +266,9 @@ def test_streaming_sse_framing_and_equality(http, cf, solo):
 
 def test_seed_reproduces_sampling(cf):
     def sample(seed):
-        return cf.ai.run(MODEL, account_id=ACCOUNT, messages=QUESTION, max_tokens=6, temperature=1.5, seed=seed,
-                         top_k=40, top_p=0.95)["response"]
+        return cf.ai.run(
+            MODEL, account_id=ACCOUNT, messages=QUESTION, max_tokens=6, temperature=1.5, seed=seed, top_k=40, top_p=0.95
+        )["response"]
 
     assert sample(1234) == sample(1234)
 
@@ -270,12 +287,21 @@ def check_schema(obj):
 
 
 def test_json_schema_output_validates(cf, oa):
-    result = cf.ai.run(MODEL, account_id=ACCOUNT, messages=QUESTION, max_tokens=40, temperature=0,
-                       response_format={"type": "json_schema", "json_schema": SCHEMA})
+    result = cf.ai.run(
+        MODEL,
+        account_id=ACCOUNT,
+        messages=QUESTION,
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": SCHEMA},
+    )
     # JSON mode: Workers AI returns the parsed object as `response`.
     check_schema(result["response"])
     chat = oa.chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=40, temperature=0,
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=40,
+        temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}},
     )
     check_schema(json.loads(chat.choices[0].message.content))
@@ -286,18 +312,25 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Get the current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
-                       "required": ["city"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "City name"}},
+            "required": ["city"],
+        },
     },
 }
 WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def test_tool_calls_parse(http, oa):
-    flat = {"name": "get_weather", "description": "Get the current weather of a city",
-            "parameters": WEATHER_TOOL["function"]["parameters"]}
-    resp = run_raw(http, {"messages": WEATHER_Q, "tools": [flat], "tool_choice": "required", "max_tokens": 40,
-                          "temperature": 0})
+    flat = {
+        "name": "get_weather",
+        "description": "Get the current weather of a city",
+        "parameters": WEATHER_TOOL["function"]["parameters"],
+    }
+    resp = run_raw(
+        http, {"messages": WEATHER_Q, "tools": [flat], "tool_choice": "required", "max_tokens": 40, "temperature": 0}
+    )
     result = resp.json()["result"]
     assert resp.status_code == 200
     assert result["response"] == ""
@@ -305,8 +338,9 @@ def test_tool_calls_parse(http, oa):
     assert call["name"] == "get_weather" and isinstance(call["arguments"], dict)
     assert isinstance(call["arguments"]["city"], str)
 
-    chat = oa.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL], tool_choice="required",
-                                      max_tokens=40, temperature=0)
+    chat = oa.chat.completions.create(
+        model=MODEL, messages=WEATHER_Q, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=40, temperature=0
+    )
     choice = chat.choices[0]
     assert choice.finish_reason == "tool_calls"
     [oa_call] = choice.message.tool_calls
@@ -327,12 +361,14 @@ def test_openai_models_and_chat(oa, solo):
     assert by_model.choices[0].message.content == solo["alpha"]
     assert by_model.model == "alpha" and by_model.choices[0].finish_reason == "length"
     assert by_model.usage.completion_tokens == 6
-    by_lora = oa.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=6, temperature=0,
-                                         extra_body={"lora": "beta"})
+    by_lora = oa.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=6, temperature=0, extra_body={"lora": "beta"}
+    )
     assert by_lora.choices[0].message.content == solo["beta"]
 
-    stream = oa.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=6, temperature=0, stream=True,
-                                        stream_options={"include_usage": True})
+    stream = oa.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == solo[None]
     assert chunks[-1].usage.completion_tokens == 6
@@ -343,8 +379,12 @@ def test_openai_completions(oa):
     done = oa.completions.create(model="alpha", prompt=prompt, max_tokens=4, temperature=0)
     text = done.choices[0].text
     assert text and done.usage.completion_tokens == 4 and done.object == "text_completion"
-    streamed = "".join(c.choices[0].text for c in oa.completions.create(
-        model=MODEL, prompt=prompt, max_tokens=4, temperature=0, stream=True, extra_body={"lora": "alpha"}))
+    streamed = "".join(
+        c.choices[0].text
+        for c in oa.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=4, temperature=0, stream=True, extra_body={"lora": "alpha"}
+        )
+    )
     assert streamed == text
 
 
@@ -352,7 +392,9 @@ def test_ignore_eos_generates_exactly_max_tokens(oa):
     # A two-word answer ends at EOS; with vLLM's ignore_eos extension it runs to max_tokens.
     short = oa.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60, temperature=0)
     assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 60
-    full = oa.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+    full = oa.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=60, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 60
 
 
@@ -445,8 +487,12 @@ def test_auth(world):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
             resp = client.post(RUN + MODEL, json=body, headers=headers)
             assert resp.status_code == 401
-            assert resp.json() == {"result": None, "success": False, "messages": [],
-                                   "errors": [{"code": 10000, "message": "Authentication error"}]}
+            assert resp.json() == {
+                "result": None,
+                "success": False,
+                "messages": [],
+                "errors": [{"code": 10000, "message": "Authentication error"}],
+            }
         assert client.get(f"/client/v4/accounts/{ACCOUNT}/ai/finetunes").status_code == 401
         assert client.get("/v1/models").status_code == 401
         assert client.get("/healthz").status_code == 200
@@ -457,18 +503,23 @@ def test_auth(world):
         assert big.status_code == 413 and big.json()["errors"][0]["code"] == 3006
     with pytest.raises(cloudflare.AuthenticationError):
         cloudflare.Cloudflare(api_token="wrong", base_url=url + "/client/v4", max_retries=0).ai.run(
-            MODEL, account_id=ACCOUNT, prompt="hi")
+            MODEL, account_id=ACCOUNT, prompt="hi"
+        )
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     good = cloudflare.Cloudflare(api_token="s3cret", base_url=url + "/client/v4", max_retries=0)
-    assert good.ai.run(MODEL, account_id=ACCOUNT, prompt="hi", max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
+    assert (
+        good.ai.run(MODEL, account_id=ACCOUNT, prompt="hi", max_tokens=2, temperature=0)["usage"]["completion_tokens"]
+        == 2
+    )
 
 
 def test_finetune_upload_through_the_sdk(cf, world, solo):
     import cloudflare
 
-    created = cf.ai.finetunes.create(account_id=ACCOUNT, model=f"@cf/huggingface/{MODEL}", name="uploaded",
-                                     description="alpha, uploaded")
+    created = cf.ai.finetunes.create(
+        account_id=ACCOUNT, model=f"@cf/huggingface/{MODEL}", name="uploaded", description="alpha, uploaded"
+    )
     src = world["dirs"]["alpha"]
     with open(src / "adapter_config.json", "rb") as fh:
         cf.ai.finetunes.assets.create(created.id, account_id=ACCOUNT, file=fh, file_name="adapter_config.json")
@@ -489,11 +540,13 @@ def test_finetune_upload_through_the_sdk(cf, world, solo):
 
     # An invalid adapter is refused with the registry's reason.
     bad = cf.ai.finetunes.create(account_id=ACCOUNT, model=MODEL, name="broken")
-    cf.ai.finetunes.assets.create(bad.id, account_id=ACCOUNT, file=("c.json", b'{"peft_type": "LORA"}'),
-                                  file_name="adapter_config.json")
+    cf.ai.finetunes.assets.create(
+        bad.id, account_id=ACCOUNT, file=("c.json", b'{"peft_type": "LORA"}'), file_name="adapter_config.json"
+    )
     with pytest.raises(cloudflare.BadRequestError) as err:
-        cf.ai.finetunes.assets.create(bad.id, account_id=ACCOUNT, file=("w", b"not safetensors"),
-                                      file_name="adapter_model.safetensors")
+        cf.ai.finetunes.assets.create(
+            bad.id, account_id=ACCOUNT, file=("w", b"not safetensors"), file_name="adapter_model.safetensors"
+        )
     assert "refused" in err.value.body["errors"][0]["message"]
 
 
@@ -509,7 +562,11 @@ def test_metrics_and_healthz(world, http, solo):
     assert "lora_kit_resident_adapters" in text
     assert 'lora_kit_request_errors_total{code="3037",route="cloudflare.run"}' in text
     prefix = 'lora_kit_engine_finished_total{reason="'
-    exported = {line[len(prefix):].split('"')[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix)}
+    exported = {
+        line[len(prefix) :].split('"')[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
     finished = world["engine"].stats()["finished"]
     assert finished.get("stop", 0) + finished.get("length", 0) > 0
     assert exported == {reason: float(n) for reason, n in finished.items()}
@@ -524,7 +581,9 @@ def test_cli_serve_stops_cleanly_on_sigterm(tmp_path):
     env = {**os.environ, "LORA_KIT_HOME": str(home), "LORA_KIT_API_TOKEN": "tok"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lora_kit", "serve", "--port", "0", "--max-tokens-cap", "4"],
-        env=env, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = ""
@@ -534,8 +593,11 @@ def test_cli_serve_stops_cleanly_on_sigterm(tmp_path):
         url = line.split(" on ")[1].split(" ")[0]
         with httpx.Client(base_url=url, timeout=60) as client:
             wait_for(lambda: _healthy(client), timeout=30)
-            resp = client.post(RUN + MODEL, json={"prompt": "hi", "max_tokens": 50, "temperature": 0},
-                               headers={"Authorization": "Bearer tok"})
+            resp = client.post(
+                RUN + MODEL,
+                json={"prompt": "hi", "max_tokens": 50, "temperature": 0},
+                headers={"Authorization": "Bearer tok"},
+            )
             assert resp.json()["result"]["usage"]["completion_tokens"] <= 4  # the cap applies
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

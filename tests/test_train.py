@@ -20,25 +20,43 @@ def tiny_base(tmp_path_factory):
     """A tiny random Mistral whose word-level vocabulary covers the sentiment data."""
     from helpers import make_tiny_mistral, make_tokenizer
 
-    texts = [m["content"] for f in ("train", "eval") for line in (ROOT / "data" / "sentiment" / f"{f}.jsonl").read_text().splitlines()
-             for m in json.loads(line)["messages"]]
+    texts = [
+        m["content"]
+        for f in ("train", "eval")
+        for line in (ROOT / "data" / "sentiment" / f"{f}.jsonl").read_text().splitlines()
+        for m in json.loads(line)["messages"]
+    ]
     return make_tiny_mistral(tmp_path_factory.mktemp("tiny-base"), make_tokenizer(texts))
 
 
 def train(home, base, run_dir, *extra, env_extra=None, launcher=None):
     env = {**os.environ, "LORA_KIT_HOME": str(home), **(env_extra or {})}
     cmd = launcher or [sys.executable, "-m", "lora_kit"]
-    return subprocess.run([*cmd, "train", RECIPE, "--set", f"model.base={base}", "--run-dir", str(run_dir), *extra],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    return subprocess.run(
+        [*cmd, "train", RECIPE, "--set", f"model.base={base}", "--run-dir", str(run_dir), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 def losses(run_dir):
-    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
 
 
 def test_train_registers_adapter_with_lineage_and_loss_drops(tmp_path, tiny_base):
-    out = train(tmp_path / "home", tiny_base, tmp_path / "run", "--set", "train.max_steps=12", "--set", "train.checkpoint_every=0")
+    out = train(
+        tmp_path / "home",
+        tiny_base,
+        tmp_path / "run",
+        "--set",
+        "train.max_steps=12",
+        "--set",
+        "train.checkpoint_every=0",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "tiny-smoke@1"
     assert "train data audit: 200 examples, 200 kept" in out.stdout
@@ -47,13 +65,22 @@ def test_train_registers_adapter_with_lineage_and_loss_drops(tmp_path, tiny_base
     assert len(curve) == 12
     assert sum(curve[-3:]) / 3 < 0.9 * sum(curve[:3]) / 3, curve
     run = tmp_path / "run"
-    for name in ("loss_curve.png", "data_audit.json", "recipe.json", "lineage.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "adapter/chat_template.jinja"):
+    for name in (
+        "loss_curve.png",
+        "data_audit.json",
+        "recipe.json",
+        "lineage.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/chat_template.jinja",
+    ):
         assert (run / name).exists(), name
     assert list((run / "tensorboard").iterdir())
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_base) and config["r"] == 4
-    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert sorted(config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
     from lora_kit.registry import Registry
 
@@ -69,14 +96,26 @@ def test_train_registers_adapter_with_lineage_and_loss_drops(tmp_path, tiny_base
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_base):
-    common = ("--set", "output.register_adapter=false", "--set", "train.max_steps=8", "--set", "train.checkpoint_every=2")
+    common = (
+        "--set",
+        "output.register_adapter=false",
+        "--set",
+        "train.max_steps=8",
+        "--set",
+        "train.checkpoint_every=2",
+    )
     full = train(tmp_path / "home", tiny_base, tmp_path / "full", *common)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    killed = train(tmp_path / "home", tiny_base, tmp_path / "cut", *common, env_extra={"LORA_KIT_TEST_SIGKILL_AFTER_STEP": "5"})
+    killed = train(
+        tmp_path / "home", tiny_base, tmp_path / "cut", *common, env_extra={"LORA_KIT_TEST_SIGKILL_AFTER_STEP": "5"}
+    )
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "cut" / "adapter").exists()
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step-0000002", "step-0000004"]
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step-0000002",
+        "step-0000004",
+    ]
 
     resumed = train(tmp_path / "home", tiny_base, tmp_path / "cut", *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -90,23 +129,52 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_base):
 
 
 def test_changed_recipe_refuses_to_resume(tmp_path, tiny_base):
-    killed = train(tmp_path / "home", tiny_base, tmp_path / "run", "--set", "train.checkpoint_every=2",
-                   env_extra={"LORA_KIT_TEST_SIGKILL_AFTER_STEP": "2"})
+    killed = train(
+        tmp_path / "home",
+        tiny_base,
+        tmp_path / "run",
+        "--set",
+        "train.checkpoint_every=2",
+        env_extra={"LORA_KIT_TEST_SIGKILL_AFTER_STEP": "2"},
+    )
     assert killed.returncode == -signal.SIGKILL
-    changed = train(tmp_path / "home", tiny_base, tmp_path / "run", "--set", "train.checkpoint_every=2", "--set", "lora.r=8", "--resume")
+    changed = train(
+        tmp_path / "home",
+        tiny_base,
+        tmp_path / "run",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "lora.r=8",
+        "--resume",
+    )
     assert changed.returncode == 2
     assert "the recipe changed since the checkpoint" in changed.stderr
 
 
 def test_two_process_ddp_keeps_ranks_in_sync_and_rank0_writes(tmp_path, tiny_base):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "lora_kit"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "lora_kit",
+    ]
     out = train(tmp_path / "home", tiny_base, tmp_path / "run", "--set", "train.max_steps=4", launcher=torchrun)
     assert out.returncode == 0, out.stderr[-3000:]
     sums = dict(re.findall(r"\[rank (\d)\] adapter checksum ([0-9a-f]{64})", out.stdout))
     assert set(sums) == {"0", "1"} and sums["0"] == sums["1"]
     assert out.stdout.strip().splitlines()[-1] == "tiny-smoke@1"
     assert out.stdout.count("tiny-smoke@") == 1  # rank 1 printed no reference
-    steps = [json.loads(l).get("step") for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(l)]
+    steps = [
+        json.loads(line).get("step")
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == [1, 2, 3, 4]  # one writer: each step logged once
     from lora_kit.registry import Registry
 

@@ -7,20 +7,25 @@ batched forward needs one product less per module.
 
 from __future__ import annotations
 
-import json
-import math
-import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING
 
+from lora_kit.adapters.format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    InvalidAdapter,
+    missing_files,
+    module_scale,
+    parse_config,
+    parse_tensor_name,
+    unservable_reasons,
+)
 from lora_kit.engine.types import AdapterError, UnknownAdapter
 
 if TYPE_CHECKING:
     import torch
-
-# PEFT saves ``base_model.model.<module>.lora_A.weight``; a few writers keep the adapter name.
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 Resolver = Callable[[str], tuple[str, Path]]
 
@@ -32,47 +37,24 @@ class AdapterWeights:
     key: str  # canonical reference (e.g. ``name@3``)
     path: Path
     rank: int  # the largest rank over its modules
-    modules: dict[str, tuple["torch.Tensor", "torch.Tensor"]]  # module path -> (A (r, in), scale * B (out, r))
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), scale * B (out, r))
 
     @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
 
 
-def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path by its suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _scale(config: dict, module: str, rank: int) -> float:
-    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
 def read_config(path: Path) -> dict:
     """The adapter's ``adapter_config.json``, checked to be a plain LoRA this engine can serve."""
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file() or not (path / "adapter_model.safetensors").is_file():
-        raise AdapterError(f"{path} is not a PEFT adapter directory (needs adapter_config.json and adapter_model.safetensors)")
+    if missing_files(path):
+        raise AdapterError(f"{path} is not a PEFT adapter directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
-        config = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise AdapterError(f"{cfg_file}: unreadable adapter config: {err}") from err
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise AdapterError(f"{path}: only LoRA adapters can be served, not {config.get('peft_type')}")
-    refused = {
-        "use_dora": "DoRA adapters are not supported by the batched LoRA forward",
-        "fan_in_fan_out": "fan_in_fan_out (Conv1D) adapters are not supported",
-        "modules_to_save": "adapters with modules_to_save (full copies of layers) cannot share one base",
-        "target_parameters": "target_parameters adapters are not supported",
-        "lora_bias": "adapters with a LoRA bias are not supported",
-    }
-    for key, why in refused.items():
-        if config.get(key):
-            raise AdapterError(f"{path}: {why}")
+        config = parse_config(path / CONFIG_FILE)
+    except InvalidAdapter as err:
+        raise AdapterError(f"{path}: {err}") from None
+    reasons = unservable_reasons(config)
+    if reasons:
+        raise AdapterError(f"{path}: {reasons[0]}")
     return config
 
 
@@ -80,8 +62,8 @@ def load_adapter(
     key: str,
     path: Path,
     base_shapes: Mapping[str, tuple[int, int]],
-    dtype: "torch.dtype",
-    device: "torch.device",
+    dtype: torch.dtype,
+    device: torch.device,
     max_rank: int,
 ) -> AdapterWeights:
     """Load and validate an adapter against ``base_shapes`` (module path -> (in, out) of the base)."""
@@ -90,30 +72,32 @@ def load_adapter(
 
     path = Path(path)
     config = read_config(path)
-    pairs: dict[str, dict[str, "torch.Tensor"]] = {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        with safe_open(str(path / "adapter_model.safetensors"), framework="pt", device="cpu") as f:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt", device="cpu") as f:
             for name in f.keys():
-                m = _KEY.match(name)
-                if m is None:
+                key = parse_tensor_name(name)
+                if key is None or key.kind != "linear":
                     raise AdapterError(
                         f"{path}: weight '{name}' is not a LoRA A/B matrix of a linear layer "
                         "(embedding/lm_head/DoRA weights cannot be served)"
                     )
-                pairs.setdefault(m["module"], {})[m["ab"]] = f.get_tensor(name)
+                pairs.setdefault(key.module, {})[key.part] = f.get_tensor(name)
     except AdapterError:
         raise
     except Exception as err:  # a corrupt or truncated file is this adapter's problem, not the server's
-        raise AdapterError(f"{path}: cannot read adapter_model.safetensors: {err}") from err
+        raise AdapterError(f"{path}: cannot read {WEIGHTS_FILE}: {err}") from err
     if not pairs:
         raise AdapterError(f"{path}: the adapter has no LoRA weights")
-    modules: dict[str, tuple["torch.Tensor", "torch.Tensor"]] = {}
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     top_rank = 0
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{path}: module '{module}' has lora_A without lora_B or the reverse")
         if module not in base_shapes:
-            raise AdapterError(f"{path}: the adapter targets '{module}', which is not a linear layer of this base model")
+            raise AdapterError(
+                f"{path}: the adapter targets '{module}', which is not a linear layer of this base model"
+            )
         a, b = ab["A"], ab["B"]
         fan_in, fan_out = base_shapes[module]
         rank = a.shape[0]
@@ -124,7 +108,7 @@ def load_adapter(
             )
         if rank > max_rank:
             raise AdapterError(f"{path}: rank {rank} of '{module}' exceeds the engine's max rank {max_rank}")
-        scale = _scale(config, module, int(_pattern_value(config.get("rank_pattern") or {}, module, rank)))
+        scale = module_scale(config, module)
         a_c = a.to(device=device, dtype=dtype).contiguous()
         b_c = (b.double() * scale).to(device=device, dtype=dtype).contiguous()
         # A NaN/inf weight turns every logit of a row on this adapter into NaN, which no

@@ -63,7 +63,9 @@ class RunningBatch:
             self.mask = torch.cat([pad(self.mask, total - cur), pad(mask, total - new)], dim=0)
         self.rows.extend(rows)
         self.positions = torch.cat([self.positions, mask.sum(dim=1)])
-        self.next_tokens = torch.cat([self.next_tokens, torch.tensor(next_tokens, dtype=torch.long, device=self.device)])
+        self.next_tokens = torch.cat(
+            [self.next_tokens, torch.tensor(next_tokens, dtype=torch.long, device=self.device)]
+        )
 
     def keep(self, indices: list[int]) -> None:
         """Keep only the rows at ``indices`` (in that order); trim padding nobody needs."""
@@ -82,7 +84,10 @@ class RunningBatch:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
         assert self.cache is not None
-        kv = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in layer_kv(self.cache)]
+        kv = [
+            (k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:])
+            for k, v in layer_kv(self.cache)
+        ]
         self.cache = growing_cache(kv)
         self.mask = mask[:, start:]
         self.positions = self.positions.index_select(0, idx)

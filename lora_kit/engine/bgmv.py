@@ -21,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -66,7 +66,13 @@ def library_path(compiler: str) -> Path:
     from lora_kit import paths
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), torch.__file__.encode(), compiler.encode(), _cpu_flags().encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        torch.__version__.encode(),
+        torch.__file__.encode(),
+        compiler.encode(),
+        _cpu_flags().encode(),
+    ):
         key.update(part)
         key.update(b"\0")
     return paths.kernels_dir() / f"bgmv-{key.hexdigest()[:16]}" / "lora_kit_bgmv.so"
@@ -103,14 +109,20 @@ def load() -> bool:
             target = library_path(compiler)
             try:
                 if not target.exists():
-                    print(f"lora-kit: building the CPU LoRA kernel into {target.parent} (once, a few seconds)", file=sys.stderr)
+                    print(
+                        f"lora-kit: building the CPU LoRA kernel into {target.parent} (once, a few seconds)",
+                        file=sys.stderr,
+                    )
                     build(compiler, target)
                 torch.ops.load_library(str(target))
                 _state.update(loaded=True, path=target)
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 _state["error"] = str(err)
         if not _state["loaded"]:
-            print(f"lora-kit: the CPU LoRA kernel is not used ({_state['error']}); using torch's bmm instead", file=sys.stderr)
+            print(
+                f"lora-kit: the CPU LoRA kernel is not used ({_state['error']}); using torch's bmm instead",
+                file=sys.stderr,
+            )
         return bool(_state["loaded"])
 
 

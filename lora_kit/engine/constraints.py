@@ -87,17 +87,19 @@ def _tool_mode(tool_choice: Any) -> tuple[str, str | None]:
         fn = tool_choice.get("function") or {}
         if isinstance(fn.get("name"), str):
             return "required", fn["name"]
-    raise InvalidRequest("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}")
+    raise InvalidRequest(
+        "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}"
+    )
 
 
 @dataclass
 class Constraint:
     """The grammar state of one request."""
 
-    matcher: "xgrammar.GrammarMatcher"
+    matcher: xgrammar.GrammarMatcher
     tools: bool  # a reply starting with "{" is a tool call
 
-    def fill(self, bitmask: "torch.Tensor", row: int) -> None:
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> None:
@@ -151,7 +153,9 @@ class GrammarCache:
         if not schema:
             return self._compile("json_object", self.compiler.compile_builtin_json_grammar)
         source = json.dumps(schema)  # no sort_keys: property order is the output order
-        return self._compile("schema:" + source, lambda: self.compiler.compile_json_schema(source, any_whitespace=False))
+        return self._compile(
+            "schema:" + source, lambda: self.compiler.compile_json_schema(source, any_whitespace=False)
+        )
 
     def _tools(self, schema: dict, with_text: bool) -> Any:
         source = json.dumps(schema)  # no sort_keys: property order is the output order
@@ -160,12 +164,16 @@ class GrammarCache:
         xgr = self._xgr
 
         def build() -> Any:
-            union = xgr.Grammar.union(xgr.Grammar.from_ebnf(TEXT_EBNF), xgr.Grammar.from_json_schema(source, any_whitespace=False))
+            union = xgr.Grammar.union(
+                xgr.Grammar.from_ebnf(TEXT_EBNF), xgr.Grammar.from_json_schema(source, any_whitespace=False)
+            )
             return self.compiler.compile_grammar(union)
 
         return self._compile("tools:" + source, build)
 
-    def constraint(self, response_format: dict | None, tools: list[dict] | None, tool_choice: Any = None) -> Constraint | None:
+    def constraint(
+        self, response_format: dict | None, tools: list[dict] | None, tool_choice: Any = None
+    ) -> Constraint | None:
         """The constraint of a request, or None when its output is free text."""
         if tools:
             mode, only = _tool_mode(tool_choice)
@@ -177,8 +185,8 @@ class GrammarCache:
             return None
         return Constraint(self._xgr.GrammarMatcher(self._json(schema)), tools=False)
 
-    def bitmask(self, rows: int) -> "torch.Tensor":
+    def bitmask(self, rows: int) -> torch.Tensor:
         return self._xgr.allocate_token_bitmask(rows, self.vocab_size)
 
-    def apply(self, logits: "torch.Tensor", bitmask: "torch.Tensor", indices: list[int]) -> None:
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int]) -> None:
         self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=indices)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence as Seq
+from typing import Any
 
 import torch
 
@@ -108,7 +110,9 @@ class Engine:
         self._ctx = LoraContext()
         # The kernel adds fp32 rows on the CPU; other devices and dtypes take torch's products.
         fits = self.device.type == "cpu" and self.dtype == torch.float32 and max_rank <= bgmv.MAX_RANK
-        self.cpu_kernel = bool(cpu_kernel and fits and self.adapter_dtype in (torch.float32, torch.bfloat16) and bgmv.load())
+        self.cpu_kernel = bool(
+            cpu_kernel and fits and self.adapter_dtype in (torch.float32, torch.bfloat16) and bgmv.load()
+        )
         self._ctx.kernel = bgmv.op() if self.cpu_kernel else None
         self._layers = wrap_linear_layers(model, self._ctx)
         self.packed_layers = 0
@@ -156,7 +160,7 @@ class Engine:
         with self._scheduler.cond:  # stopped, not closed: new requests may queue for the next start()
             self._scheduler.stopping = False
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         self.start()
         return self
 
@@ -206,7 +210,9 @@ class Engine:
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(ids) >= self._scheduler.max_length:
-            raise InvalidRequest(f"the prompt has {len(ids)} tokens; the model's context is {self._scheduler.max_length}")
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; the model's context is {self._scheduler.max_length}"
+            )
         key, path = self._resolve(request.adapter) if request.adapter else (None, None)
         constraint = None
         if request.response_format or request.tools:

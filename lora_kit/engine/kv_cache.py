@@ -45,7 +45,9 @@ class GrowingLayer(DynamicLayer):
     def capacity(self) -> int:
         return self._k.shape[2]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new positions after the filled part; return views of everything filled."""
         end = self.length + key_states.shape[2]
         if end > self.capacity:

@@ -10,7 +10,8 @@ adapter, and slots that do not target a module, add exactly zero.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -154,7 +155,7 @@ class BatchedLoraLinear(nn.Module):
         return f"{self.name}: {self.in_features} -> {self.out_features}, padded rank {rank}"
 
 
-def wrap_linear_layers(model: "PreTrainedModel", ctx: LoraContext) -> dict[str, BatchedLoraLinear]:
+def wrap_linear_layers(model: PreTrainedModel, ctx: LoraContext) -> dict[str, BatchedLoraLinear]:
     """Replace every linear layer of the base (except the output head) by a BatchedLoraLinear.
 
     Returns the wrapped layers by their module path (the path PEFT adapters name them by).

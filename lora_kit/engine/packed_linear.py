@@ -62,7 +62,7 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN-packed"
 
 
-def pack_output_head(model: "PreTrainedModel", batch_hint: int) -> bool:
+def pack_output_head(model: PreTrainedModel, batch_hint: int) -> bool:
     """Replace the model's output head by a packed copy; False when it cannot be packed.
 
     A head tied to the input embeddings shares its table with the embedding lookup, which

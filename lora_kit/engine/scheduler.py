@@ -12,9 +12,10 @@ import queue
 import threading
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class Sequence:
     adapter_path: Path | None
     sampler: RequestSampler
     constraint: Constraint | None
-    events: "queue.SimpleQueue[GenerationOutput | BaseException]" = field(default_factory=queue.SimpleQueue)
+    events: queue.SimpleQueue[GenerationOutput | BaseException] = field(default_factory=queue.SimpleQueue)
     slot: int | None = None
     generated: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of text already sent
@@ -51,7 +52,7 @@ class Sequence:
     loop: asyncio.AbstractEventLoop | None = None
     wakeup: asyncio.Event | None = None
 
-    def push(self, item: "GenerationOutput | BaseException") -> None:
+    def push(self, item: GenerationOutput | BaseException) -> None:
         """Deliver an event from the scheduler thread (wakes an async consumer)."""
         self.events.put(item)
         loop, wakeup = self.loop, self.wakeup
@@ -316,7 +317,9 @@ class Scheduler:
                     break
         return max(end, seq.emitted)
 
-    def _emit(self, seq: Sequence, end: int, finished: bool, reason: str | None = None, tool_calls: list | None = None) -> None:
+    def _emit(
+        self, seq: Sequence, end: int, finished: bool, reason: str | None = None, tool_calls: list | None = None
+    ) -> None:
         """Send the text up to ``end`` not sent yet, with the token ids generated since the last event."""
         delta = seq.text[seq.emitted : end]
         if not delta and not finished:

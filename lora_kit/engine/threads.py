@@ -16,7 +16,8 @@ sets the intra-op thread count for itself.
 from __future__ import annotations
 
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 

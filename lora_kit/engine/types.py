@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_kit.errors import LoraKitError
 
-class EngineError(Exception):
+
+class EngineError(LoraKitError):
     """Base class of the errors a request can fail with."""
 
 

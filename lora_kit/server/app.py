@@ -90,18 +90,22 @@ class AccessLog:
             if status["code"] >= 400:
                 self.metrics.record_error(route, int(state.get("error_code") or status["code"]))
             client = scope.get("client") or ("", 0)
-            access_log.info(json.dumps({
-                "ts": round(time.time(), 3),
-                "request_id": request_id,
-                "client": client[0],
-                "method": scope.get("method"),
-                "path": scope.get("path"),
-                "route": route,
-                "status": status["code"],
-                "error_code": state.get("error_code"),
-                "adapter": adapter,
-                "duration_ms": round(seconds * 1000, 1),
-            }))
+            access_log.info(
+                json.dumps(
+                    {
+                        "ts": round(time.time(), 3),
+                        "request_id": request_id,
+                        "client": client[0],
+                        "method": scope.get("method"),
+                        "path": scope.get("path"),
+                        "route": route,
+                        "status": status["code"],
+                        "error_code": state.get("error_code"),
+                        "adapter": adapter,
+                        "duration_ms": round(seconds * 1000, 1),
+                    }
+                )
+            )
 
 
 def create_app(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hmac
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from fastapi import Request
 

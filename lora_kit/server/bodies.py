@@ -46,7 +46,9 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise errors.bad_input("the request body is not UTF-8 JSON") from None
     except json.JSONDecodeError as err:
-        raise errors.bad_input(f"malformed JSON in the request body: {err.msg} at line {err.lineno} column {err.colno}") from None
+        raise errors.bad_input(
+            f"malformed JSON in the request body: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from None
     if not isinstance(value, dict):
         raise errors.bad_input(f"the request body must be a JSON object, not {type(value).__name__}")
     return value

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Optional, Union
+from collections.abc import AsyncIterator
+from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -45,7 +46,9 @@ def parse_run_body(body: dict[str, Any]) -> RunRequest:
     except ValidationError as err:
         raise errors.bad_input(describe_validation_error(err)) from None
     if isinstance(parsed, MessagesRequest) and parsed.functions:
-        raise errors.bad_input("functions: embedded function calling is deprecated and not supported; use 'tools'", "functions")
+        raise errors.bad_input(
+            "functions: embedded function calling is deprecated and not supported; use 'tools'", "functions"
+        )
     return parsed
 
 
@@ -193,4 +196,3 @@ def router(state: ServerState) -> APIRouter:
         api.add_api_route(PREFIX + "/finetunes/public" + suffix, list_public_finetunes, methods=["GET"])
         api.add_api_route(PREFIX + "/finetunes/{finetune_id}/finetune-assets" + suffix, upload_asset, methods=["POST"])
     return api
-

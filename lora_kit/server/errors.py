@@ -23,8 +23,14 @@ INTERNAL = (3001, 500)
 NO_ROUTE = (7003, 404)
 METHOD_NOT_ALLOWED = (7001, 405)
 
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 class ApiError(Exception):

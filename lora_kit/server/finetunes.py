@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lora_kit import paths
+from lora_kit.adapters.format import ADAPTER_FILES, InvalidAdapter
 from lora_kit.server import errors
 from lora_kit.server.errors import ApiError
 
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+REQUIRED_FILES = ADAPTER_FILES
 META = "finetune.json"
 
 
@@ -175,7 +176,7 @@ class FinetuneStore:
                         description=meta.get("description") or "",
                         lineage={"source": "finetune-assets upload", "finetune_id": finetune_id},
                     )
-                except RegistryError as err:
+                except (RegistryError, InvalidAdapter) as err:
                     # Drop the refused file so a corrected one can be uploaded.
                     (stage / file_name).unlink(missing_ok=True)
                     raise errors.bad_input(f"the adapter was refused: {err}", param="file") from err

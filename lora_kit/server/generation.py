@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, Optional
 
 from lora_kit.engine import (
     AdapterError,
@@ -193,7 +194,9 @@ class Runner:
             if last is not None:
                 self.metrics.record_tokens(adapter, last.prompt_tokens, last.completion_tokens)
 
-    async def complete(self, request: GenerationRequest, disconnected: Optional[Callable[[], Any]] = None) -> Completion:
+    async def complete(
+        self, request: GenerationRequest, disconnected: Optional[Callable[[], Any]] = None
+    ) -> Completion:
         """Run ``request`` to the end. If ``disconnected`` (an awaitable factory) finishes first, cancel it."""
         events = await self.stream(request)
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -125,8 +126,16 @@ class Metrics:
         gauge("lora_kit_queue_depth", "Requests waiting for a batch place.", float(stats.get("queue_depth", 0)))
         gauge("lora_kit_running_requests", "Requests being decoded now.", float(stats.get("running", 0)))
         resident = stats.get("resident_adapters", 0)
-        gauge("lora_kit_resident_adapters", "Adapters loaded in LoRA slots.", float(len(resident) if isinstance(resident, (list, tuple, set, dict)) else resident))
+        gauge(
+            "lora_kit_resident_adapters",
+            "Adapters loaded in LoRA slots.",
+            float(len(resident) if isinstance(resident, (list, tuple, set, dict)) else resident),
+        )
         gauge("lora_kit_adapter_slots", "LoRA slots.", float(stats.get("slots", 0) or 0))
         finished = {_labels(reason=reason): float(n) for reason, n in (stats.get("finished") or {}).items()}
-        counter("lora_kit_engine_finished_total", "Requests the engine finished, by reason (cancelled: client gone).", finished)
+        counter(
+            "lora_kit_engine_finished_total",
+            "Requests the engine finished, by reason (cancelled: client gone).",
+            finished,
+        )
         return "\n".join(lines) + "\n"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -131,10 +132,15 @@ async def chat_chunks(
     """``chat.completion.chunk`` events: role, content deltas, tool calls, finish reason, [usage], [DONE]."""
 
     def chunk(delta: dict[str, Any], finish: Optional[str] = None) -> bytes:
-        return sse.event({
-            "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-        })
+        return sse.event(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            }
+        )
 
     done = Completion()
     try:
@@ -147,8 +153,16 @@ async def chat_chunks(
             yield chunk({"tool_calls": openai_tool_calls(done.tool_calls)})
         yield chunk({}, _finish_reason(done))
         if include_usage:
-            yield sse.event({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                             "choices": [], "usage": done.usage()})
+            yield sse.event(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": done.usage(),
+                }
+            )
         yield sse.DONE
     except Exception as err:  # noqa: BLE001 - the status is already sent
         yield sse.event(errors.openai_body(engine_error(err)))
@@ -162,10 +176,15 @@ async def completion_chunks(
     """``text_completion`` stream events, then [usage], then [DONE]."""
 
     def chunk(text: str, finish: Optional[str] = None) -> bytes:
-        return sse.event({
-            "id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-        })
+        return sse.event(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            }
+        )
 
     done = Completion()
     try:
@@ -175,8 +194,16 @@ async def completion_chunks(
                 yield chunk(out.text)
         yield chunk("", _finish_reason(done))
         if include_usage:
-            yield sse.event({"id": rid, "object": "text_completion", "created": created, "model": model,
-                             "choices": [], "usage": done.usage()})
+            yield sse.event(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": done.usage(),
+                }
+            )
         yield sse.DONE
     except Exception as err:  # noqa: BLE001
         yield sse.event(errors.openai_body(engine_error(err)))
@@ -192,8 +219,14 @@ def router(state: ServerState) -> APIRouter:
     async def list_models() -> Any:
         created = int(time.time())
         data: list[dict[str, Any]] = [
-            {"id": state.served_model, "object": "model", "created": created, "owned_by": "lora-kit",
-             "root": state.served_model, "parent": None}
+            {
+                "id": state.served_model,
+                "object": "model",
+                "created": created,
+                "owned_by": "lora-kit",
+                "root": state.served_model,
+                "parent": None,
+            }
         ]
         versions = state.registry.list()
         latest: dict[str, Any] = {}
@@ -218,8 +251,11 @@ def router(state: ServerState) -> APIRouter:
         except chat.ChatError as err:
             raise errors.bad_input(f"messages: {err}", "messages") from err
         gen = GenerationRequest(
-            ids, _params(state, req, CHAT_DEFAULT_MAX_TOKENS), adapter=adapter,
-            response_format=_response_format(req), tools=tools,
+            ids,
+            _params(state, req, CHAT_DEFAULT_MAX_TOKENS),
+            adapter=adapter,
+            response_format=_response_format(req),
+            tools=tools,
             tool_choice=req.tool_choice if tools else None,
         )
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -227,7 +263,8 @@ def router(state: ServerState) -> APIRouter:
             events = await state.runner.stream(gen)
             return StreamingResponse(
                 chat_chunks(events, req.model, rid, created, req.include_usage()),
-                media_type=sse.MEDIA_TYPE, headers=sse.HEADERS,
+                media_type=sse.MEDIA_TYPE,
+                headers=sse.HEADERS,
             )
         done = await state.runner.complete(gen, disconnect_waiter(request))
         return JSONResponse(chat_response(done, req.model, rid, created))
@@ -242,7 +279,9 @@ def router(state: ServerState) -> APIRouter:
         except chat.ChatError as err:
             raise errors.bad_input(f"prompt: {err}", "prompt") from err
         gen = GenerationRequest(
-            ids, _params(state, req, COMPLETION_DEFAULT_MAX_TOKENS), adapter=adapter,
+            ids,
+            _params(state, req, COMPLETION_DEFAULT_MAX_TOKENS),
+            adapter=adapter,
             response_format=_response_format(req),
         )
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -250,7 +289,8 @@ def router(state: ServerState) -> APIRouter:
             events = await state.runner.stream(gen)
             return StreamingResponse(
                 completion_chunks(events, req.model, rid, created, req.include_usage()),
-                media_type=sse.MEDIA_TYPE, headers=sse.HEADERS,
+                media_type=sse.MEDIA_TYPE,
+                headers=sse.HEADERS,
             )
         done = await state.runner.complete(gen, disconnect_waiter(request))
         return JSONResponse(completion_response(done, req.model, rid, created))

@@ -113,7 +113,7 @@ class Tool(_Lenient):
     parameters: Optional[ToolParameters] = None
 
     @model_validator(mode="after")
-    def _one_shape(self) -> "Tool":
+    def _one_shape(self) -> Tool:
         if self.function is None and (not self.name or self.parameters is None):
             raise ValueError("a tool needs either 'function' or 'name' and 'parameters'")
         return self

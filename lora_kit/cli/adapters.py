@@ -1,5 +1,5 @@
 """``lora-kit adapters ...``: the registry's commands. Handlers return an exit status and raise
-``RegistryError`` (printed as one line by ``lora_kit.cli.main``) for expected failures."""
+``RegistryError`` (printed as one line by ``lora_kit.cli``) for expected failures."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import json
 import sys
 from typing import Any
 
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+from lora_kit.cli.common import print_json
 
 
 def _registry() -> Any:
@@ -35,7 +33,7 @@ def _short_base(base: str | None) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     versions = _registry().list()
     if args.json:
-        _print_json([v.to_dict() for v in versions])
+        print_json([v.to_dict() for v in versions])
         return 0
     if not versions:
         print("no adapters registered (add one with `lora-kit adapters add DIR --name NAME`)")
@@ -61,7 +59,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     v = _registry().resolve(args.ref)
     if args.json:
-        _print_json(v.to_dict())
+        print_json(v.to_dict())
         return 0
     print(f"{v.ref}  (id {v.id})")
     print(f"  created      {v.created_at}")
@@ -125,8 +123,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lora_kit.adapter_export import export_adapter, export_archive
     from lora_kit.registry import RegistryError
+    from lora_kit.registry.export import export_adapter, export_archive
 
     reg = _registry()
     if args.archive:
@@ -142,16 +140,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from lora_kit.adapter_export import import_archive
+    from lora_kit.registry.export import import_archive
 
     v = import_archive(_registry(), args.archive, name=args.name)
     print(v.ref)
     return 0
 
 
-def add_adapters_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     """Register the ``adapters`` command group on the top-level ``subparsers``."""
-    p_ad = subparsers.add_parser("adapters", help="the adapter registry: list, show, add, rm, tag, verify, export, import")
+    p_ad = subparsers.add_parser(
+        "adapters", help="the adapter registry: list, show, add, rm, tag, verify, export, import"
+    )
     sub = p_ad.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
     ref_help = "NAME (latest), NAME@VERSION, NAME:ALIAS or a version id"
 
@@ -167,7 +167,9 @@ def add_adapters_parser(subparsers: Any) -> None:
     p = sub.add_parser("add", help="validate a PEFT directory and register it as a new version")
     p.add_argument("dir", metavar="DIR", help="directory with adapter_config.json + adapter_model.safetensors")
     p.add_argument("--name", required=True, help="adapter name: [a-z0-9][a-z0-9._-]{0,63}")
-    p.add_argument("--base", default=None, metavar="SPEC", help="base model (default: the config's base_model_name_or_path)")
+    p.add_argument(
+        "--base", default=None, metavar="SPEC", help="base model (default: the config's base_model_name_or_path)"
+    )
     p.add_argument("--description", default="", metavar="D")
     p.add_argument("--tag", action="append", metavar="T", help="a free-form tag (repeatable)")
     p.set_defaults(func=cmd_add)
@@ -195,7 +197,12 @@ def add_adapters_parser(subparsers: Any) -> None:
     p.add_argument("ref", metavar="REF", help=ref_help)
     p.add_argument("dest", metavar="DEST", help="new directory (or, with --archive, a .tar.gz path or a directory)")
     p.add_argument("--target", choices=["peft", "cloudflare", "vllm"], default="peft")
-    p.add_argument("--model-type", choices=["mistral", "llama", "gemma"], default=None, help="Cloudflare model_type (default: from the base model)")
+    p.add_argument(
+        "--model-type",
+        choices=["mistral", "llama", "gemma"],
+        default=None,
+        help="Cloudflare model_type (default: from the base model)",
+    )
     p.add_argument("--archive", action="store_true", help="write a .tar.gz that `adapters import` restores bit for bit")
     p.set_defaults(func=cmd_export)
 

@@ -11,12 +11,14 @@ import csv
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lora_kit import chat
-from lora_kit.recipe import DataSection, RecipeError
+from lora_kit.errors import LoraKitError
+from lora_kit.training.recipe import DataSection
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 IGNORE = -100
 
 
-class DataError(RecipeError):
+class DataError(LoraKitError, ValueError):
     """The data cannot be used for training; the message says which file/example and why."""
 
 
@@ -151,7 +153,10 @@ def to_messages(record: dict[str, Any], cfg: DataSection, index: int) -> list[di
             messages = json.loads(messages)
         messages = list(messages)
     elif cfg.format == "prompt_completion":
-        messages = [{"role": "user", "content": str(get(col.prompt))}, {"role": "assistant", "content": str(get(col.completion))}]
+        messages = [
+            {"role": "user", "content": str(get(col.prompt))},
+            {"role": "assistant", "content": str(get(col.completion))},
+        ]
     else:  # alpaca
         instruction, extra = str(get(col.instruction)), str(record.get(col.input) or "")
         user = instruction + ("\n\n" + extra if extra else "")
@@ -166,7 +171,9 @@ def to_messages(record: dict[str, Any], cfg: DataSection, index: int) -> list[di
 # -- tokenizing ----------------------------------------------------------------------------------
 
 
-def tokenize(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any]], max_seq_len: int) -> tuple[Example, bool]:
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], max_seq_len: int
+) -> tuple[Example, bool]:
     """Render one conversation; returns the example and whether it was truncated."""
     rendered = chat.render(tokenizer, messages)
     ids, mask = rendered.input_ids, rendered.assistant_mask
@@ -177,7 +184,7 @@ def tokenize(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any]
 
 
 def build(
-    tokenizer: "PreTrainedTokenizerBase", records: Sequence[dict[str, Any]], cfg: DataSection, what: str = "train"
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[dict[str, Any]], cfg: DataSection, what: str = "train"
 ) -> tuple[list[Example], Audit]:
     """Tokenize records into examples and audit them."""
     audit = Audit(examples=len(records))
@@ -209,7 +216,9 @@ def build(
     if audit.double_bos:
         audit.failures.append(f"{what}: {audit.double_bos} examples start with a double BOS")
     if audit.eos_not_supervised:
-        audit.failures.append(f"{what}: {audit.eos_not_supervised} replies do not end in a supervised EOS (the model would never learn to stop)")
+        audit.failures.append(
+            f"{what}: {audit.eos_not_supervised} replies do not end in a supervised EOS (the model would never learn to stop)"
+        )
     return out, audit
 
 

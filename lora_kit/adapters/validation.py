@@ -9,28 +9,29 @@ adapter unusable raise ``InvalidAdapter``; properties that limit where it can be
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_kit.registry import InvalidAdapter
+from lora_kit.adapters.format import (
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    PEFT_PREFIX,
+    WEIGHTS_FILE,
+    InvalidAdapter,
+    config_alpha,
+    missing_files,
+    module_rank,
+    parse_config,
+    parse_tensor_name,
+    pickle_files,
+    targets_module,
+    unservable_reasons,
+)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-_PEFT_PREFIX = "base_model.model."
-_LORA_SUFFIXES = {
-    ".lora_A.weight": ("linear", "A"),
-    ".lora_B.weight": ("linear", "B"),
-    ".lora_embedding_A": ("embedding", "A"),
-    ".lora_embedding_B": ("embedding", "B"),
-    ".lora_magnitude_vector": ("dora", "m"),
-}
 
 
 @dataclass
@@ -85,7 +86,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     end = 0
     for name, meta in header.items():
         try:
-            dtype, shape, (start, stop) = meta["dtype"], [int(d) for d in meta["shape"]], meta["data_offsets"]
+            dtype, shape, (_start, stop) = meta["dtype"], [int(d) for d in meta["shape"]], meta["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise InvalidAdapter(f"{path.name}: malformed header entry for tensor '{name}'") from None
         tensors[name] = {"dtype": dtype, "shape": shape}
@@ -97,62 +98,24 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     return tensors
 
 
-def _module_matches(module_path: str, targets: Any) -> bool:
-    """PEFT's rule: a string is a full-match regex; a list matches the name or a dotted suffix."""
-    if targets in (None, "all-linear"):
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module_path) is not None
-    return any(module_path == t or module_path.endswith("." + t) for t in targets)
-
-
-def _pattern_value(module_path: str, pattern: dict[str, Any], default: Any) -> Any:
-    """rank_pattern/alpha_pattern: keys are regexes matched against the end of the module path."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
-
-
-def parse_config(path: Path) -> dict[str, Any]:
-    """Load and sanity-check ``adapter_config.json``."""
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
-    peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise InvalidAdapter(f"{CONFIG_FILE}: peft_type is {peft_type!r}; only LORA adapters are supported")
-    r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise InvalidAdapter(f"{CONFIG_FILE}: 'r' (the LoRA rank) must be a positive integer, got {r!r}")
-    alpha = config.get("lora_alpha", r)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise InvalidAdapter(f"{CONFIG_FILE}: 'lora_alpha' must be a positive number, got {alpha!r}")
-    targets = config.get("target_modules")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise InvalidAdapter(f"{CONFIG_FILE}: 'target_modules' must be a list of module names or a regex, got {targets!r}")
-    return config
-
-
 def check_files(adapter_dir: Path) -> list[str]:
     """Refuse pickle files and missing files; return the names of other files, which are ignored."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise InvalidAdapter(f"'{adapter_dir}' is not a directory (expected a PEFT adapter directory)")
     names = sorted(p.name for p in adapter_dir.iterdir())
-    pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
+    pickles = pickle_files(names)
     if pickles:
         raise InvalidAdapter(
             f"refusing {', '.join(pickles)} in '{adapter_dir}': pickle files can run arbitrary code when loaded. "
             f"Save the adapter with safetensors (PEFT: save_pretrained(..., safe_serialization=True)) "
             f"so the directory holds {CONFIG_FILE} + {WEIGHTS_FILE}"
         )
-    missing = [n for n in ADAPTER_FILES if not (adapter_dir / n).is_file()]
+    missing = missing_files(adapter_dir)
     if missing:
-        raise InvalidAdapter(f"'{adapter_dir}' is missing {', '.join(missing)} (a PEFT LoRA adapter needs {' + '.join(ADAPTER_FILES)})")
+        raise InvalidAdapter(
+            f"'{adapter_dir}' is missing {', '.join(missing)} (a PEFT LoRA adapter needs {' + '.join(ADAPTER_FILES)})"
+        )
     return [n for n in names if n not in ADAPTER_FILES]
 
 
@@ -164,8 +127,7 @@ def validate_adapter_dir(adapter_dir: Path, base_dir: Path | None = None) -> Ada
     tensors = read_safetensors_header(adapter_dir / WEIGHTS_FILE)
     if not tensors:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no tensors")
-    r, targets = config["r"], config["target_modules"]
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    targets = config["target_modules"]
 
     modules: dict[str, dict[str, Any]] = {}
     saved: list[str] = []
@@ -173,26 +135,25 @@ def validate_adapter_dir(adapter_dir: Path, base_dir: Path | None = None) -> Ada
     for name, meta in sorted(tensors.items()):
         if meta["dtype"] not in FLOAT_DTYPES:
             problems.append(f"tensor {name} has dtype {meta['dtype']}; LoRA weights must be floating point")
-        path = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
-        for suffix, (kind, part) in _LORA_SUFFIXES.items():
-            if path.endswith(suffix):
-                module = path[: -len(suffix)]
-                entry = modules.setdefault(module, {"kind": kind})
-                if kind == "dora":
-                    entry["dora"] = meta["shape"]
-                else:
-                    entry["kind"] = kind
-                    entry[part] = meta["shape"]
-                break
+        key = parse_tensor_name(name)
+        if key is None:
+            saved.append(name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name)
+            continue
+        entry = modules.setdefault(key.module, {"kind": key.kind})
+        if key.kind == "dora":
+            entry["dora"] = meta["shape"]
         else:
-            saved.append(path)
+            entry["kind"] = key.kind
+            entry[key.part] = meta["shape"]
 
     for module, entry in modules.items():
         if "A" not in entry or "B" not in entry:
-            problems.append(f"{module}: has lora_{'B' if 'A' in entry else 'A'} but not lora_{'A' if 'A' in entry else 'B'}")
+            problems.append(
+                f"{module}: has lora_{'B' if 'A' in entry else 'A'} but not lora_{'A' if 'A' in entry else 'B'}"
+            )
             continue
         a, b = entry["A"], entry["B"]
-        rank = _pattern_value(module, rank_pattern, r)
+        rank = module_rank(config, module)
         entry["rank"] = rank
         if len(a) != 2 or len(b) != 2:
             problems.append(f"{module}: LoRA tensors must be 2-D, got A{a} B{b}")
@@ -200,15 +161,15 @@ def validate_adapter_dir(adapter_dir: Path, base_dir: Path | None = None) -> Ada
         # linear: A is (r, in), B is (out, r); embedding: A is (r, num_embeddings), B is (dim, r)
         if a[0] != rank or b[1] != rank:
             problems.append(f"{module}: shapes A{a} B{b} do not match rank {rank} from {CONFIG_FILE}")
-        if not _module_matches(module, targets):
+        if not targets_module(targets, module):
             problems.append(f"{module}: has LoRA weights but is not in target_modules {targets}")
     if not modules:
         problems.append(f"{WEIGHTS_FILE} holds no LoRA weights (lora_A/lora_B tensors)")
     if problems:
-        raise InvalidAdapter("invalid adapter in '%s':\n  - %s" % (adapter_dir, "\n  - ".join(problems[:20])))
+        raise InvalidAdapter("invalid adapter in '{}':\n  - {}".format(adapter_dir, "\n  - ".join(problems[:20])))
 
     ranks = [m["rank"] for m in modules.values()]
-    alpha = float(config.get("lora_alpha", r))
+    alpha = config_alpha(config)
     target_list = [targets] if isinstance(targets, str) else sorted(targets)
     info = AdapterInfo(
         config=config,
@@ -217,7 +178,9 @@ def validate_adapter_dir(adapter_dir: Path, base_dir: Path | None = None) -> Ada
         target_modules=target_list,
         modules=modules,
         saved_modules=saved,
-        saved_shapes={p: tensors[_PEFT_PREFIX + p]["shape"] if _PEFT_PREFIX + p in tensors else tensors[p]["shape"] for p in saved},
+        saved_shapes={
+            p: tensors[PEFT_PREFIX + p]["shape"] if PEFT_PREFIX + p in tensors else tensors[p]["shape"] for p in saved
+        },
         ignored_files=ignored,
     )
     if isinstance(targets, list):
@@ -231,11 +194,15 @@ def validate_adapter_dir(adapter_dir: Path, base_dir: Path | None = None) -> Ada
             f"saves whole modules ({what}): multi-adapter servers (vLLM, Cloudflare, lora-kit batching) cannot batch it with other adapters"
         )
     if flags["embedding"]:
-        info.warnings.append("adapts the embedding layer: not accepted by Cloudflare; vLLM needs an equal vocabulary size")
+        info.warnings.append(
+            "adapts the embedding layer: not accepted by Cloudflare; vLLM needs an equal vocabulary size"
+        )
     if flags["lm_head"] and not flags["modules_to_save"]:
         info.warnings.append("adapts lm_head: multi-adapter servers may refuse it")
     if flags["dora"]:
         info.warnings.append("uses DoRA (use_dora): vLLM and Cloudflare do not serve DoRA adapters")
+    for why in unservable_reasons(config):
+        info.warnings.append(f"lora-kit serve cannot load it: {why}")
     if base_dir is not None:
         check_against_base(info, Path(base_dir))
     return info
@@ -279,7 +246,9 @@ def check_against_base(info: AdapterInfo, base_dir: Path) -> None:
     targets = info.config.get("target_modules")
     if isinstance(targets, list):
         for target in targets:
-            if not any(m == target or m.endswith("." + target) for m in base_modules) and not (target == "lm_head" and tied):
+            if not any(m == target or m.endswith("." + target) for m in base_modules) and not (
+                target == "lm_head" and tied
+            ):
                 problems.append(f"target module '{target}' does not exist in the base model")
 
     for module, entry in sorted(info.modules.items()):
@@ -302,12 +271,14 @@ def check_against_base(info: AdapterInfo, base_dir: Path) -> None:
         # a saved whole module replaces the base tensor of the same name, so the shapes must agree
         if path in shapes:
             if not quantized and shapes[path] != info.saved_shapes.get(path, shapes[path]):
-                problems.append(f"saved module tensor {path} has shape {info.saved_shapes[path]}, the base has {shapes[path]}")
+                problems.append(
+                    f"saved module tensor {path} has shape {info.saved_shapes[path]}, the base has {shapes[path]}"
+                )
         elif not any(path.startswith(m + ".") for m in base_modules):
             problems.append(f"saved module tensor {path} has no counterpart in the base model")
     if problems:
         raise InvalidAdapter(
-            "adapter does not fit the base model '%s':\n  - %s" % (base_dir, "\n  - ".join(problems[:20]))
+            "adapter does not fit the base model '{}':\n  - {}".format(base_dir, "\n  - ".join(problems[:20]))
         )
 
 

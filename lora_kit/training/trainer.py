@@ -17,17 +17,20 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from lora_kit import __version__, checkpoint, data, evaluate, models, packing, paths
-from lora_kit.recipe import LINEAR_TARGETS, Recipe, RecipeError
+from lora_kit import __version__, models, paths
+from lora_kit.errors import LoraKitError
+from lora_kit.training import checkpoint, data, evaluate, packing
+from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
 
 
-class TrainError(RecipeError):
+class TrainError(LoraKitError):
     """Training cannot start or go on; the message says why."""
 
 
@@ -90,7 +93,11 @@ class _Writer:
             return
         if self.path.exists():
             # Drop lines past the checkpoint we resume from, so the file has each step once.
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            kept = [
+                l
+                for l in self.path.read_text().splitlines()
+                if l.strip() and json.loads(l).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(l + "\n" for l in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -176,14 +183,22 @@ def train(
     ``True`` requires a checkpoint, ``False`` starts fresh."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training, set_peft_model_state_dict
+    from peft import (
+        LoraConfig,
+        get_peft_model,
+        get_peft_model_state_dict,
+        prepare_model_for_kbit_training,
+        set_peft_model_state_dict,
+    )
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     t_start = time.time()
     cuda = torch.cuda.is_available()
     compute_dtype = _compute_dtype(recipe, models.default_device())
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and compute_dtype == torch.bfloat16 else "no")
+    accelerator = Accelerator(
+        cpu=not cuda, mixed_precision="bf16" if cuda and compute_dtype == torch.bfloat16 else "no"
+    )
     main = accelerator.is_main_process
     say = log or (lambda msg: print(msg, flush=True))
 
@@ -204,12 +219,16 @@ def train(
     if ckpt_path is not None:
         saved_hash = json.loads((ckpt_path / checkpoint.COMPLETE).read_text()).get("recipe_hash")
         if saved_hash != recipe.content_hash():
-            raise TrainError(f"the recipe changed since the checkpoint in {run_dir}; use --fresh or another output.run_dir")
+            raise TrainError(
+                f"the recipe changed since the checkpoint in {run_dir}; use --fresh or another output.run_dir"
+            )
     if main:
         if ckpt_path is None and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.json").write_text(json.dumps({"recipe": recipe.to_dict(), "hash": recipe.content_hash()}, indent=2))
+        (run_dir / "recipe.json").write_text(
+            json.dumps({"recipe": recipe.to_dict(), "hash": recipe.content_hash()}, indent=2)
+        )
     accelerator.wait_for_everyone()
     info(f"run directory: {run_dir}")
 
@@ -223,23 +242,33 @@ def train(
     if eval_audit:
         info(eval_audit.summary("eval data audit"))
     if main:
-        (run_dir / "data_audit.json").write_text(json.dumps({"train": audit.to_dict(), "eval": eval_audit.to_dict() if eval_audit else None}, indent=2))
+        (run_dir / "data_audit.json").write_text(
+            json.dumps({"train": audit.to_dict(), "eval": eval_audit.to_dict() if eval_audit else None}, indent=2)
+        )
     if audit.failures or (eval_audit and eval_audit.failures):
-        raise TrainError("the data audit failed: " + "; ".join(audit.failures + (eval_audit.failures if eval_audit else [])))
+        raise TrainError(
+            "the data audit failed: " + "; ".join(audit.failures + (eval_audit.failures if eval_audit else []))
+        )
     rows = packing.rows_for(train_examples, recipe.data.max_seq_len, recipe.data.packing)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_epoch = math.ceil(len(rows) / (tcfg.micro_batch_size * world))
     steps_per_epoch = math.ceil(micro_per_epoch / tcfg.gradient_accumulation_steps)
     total_steps = tcfg.max_steps or steps_per_epoch * tcfg.epochs
-    info(f"{len(train_examples)} examples in {len(rows)} rows ({'packed' if recipe.data.packing else 'unpacked'}), "
-         f"{world} process(es), {steps_per_epoch} steps/epoch, {total_steps} steps")
+    info(
+        f"{len(train_examples)} examples in {len(rows)} rows ({'packed' if recipe.data.packing else 'unpacked'}), "
+        f"{world} process(es), {steps_per_epoch} steps/epoch, {total_steps} steps"
+    )
 
     # -- model --------------------------------------------------------------------------------
     device = accelerator.device
-    model = models.load_model(recipe.model.base, recipe.model.quantization, recipe.model.double_quant, compute_dtype, device)
+    model = models.load_model(
+        recipe.model.base, recipe.model.quantization, recipe.model.double_quant, compute_dtype, device
+    )
     gc_kwargs = {"use_reentrant": False}
     if recipe.model.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tcfg.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=tcfg.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
     elif tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
@@ -250,8 +279,13 @@ def train(
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     lora_config = LoraConfig(
-        r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-        target_modules=target_modules(recipe), use_rslora=recipe.lora.use_rslora, bias="none", task_type="CAUSAL_LM",
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=target_modules(recipe),
+        use_rslora=recipe.lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     # LoRA weights are initialised from the seed, identically on every rank.
     torch.manual_seed(tcfg.seed)
@@ -267,7 +301,9 @@ def train(
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    scheduler = get_scheduler(tcfg.scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        tcfg.scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=total_steps
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     peft_model = accelerator.unwrap_model(model)
 
@@ -282,7 +318,9 @@ def train(
         info(f"resumed from {ckpt_path.name} (step {start_step})")
 
     writer = _Writer(run_dir, main, start_step)
-    batches = _micro_batches(rows, tcfg.micro_batch_size, world, rank, tcfg.seed, start_step * tcfg.gradient_accumulation_steps)
+    batches = _micro_batches(
+        rows, tcfg.micro_batch_size, world, rank, tcfg.seed, start_step * tcfg.gradient_accumulation_steps
+    )
 
     def save_checkpoint(step: int) -> None:
         rngs = [checkpoint.rng_state()]
@@ -291,8 +329,15 @@ def train(
             torch.distributed.all_gather_object(gathered, rngs[0])
             rngs = gathered
         if main:
-            checkpoint.save(run_dir, step, get_peft_model_state_dict(peft_model), optimizer.state_dict(),
-                            scheduler.state_dict(), rngs, {"recipe_hash": recipe.content_hash()})
+            checkpoint.save(
+                run_dir,
+                step,
+                get_peft_model_state_dict(peft_model),
+                optimizer.state_dict(),
+                scheduler.state_dict(),
+                rngs,
+                {"recipe_hash": recipe.content_hash()},
+            )
         accelerator.wait_for_everyone()
 
     def global_eval_loss() -> float | None:
@@ -315,24 +360,33 @@ def train(
         for i, batch in enumerate(collated):
             batch = {k: v.to(device) for k, v in batch.items()}
             sync = i == len(collated) - 1
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
                 loss, n = packing.loss_sum(model, batch)
                 accelerator.backward(loss / max(n_local, 1))
             step_loss += loss.detach()
-            step_tokens += int((batch["input_ids"] != pad_id).sum()) if pad_id is not None else batch["input_ids"].numel()
+            step_tokens += (
+                int((batch["input_ids"] != pad_id).sum()) if pad_id is not None else batch["input_ids"].numel()
+            )
         grad_norm = None
         if tcfg.max_grad_norm:
             grad_norm = float(accelerator.clip_grad_norm_(params, tcfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        totals = accelerator.reduce(torch.tensor([float(step_loss), float(n_local), float(step_tokens)], device=device), reduction="sum")
+        totals = accelerator.reduce(
+            torch.tensor([float(step_loss), float(n_local), float(step_tokens)], device=device), reduction="sum"
+        )
         last_loss = float(totals[0] / max(float(totals[1]), 1.0))
         tokens_seen += int(totals[2])
         elapsed = time.time() - t_loop
         tps = tokens_seen / elapsed if elapsed > 0 else 0.0
         peak_rss_mb = max(peak_rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        record: dict[str, Any] = {"step": step, "loss": round(last_loss, 6), "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1)}
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": round(last_loss, 6),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": round(tps, 1),
+        }
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm, 6)
         if tcfg.eval_every and step % tcfg.eval_every == 0 and step != total_steps:
@@ -349,25 +403,42 @@ def train(
     bar.close()
 
     # -- end: eval, export, register -----------------------------------------------------------
-    metrics: dict[str, Any] = {"train_loss": last_loss, "steps": total_steps, "tokens_per_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
-                               "trainable_params": n_trainable, "peak_rss_mb": round(peak_rss_mb, 1)}
+    metrics: dict[str, Any] = {
+        "train_loss": last_loss,
+        "steps": total_steps,
+        "tokens_per_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
+        "trainable_params": n_trainable,
+        "peak_rss_mb": round(peak_rss_mb, 1),
+    }
     ev = global_eval_loss()
     if ev is not None:
         metrics["eval_loss"] = ev
         writer.log({"step": total_steps, "eval_loss": round(ev, 6)})
-    checksum = hashlib.sha256(b"".join(v.detach().cpu().float().numpy().tobytes() for _, v in sorted(get_peft_model_state_dict(peft_model).items()))).hexdigest()
+    checksum = hashlib.sha256(
+        b"".join(
+            v.detach().cpu().float().numpy().tobytes() for _, v in sorted(get_peft_model_state_dict(peft_model).items())
+        )
+    ).hexdigest()
     print(f"[rank {rank}] adapter checksum {checksum}", flush=True)
     adapter_dir = run_dir / "adapter"
     ref = None
     if main:
         if eval_records and recipe.eval.task_metric == "exact_match" and recipe.eval.max_examples:
-            convs = [data.to_messages(r, recipe.data, i) for i, r in enumerate(eval_records[: recipe.eval.max_examples])]
-            adapter_em = evaluate.exact_match(peft_model, tokenizer, convs, recipe.eval.max_new_tokens, device, use_adapter=True)
+            convs = [
+                data.to_messages(r, recipe.data, i) for i, r in enumerate(eval_records[: recipe.eval.max_examples])
+            ]
+            adapter_em = evaluate.exact_match(
+                peft_model, tokenizer, convs, recipe.eval.max_new_tokens, device, use_adapter=True
+            )
             metrics["eval_exact_match"] = adapter_em["exact_match"]
             if recipe.eval.compare_base:
-                base_em = evaluate.exact_match(peft_model, tokenizer, convs, recipe.eval.max_new_tokens, device, use_adapter=False)
+                base_em = evaluate.exact_match(
+                    peft_model, tokenizer, convs, recipe.eval.max_new_tokens, device, use_adapter=False
+                )
                 metrics["base_exact_match"] = base_em["exact_match"]
-                say(f"held-out exact match ({adapter_em['n']} examples): base {base_em['exact_match']:.1%}  ->  adapter {adapter_em['exact_match']:.1%}")
+                say(
+                    f"held-out exact match ({adapter_em['n']} examples): base {base_em['exact_match']:.1%}  ->  adapter {adapter_em['exact_match']:.1%}"
+                )
                 for s in base_em["samples"][:2]:
                     say(f"  base    : {s['got']!r}   (expected {s['expected']!r})")
             else:
@@ -416,7 +487,9 @@ def export_adapter(peft_model: Any, tokenizer: Any, recipe: Recipe, adapter_dir:
     config["base_model_name_or_path"] = recipe.model.base
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     template = getattr(tokenizer, "chat_template", None)
-    (adapter_dir / "chat_template.jinja").write_text(template if template else "{# built-in Mistral-7B-Instruct-v0.1 format (lora_kit.chat) #}\n")
+    (adapter_dir / "chat_template.jinja").write_text(
+        template if template else "{# built-in Mistral-7B-Instruct-v0.1 format (lora_kit.chat) #}\n"
+    )
     readme = adapter_dir / "README.md"
     if readme.exists():
         readme.unlink()  # PEFT's model card template: replaced by the registry's lineage
@@ -428,7 +501,11 @@ def register(adapter_dir: Path, recipe: Recipe, lineage: dict[str, Any]) -> str:
     from lora_kit.registry import Registry
 
     version = Registry().register(
-        adapter_dir, recipe.output.name, base_model=recipe.model.base, description=recipe.output.description,
-        tags=recipe.output.tags, lineage=lineage,
+        adapter_dir,
+        recipe.output.name,
+        base_model=recipe.model.base,
+        description=recipe.output.description,
+        tags=recipe.output.tags,
+        lineage=lineage,
     )
     return version.ref

@@ -12,16 +12,23 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lora_kit import data, models, packing
-from lora_kit.recipe import LINEAR_TARGETS, Recipe
+from lora_kit import models
+from lora_kit.training import data, packing
+from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
 
 GiB = 1024**3
 
 # Shapes of models whose config may not be reachable here (no hub): enough to plan.
 KNOWN_SHAPES: dict[str, dict[str, Any]] = {
     "mistralai/Mistral-7B-Instruct-v0.1": {
-        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False,
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": False,
     },
 }
 KNOWN_SHAPES["mistralai/Mistral-7B-Instruct-v0.2"] = KNOWN_SHAPES["mistralai/Mistral-7B-Instruct-v0.1"]
@@ -35,8 +42,11 @@ def model_shape(spec: str) -> dict[str, Any]:
     cfg = json.loads((path / "config.json").read_text())
     heads = cfg["num_attention_heads"]
     return {
-        "vocab_size": cfg["vocab_size"], "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
-        "num_hidden_layers": cfg["num_hidden_layers"], "num_attention_heads": heads,
+        "vocab_size": cfg["vocab_size"],
+        "hidden_size": cfg["hidden_size"],
+        "intermediate_size": cfg["intermediate_size"],
+        "num_hidden_layers": cfg["num_hidden_layers"],
+        "num_attention_heads": heads,
         "num_key_value_heads": cfg.get("num_key_value_heads", heads),
         "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
         "tie_word_embeddings": cfg.get("tie_word_embeddings", False),
@@ -47,11 +57,20 @@ def module_dims(shape: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """(in, out) features of each linear module type in one decoder layer."""
     h, i, hd = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
     q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
 
 
-def estimate(recipe: Recipe, shape: dict[str, Any], seq_len: int, cuda: bool, supervised_share: float = 1.0) -> list[tuple[str, float, str]]:
+def estimate(
+    recipe: Recipe, shape: dict[str, Any], seq_len: int, cuda: bool, supervised_share: float = 1.0
+) -> list[tuple[str, float, str]]:
     """Peak-memory terms as (name, bytes, formula).
 
     ``supervised_share`` (from the data audit) sizes the logits: the loss computes them only
@@ -66,10 +85,18 @@ def estimate(recipe: Recipe, shape: dict[str, Any], seq_len: int, cuda: bool, su
     B, T = recipe.train.micro_batch_size, seq_len
     terms: list[tuple[str, float, str]] = []
     if recipe.model.quantization == "none":
-        terms.append(("base weights", (linear + other) * compute_bytes, f"{linear + other:,} params x {compute_bytes} B"))
+        terms.append(
+            ("base weights", (linear + other) * compute_bytes, f"{linear + other:,} params x {compute_bytes} B")
+        )
     else:
         bits = 4 + (8 / 64 + 32 / (64 * 256) if recipe.model.double_quant else 32 / 64)
-        terms.append(("4-bit linear weights", linear * bits / 8, f"{linear:,} params x {bits:.3f} bits (4-bit + block constants)"))
+        terms.append(
+            (
+                "4-bit linear weights",
+                linear * bits / 8,
+                f"{linear:,} params x {bits:.3f} bits (4-bit + block constants)",
+            )
+        )
         # prepare_model_for_kbit_training upcasts the non-quantized parts to fp32.
         terms.append(("embeddings, lm_head, norms (fp32)", other * 4, f"{other:,} params x 4 B"))
     targets = LINEAR_TARGETS if recipe.lora.target_modules == "all-linear" else list(recipe.lora.target_modules)
@@ -85,15 +112,39 @@ def estimate(recipe: Recipe, shape: dict[str, Any], seq_len: int, cuda: bool, su
     attn = B * heads * T * T * (act + act)
     if recipe.train.gradient_checkpointing:
         terms.append(("checkpointed layer inputs", L * B * T * h * act, f"{L} layers x {B}x{T} tokens x {h} x {act} B"))
-        terms.append(("one layer recomputed for backward", per_layer + attn, f"{B}x{T} x (16x{h} + 5x{inter}) x {act} B + attention {B}x{heads}x{T}^2 x {2 * act} B"))
+        terms.append(
+            (
+                "one layer recomputed for backward",
+                per_layer + attn,
+                f"{B}x{T} x (16x{h} + 5x{inter}) x {act} B + attention {B}x{heads}x{T}^2 x {2 * act} B",
+            )
+        )
     else:
-        terms.append(("activations, all layers", L * (per_layer + attn), f"{L} x [{B}x{T} x (16x{h} + 5x{inter}) x {act} B + attention {B}x{heads}x{T}^2 x {2 * act} B]"))
+        terms.append(
+            (
+                "activations, all layers",
+                L * (per_layer + attn),
+                f"{L} x [{B}x{T} x (16x{h} + 5x{inter}) x {act} B + attention {B}x{heads}x{T}^2 x {2 * act} B]",
+            )
+        )
     kept = min(T, max(1, math.ceil(B * T * supervised_share)))
-    terms.append(("logits + loss (fp32)", B * kept * V * 4 * 3, f"{B}x{kept} kept positions x {V} vocab x 4 B x 3 (logits, log-softmax, grad)"))
+    terms.append(
+        (
+            "logits + loss (fp32)",
+            B * kept * V * 4 * 3,
+            f"{B}x{kept} kept positions x {V} vocab x 4 B x 3 (logits, log-softmax, grad)",
+        )
+    )
     if cuda:
         terms.append(("runtime (CUDA context, kernels)", 0.5 * GiB, "typical CUDA context size"))
     else:
-        terms.append(("runtime (Python, torch, libraries)", 0.5 * GiB, "RSS after importing torch/transformers/peft/bitsandbytes (0.46 GB measured)"))
+        terms.append(
+            (
+                "runtime (Python, torch, libraries)",
+                0.5 * GiB,
+                "RSS after importing torch/transformers/peft/bitsandbytes (0.46 GB measured)",
+            )
+        )
     return terms
 
 
@@ -117,17 +168,27 @@ def plan(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
             seq_len = min(seq_len, audit.max_len)
         share = audit.supervised_share
         report["data"] = {
-            "train_examples": audit.kept, "eval_examples": len(eval_records), "tokens": audit.tokens,
-            "supervised_tokens": audit.supervised_tokens, "truncated": audit.truncated, "rows": len(rows),
-            "steps_per_epoch": steps_per_epoch, "steps": steps,
-            "tokens_to_train": audit.tokens * (steps / steps_per_epoch), "audit_failures": audit.failures,
+            "train_examples": audit.kept,
+            "eval_examples": len(eval_records),
+            "tokens": audit.tokens,
+            "supervised_tokens": audit.supervised_tokens,
+            "truncated": audit.truncated,
+            "rows": len(rows),
+            "steps_per_epoch": steps_per_epoch,
+            "steps": steps,
+            "tokens_to_train": audit.tokens * (steps / steps_per_epoch),
+            "audit_failures": audit.failures,
         }
     except (models.ModelError, data.DataError, OSError) as err:
         report["data"] = {"error": str(err)}
     shape = model_shape(recipe.model.base)
     terms = estimate(recipe, shape, seq_len, cuda, share)
     total = sum(b for _, b, _ in terms)
-    report["memory"] = {"terms": [{"name": n, "bytes": int(b), "formula": f} for n, b, f in terms], "total_bytes": int(total), "seq_len": seq_len}
+    report["memory"] = {
+        "terms": [{"name": n, "bytes": int(b), "formula": f} for n, b, f in terms],
+        "total_bytes": int(total),
+        "seq_len": seq_len,
+    }
     if cuda and torch.cuda.is_available():
         free, capacity = torch.cuda.mem_get_info()
         report["memory"]["device_bytes"] = int(capacity)
@@ -149,8 +210,10 @@ def format_report(report: dict[str, Any]) -> str:
     if "error" in d:
         lines.append(f"data: could not count tokens: {d['error']}")
     else:
-        lines.append(f"data: {d['train_examples']} train / {d['eval_examples']} eval examples, {d['tokens']:,} tokens "
-                     f"({d['supervised_tokens']:,} supervised), {d['rows']} rows, {d['steps_per_epoch']} steps/epoch, {d['steps']} steps")
+        lines.append(
+            f"data: {d['train_examples']} train / {d['eval_examples']} eval examples, {d['tokens']:,} tokens "
+            f"({d['supervised_tokens']:,} supervised), {d['rows']} rows, {d['steps_per_epoch']} steps/epoch, {d['steps']} steps"
+        )
         for f in d["audit_failures"]:
             lines.append(f"  AUDIT FAILURE: {f}")
     m = report["memory"]

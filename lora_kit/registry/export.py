@@ -1,8 +1,10 @@
 """Export registered adapters for other servers (PEFT, Cloudflare Workers AI, vLLM) and move
 them between registries as ``.tar.gz`` archives.
 
-Rules encoded here come from ../shared/reference: Cloudflare's upload constraints
-(cloudflare-workers-ai-api.md section 4.2) and vLLM's adapter checks (multi-lora-serving-anchors.md).
+Cloudflare's rules are those of its Workers AI fine-tune upload ("Bring your own LoRA"):
+``adapter_config.json`` must carry ``model_type`` (mistral, llama or gemma), the rank is at
+most 32 and the weights file under 300 MB. vLLM's: ``--max-lora-rank`` takes one of
+``VLLM_RANKS`` (default 16) and adapters with saved whole modules are refused.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_kit.adapter_validation import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, validate_adapter_dir
-from lora_kit.registry import STORED_FILES, AdapterVersion, InvalidAdapter, Registry, RegistryError, local_base_dir, sha256_file
+from lora_kit.adapters.format import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, InvalidAdapter
+from lora_kit.adapters.validation import base_model_type, validate_adapter_dir
+from lora_kit.registry.store import STORED_FILES, AdapterVersion, Registry, RegistryError, local_base_dir, sha256_file
 
 TARGETS = ("peft", "cloudflare", "vllm")
 CLOUDFLARE_MAX_RANK = 32
@@ -66,14 +69,14 @@ def cloudflare_model_type(av: AdapterVersion, config: dict, override: str | None
     """The ``model_type`` Cloudflare wants: explicit, else the local base's, else guessed from names."""
     if override:
         if override not in CLOUDFLARE_MODEL_TYPES:
-            raise RegistryError(f"model_type {override!r} is not one Cloudflare accepts ({', '.join(CLOUDFLARE_MODEL_TYPES)})")
+            raise RegistryError(
+                f"model_type {override!r} is not one Cloudflare accepts ({', '.join(CLOUDFLARE_MODEL_TYPES)})"
+            )
         return override
     if config.get("model_type") in CLOUDFLARE_MODEL_TYPES:
         return config["model_type"]
     base_dir = local_base_dir(av.base_model)
     if base_dir is not None:
-        from lora_kit.adapter_validation import base_model_type
-
         mt = base_model_type(base_dir)
         if mt in CLOUDFLARE_MODEL_TYPES:
             return mt
@@ -216,7 +219,9 @@ def import_archive(registry: Registry, archive: Path | str, name: str | None = N
             with tarfile.open(archive, mode="r:gz") as tar:
                 for member in tar:
                     if member.name.lower().endswith(PICKLE_SUFFIXES):
-                        raise InvalidAdapter(f"archive member {member.name!r} refused: pickle files can run arbitrary code when loaded")
+                        raise InvalidAdapter(
+                            f"archive member {member.name!r} refused: pickle files can run arbitrary code when loaded"
+                        )
                     if not member.isfile() or member.name not in (MANIFEST, *STORED_FILES):
                         raise InvalidAdapter(
                             f"archive member {member.name!r} refused: a lora-kit archive holds only "
@@ -242,9 +247,16 @@ def import_archive(registry: Registry, archive: Path | str, name: str | None = N
             expected = meta["files"][fname]["sha256"]
             got = sha256_file(stage / fname)
             if got != expected:
-                raise InvalidAdapter(f"'{archive}': {fname} has sha256 {got[:16]}..., the manifest says {expected[:16]}... (corrupted)")
+                raise InvalidAdapter(
+                    f"'{archive}': {fname} has sha256 {got[:16]}..., the manifest says {expected[:16]}... (corrupted)"
+                )
         lineage = dict(meta.get("lineage") or {})
-        lineage["imported_from"] = {"id": meta["id"], "ref": meta["ref"], "archive": archive.name, "created_at": meta["created_at"]}
+        lineage["imported_from"] = {
+            "id": meta["id"],
+            "ref": meta["ref"],
+            "archive": archive.name,
+            "created_at": meta["created_at"],
+        }
         return registry.register(
             stage,
             name or meta["name"],

@@ -9,16 +9,20 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lora_kit.errors import LoraKitError
+from lora_kit.models import DEFAULT_MODEL
+
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class RecipeError(ValueError):
+class RecipeError(LoraKitError, ValueError):
     """A recipe that cannot be used; the message names the key and what is wrong."""
 
 
@@ -27,7 +31,7 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    base: str = "smollm2-135m-instruct"
+    base: str = DEFAULT_MODEL
     quantization: Literal["nf4", "fp4", "none"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -113,7 +117,7 @@ class Recipe(_Section):
     output: OutputSection
 
     @model_validator(mode="after")
-    def _eval_source(self) -> "Recipe":
+    def _eval_source(self) -> Recipe:
         if self.data.eval is not None and self.data.eval_split > 0:
             raise ValueError("data.eval and data.eval_split are exclusive: give an eval file or a split fraction")
         return self
@@ -148,8 +152,15 @@ def _explain(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             known = _known_keys(Recipe, loc[:-1])
             bad = loc[-1]
-            close = difflib.get_close_matches(bad, known, n=1, cutoff=0.5) or [k for k in known if bad.startswith(k) or k.startswith(bad)][:1]
-            hint = f"; did you mean '{'.'.join(loc[:-1] + [close[0]])}'?" if close else (f"; valid keys: {', '.join(known)}" if known else "")
+            close = (
+                difflib.get_close_matches(bad, known, n=1, cutoff=0.5)
+                or [k for k in known if bad.startswith(k) or k.startswith(bad)][:1]
+            )
+            hint = (
+                f"; did you mean '{'.'.join(loc[:-1] + [close[0]])}'?"
+                if close
+                else (f"; valid keys: {', '.join(known)}" if known else "")
+            )
             lines.append(f"unknown key '{dotted}'{hint}")
         elif e["type"] == "missing":
             lines.append(f"missing key '{dotted}'")

@@ -26,16 +26,20 @@ import shutil
 import signal
 import sqlite3
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lora_kit import __version__, paths
+from lora_kit.adapters import validation
+from lora_kit.adapters.format import ADAPTER_FILES, CONFIG_FILE, parse_config
+from lora_kit.errors import LoraKitError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-STORED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+STORED_FILES = ADAPTER_FILES  # exactly what a version stores: the two adapter files
 # Files of a tokenizer/chat template that, when saved next to an adapter, are hashed into lineage.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 _CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -43,16 +47,12 @@ _CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 KILL_HOOK_ENV = "LORA_KIT_REGISTRY_TEST_KILL_AT"
 
 
-class RegistryError(Exception):
+class RegistryError(LoraKitError):
     """A registry operation failed for a reason the user can fix; the message says which."""
 
 
 class AdapterNotFound(RegistryError):
     """A reference resolves to no registered adapter version."""
-
-
-class InvalidAdapter(RegistryError):
-    """An adapter directory or archive is not a valid, safe PEFT LoRA adapter."""
 
 
 class InvalidName(RegistryError):
@@ -274,15 +274,13 @@ class Registry:
         is available locally, target modules and shapes are checked against it. ``parent`` is a
         reference to the adapter this one was derived from (recorded in lineage).
         """
-        from lora_kit import adapter_validation as av
-
         check_name(name)
         tags = [tags] if isinstance(tags, str) else list(tags)
         for tag in tags:
             if not isinstance(tag, str) or not tag.strip():
                 raise RegistryError(f"invalid tag {tag!r}: tags are non-empty strings")
         adapter_dir = Path(adapter_dir)
-        av.check_files(adapter_dir)  # refuse pickles before copying anything
+        validation.check_files(adapter_dir)  # refuse pickles before copying anything
         parent_info = None
         if parent is not None:
             p = self.resolve(parent)
@@ -294,13 +292,15 @@ class Registry:
             # Stage first and validate the staged copy: what is checked is exactly what is stored.
             for fname in STORED_FILES:
                 shutil.copyfile(adapter_dir / fname, stage / fname)
-            config_base = av.parse_config(stage / av.CONFIG_FILE).get("base_model_name_or_path")
+            config_base = parse_config(stage / CONFIG_FILE).get("base_model_name_or_path")
             base_spec = base_model or config_base or None
             base_dir = local_base_dir(base_spec)
-            info = av.validate_adapter_dir(stage, base_dir)
+            info = validation.validate_adapter_dir(stage, base_dir)
             warnings = list(info.warnings)
             if base_spec and base_dir is None:
-                warnings.append(f"base model '{base_spec}' is not available locally: modules and shapes were not checked against it")
+                warnings.append(
+                    f"base model '{base_spec}' is not available locally: modules and shapes were not checked against it"
+                )
             files = {
                 fname: {"sha256": sha256_file(stage / fname), "size": (stage / fname).stat().st_size}
                 for fname in STORED_FILES
@@ -323,7 +323,9 @@ class Registry:
                 row = db.execute("SELECT next_version FROM adapters WHERE name = ?", (name,)).fetchone()
                 version = row["next_version"] if row else 1
                 if row is None:
-                    db.execute("INSERT INTO adapters (name, created_at, next_version) VALUES (?, ?, ?)", (name, created, 2))
+                    db.execute(
+                        "INSERT INTO adapters (name, created_at, next_version) VALUES (?, ?, ?)", (name, created, 2)
+                    )
                 else:
                     db.execute("UPDATE adapters SET next_version = ? WHERE name = ?", (version + 1, name))
                 db.execute(
@@ -369,10 +371,8 @@ class Registry:
             out["base_model"] = {"spec": base_spec}
             if base_dir is not None:
                 # Cheap fingerprint of the local base: its config + weight headers (not the GBs of data).
-                from lora_kit.adapter_validation import base_weight_shapes
-
                 digest = hashlib.sha256((base_dir / "config.json").read_bytes())
-                digest.update(json.dumps(base_weight_shapes(base_dir), sort_keys=True).encode())
+                digest.update(json.dumps(validation.base_weight_shapes(base_dir), sort_keys=True).encode())
                 out["base_model"].update({"local_dir": str(base_dir), "fingerprint": digest.hexdigest()})
         tok = _hash_files(adapter_dir, _TOKENIZER_FILES)
         if tok:
@@ -399,7 +399,9 @@ class Registry:
             if "@" in ref:
                 name, _, ver = ref.partition("@")
                 if not ver.isdigit():
-                    raise AdapterNotFound(f"bad reference {ref!r}: the version after '@' must be a number (e.g. {name}@1)")
+                    raise AdapterNotFound(
+                        f"bad reference {ref!r}: the version after '@' must be a number (e.g. {name}@1)"
+                    )
                 row = db.execute("SELECT * FROM versions WHERE name = ? AND version = ?", (name, int(ver))).fetchone()
                 if row is None:
                     self._not_found(db, name, f"no version {ver}")
@@ -424,14 +426,21 @@ class Registry:
     def _not_found(self, db: sqlite3.Connection, name: str, what: str) -> None:
         versions = [r[0] for r in db.execute("SELECT version FROM versions WHERE name = ? ORDER BY version", (name,))]
         if versions:
-            aliases = [f"{r[0]}->@{r[1]}" for r in db.execute("SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias", (name,))]
+            aliases = [
+                f"{r[0]}->@{r[1]}"
+                for r in db.execute("SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias", (name,))
+            ]
             raise AdapterNotFound(
                 f"adapter '{name}' has {what}; versions: {', '.join(map(str, versions))}"
                 + (f"; aliases: {', '.join(aliases)}" if aliases else "")
             )
         names = [r[0] for r in db.execute("SELECT DISTINCT name FROM versions")]
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ("; it is empty" if not names else "; `lora-kit adapters list` shows what is there")
+        hint = (
+            f"; did you mean {', '.join(close)}?"
+            if close
+            else ("; it is empty" if not names else "; `lora-kit adapters list` shows what is there")
+        )
         raise AdapterNotFound(f"no adapter '{name}' in the registry at {self.root}{hint}")
 
     def list(self) -> list[AdapterVersion]:
@@ -453,7 +462,9 @@ class Registry:
             for fname, meta in av.files.items():
                 blob = self.blob_path(meta["sha256"])
                 if not blob.is_file():
-                    raise RegistryError(f"{av.ref}: the stored file {fname} ({meta['sha256'][:12]}) is missing; run `lora-kit adapters verify`")
+                    raise RegistryError(
+                        f"{av.ref}: the stored file {fname} ({meta['sha256'][:12]}) is missing; run `lora-kit adapters verify`"
+                    )
                 try:
                     os.link(blob, tmp / fname)
                 except OSError:
@@ -501,7 +512,10 @@ class Registry:
         """
         av = self.resolve(ref)
         with self._write() as db:
-            aliases = [r[0] for r in db.execute("SELECT alias FROM aliases WHERE name = ? AND version = ?", (av.name, av.version))]
+            aliases = [
+                r[0]
+                for r in db.execute("SELECT alias FROM aliases WHERE name = ? AND version = ?", (av.name, av.version))
+            ]
             if aliases and not force:
                 raise RegistryError(
                     f"{av.ref} is still pointed at by alias(es) {', '.join(f'{av.name}:{a}' for a in aliases)}; "
@@ -552,7 +566,9 @@ class Registry:
                     continue
                 got = sha256_file(blob)
                 if got != meta["sha256"]:
-                    problems.append(f"{av.ref}: {fname} is corrupted (sha256 {got[:16]}..., expected {meta['sha256'][:16]}...)")
+                    problems.append(
+                        f"{av.ref}: {fname} is corrupted (sha256 {got[:16]}..., expected {meta['sha256'][:16]}...)"
+                    )
                 elif blob.stat().st_size != meta["size"]:
                     problems.append(f"{av.ref}: {fname} has size {blob.stat().st_size}, expected {meta['size']}")
                 linked = vdir / fname

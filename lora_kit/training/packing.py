@@ -8,9 +8,10 @@ does NOT isolate examples under sdpa/eager attention (see DESIGN.md), the 4D mas
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from lora_kit.data import IGNORE, Example
+from lora_kit.training.data import IGNORE, Example
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +49,7 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def collate(rows: Sequence[Row], pad_id: int) -> dict[str, "torch.Tensor"]:
+def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad rows to the longest; build input_ids, labels, position_ids and the 4D block mask."""
     import torch
 
@@ -76,7 +77,7 @@ def collate(rows: Sequence[Row], pad_id: int) -> dict[str, "torch.Tensor"]:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask[:, None]}
 
 
-def loss_sum(model: "torch.nn.Module", batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", int]:
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised tokens, and their count.
 
     Logits are computed only at positions whose next token is supervised in some row
@@ -91,8 +92,13 @@ def loss_sum(model: "torch.nn.Module", batch: dict[str, "torch.Tensor"]) -> tupl
     positions = supervised.any(dim=0).nonzero().squeeze(1)
     if n == 0:
         positions = positions.new_zeros(1)  # a (zero) loss that still touches every weight, as DDP expects
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                use_cache=False, logits_to_keep=positions)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+        logits_to_keep=positions,
+    )
     logits = out.logits.float()
     kept = target.index_select(1, positions)
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), kept.reshape(-1), ignore_index=IGNORE, reduction="sum")

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_kit import chat, packing
-from lora_kit.data import Example
+from lora_kit import chat
+from lora_kit.training import packing
+from lora_kit.training.data import Example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, examples: Sequence[Example], max_len: int, pad_id: int, micro_batch: int, device: torch.device) -> float:
+def eval_loss(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    max_len: int,
+    pad_id: int,
+    micro_batch: int,
+    device: torch.device,
+) -> float:
     """Token-weighted mean loss over ``examples`` (packed the same way as training)."""
     was_training = model.training
     model.eval()
@@ -37,7 +46,7 @@ def normalize(text: str) -> str:
 @torch.no_grad()
 def greedy_replies(
     model: torch.nn.Module,
-    tokenizer: "PreTrainedTokenizerBase",
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[list[int]],
     max_new_tokens: int,
     device: torch.device,
@@ -56,8 +65,13 @@ def greedy_replies(
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
         gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=stops, pad_token_id=pad, use_cache=True,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=pad,
+            use_cache=True,
         )
         for row in gen[:, width:].tolist():
             cut = next((j for j, t in enumerate(row) if t in stops), len(row))
@@ -65,7 +79,9 @@ def greedy_replies(
     return out
 
 
-def task_prompts(tokenizer: "PreTrainedTokenizerBase", conversations: Sequence[list[dict[str, Any]]]) -> tuple[list[list[int]], list[str]]:
+def task_prompts(
+    tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[dict[str, Any]]]
+) -> tuple[list[list[int]], list[str]]:
     """Prompt ids (everything before the last reply) and the reference replies."""
     prompts, refs = [], []
     for msgs in conversations:
@@ -77,7 +93,7 @@ def task_prompts(tokenizer: "PreTrainedTokenizerBase", conversations: Sequence[l
 
 def exact_match(
     model: Any,
-    tokenizer: "PreTrainedTokenizerBase",
+    tokenizer: PreTrainedTokenizerBase,
     conversations: Sequence[list[dict[str, Any]]],
     max_new_tokens: int,
     device: torch.device,
