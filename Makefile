@@ -14,7 +14,7 @@ STAMP := $(VENV)/.lora-kit-installed
 MODEL := $(LORA_KIT_HOME)/models/smollm2-135m-instruct/.prepared
 KERNEL := $(VENV)/.lora-kit-kernel
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test lint demo bench clean
 
 setup: $(STAMP) $(MODEL) $(KERNEL)
 
@@ -36,6 +36,18 @@ $(KERNEL): lora_kit/engine/csrc/bgmv.cpp $(STAMP)
 
 test: setup
 	$(BIN)/pytest -q
+
+# ruff's lint rules and formatter (configured in pyproject.toml); needs only the dev extra.
+lint: $(STAMP)
+	$(BIN)/ruff check lora_kit tests scripts
+	$(BIN)/ruff format --check lora_kit tests scripts
+
+# The side-by-side benchmarks (minutes each; nothing else may run meanwhile). TRL comes from
+# the bench extra, which only these scripts need.
+bench: setup
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,bench]"
+	$(BIN)/python scripts/bench_engine.py
+	$(BIN)/python scripts/bench_train.py
 
 demo: setup
 	$(BIN)/python scripts/demo.py

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,20 +27,10 @@ if TYPE_CHECKING:
 Quantization = Literal["nf4", "fp4", "none"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class _OptionalKernelNotice(logging.Filter):
-    """Drops one bitsandbytes notice. On an AVX512-bf16 CPU, importing bitsandbytes tries to
-    fetch an optional fused 4-bit kernel from the Hugging Face hub (the `kernels` package)
-    and warns when it cannot; it then uses its built-in kernels, which is what lora-kit
-    runs on. Shown on every command, the notice read like a failure."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
-
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
 
 
 class ModelError(LoraKitError, RuntimeError):
@@ -80,7 +69,8 @@ def default_device() -> torch.device:
 
 
 def default_compute_dtype(device: torch.device | None = None) -> torch.dtype:
-    """bf16 on CUDA; fp32 on the CPU, where bf16 matmuls are ~15x slower (see DESIGN.md)."""
+    """bf16 on CUDA; fp32 on the CPU, where bf16 matmuls are ~15x slower (measured on the project's
+    2-core CPU machines, which lack native bf16 matmul units)."""
     import torch
 
     device = device or default_device()
@@ -117,7 +107,7 @@ def prepare_embedded(name: str, log: Callable[[str], None] | None = None) -> Pat
         return target
     model_info = EMBEDDED[name]
     gguf = _find_gguf(model_info)
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or logger.info
     log(f"lora-kit: converting the embedded model '{name}' from GGUF to safetensors (once, ~40 s)...")
 
     import torch

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +58,11 @@ def run_lora_kit(r, tokenizer, packing: bool) -> dict:
 def run_trl(r, tokenizer, packing: bool) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except ImportError:
+        sys.exit("bench_train.py needs TRL: pip install -e '.[bench]' (or run `make bench`)")
 
     train_records, _ = data.load_splits(r.data, r.train.seed)
     model = models.load_model(r.model.base, r.model.quantization, r.model.double_quant)

@@ -7,7 +7,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 # One shared home for the whole session so the embedded model is converted once
-# (the Makefile points LORA_KIT_HOME at .lora-kit-home; default to a temp dir otherwise).
+# (the Makefile points LORA_KIT_HOME at .lora-kit-home; run directly, pytest uses the same
+# directory, so the converted model is shared with `make test` and `make demo`).
 if "LORA_KIT_HOME" not in os.environ:
     os.environ["LORA_KIT_HOME"] = str(Path(__file__).resolve().parent.parent / ".lora-kit-home")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

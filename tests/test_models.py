@@ -85,4 +85,5 @@ def test_bitsandbytes_optional_kernel_notice_is_not_shown():
 
     if "kernels-community" not in stderr_of("import bitsandbytes.backends.cpu.ops"):
         pytest.skip("bitsandbytes does not try the optional kernel on this CPU: nothing to filter")
-    assert "kernels-community" not in stderr_of("import lora_kit.models, bitsandbytes.backends.cpu.ops")
+    # the CLI configures logging (lora_kit.logs) before any command imports bitsandbytes
+    assert "kernels-community" not in stderr_of("import lora_kit.logs as l; l.configure(); import bitsandbytes.backends.cpu.ops")

@@ -20,7 +20,7 @@ def test_mistral_7b_terms_are_exact():
     assert terms["4-bit linear weights"] == linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8
     assert terms["embeddings, lm_head, norms (fp32)"] == (2 * 32000 * 4096 + 32 * 2 * 4096 + 4096) * 4
     lora = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
-    assert lora == 41_943_040  # rank 16 all-linear (rank 8 is 21.0 M, as DESIGN.md says)
+    assert lora == 41_943_040  # rank 16 all-linear (rank 8 is half: 21.0 M)
     assert terms["LoRA weights + grads (fp32)"] == lora * 8
     assert terms["optimizer states"] == lora * 2  # paged 8-bit AdamW
     assert terms["checkpointed layer inputs"] == 32 * 2 * 2048 * 4096 * 2

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from lora_kit import __version__
+from lora_kit import __version__, logs
 from lora_kit.cli import adapters, generate, models, serve, training
 from lora_kit.cli.common import CliError
 from lora_kit.errors import is_user_error
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logs.configure()
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)

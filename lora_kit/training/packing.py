@@ -2,7 +2,9 @@
 
 A packed row holds several examples; positions restart at 0 for each one and the
 attention mask is block-diagonal causal (batch, 1, T, T). Restarting positions alone
-does NOT isolate examples under sdpa/eager attention (see DESIGN.md), the 4D mask does.
+does NOT isolate examples under sdpa/eager attention: transformers only derives per-example
+boundaries from position ids for flash-attention; with sdpa/eager a packed row is one causal
+sequence. The 4D mask isolates them (tests/test_packing.py proves packed loss == per-example loss).
 """
 
 from __future__ import annotations
