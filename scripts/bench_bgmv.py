@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lora_kit.engine import bgmv  # noqa: E402
+from lora_kit.engine.backends import bgmv  # noqa: E402
 
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)] * 30
 RANK = 8

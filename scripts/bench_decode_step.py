@@ -1,7 +1,8 @@
 """What a decode step costs with 8 distinct adapters vs the base: the LoRA path's overhead, per step.
 
 Three engines on the embedded model in one process: the BGMV kernel with fp32 adapters (the
-default), the kernel with bf16 adapters, and torch's bmm (``cpu_kernel=False``). For each,
+default), the kernel with bf16 adapters, and torch's bmm (the torch backend, ``backend="torch"``:
+an engine argument, so that one process holds both). For each,
 8 requests generate 72 and then 8 tokens, on the base and on 8 distinct rank-8 all-linear
 adapters; the difference of the two runs divided by 64 is the time of one decode step,
 without prefill. Rounds interleave every measurement; prints medians.
@@ -24,21 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import QUESTIONS, make_adapters, timed_engine  # noqa: E402
 
 from lora_kit import chat, models  # noqa: E402
-from lora_kit.engine import Engine, mapping_resolver  # noqa: E402
+from lora_kit.engine import Engine, EngineConfig, mapping_resolver  # noqa: E402
 from lora_kit.engine.threads import dedicate_cpu_threads  # noqa: E402
 
 LONG, SHORT = 72, 8
-CONFIGS = {  # label -> Engine keyword arguments
-    "BGMV kernel, fp32 adapters": {},
-    "BGMV kernel, bf16 adapters": {"adapter_dtype": "bfloat16"},
-    "torch bmm, fp32 adapters": {"cpu_kernel": False},
+CONFIGS = {  # label -> (adapter dtype, backend; None: chosen by platform)
+    "BGMV kernel, fp32 adapters": (None, None),
+    "BGMV kernel, bf16 adapters": ("bfloat16", None),
+    "torch bmm, fp32 adapters": (None, "torch"),
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=models.DEFAULT_MODEL)
     args = ap.parse_args()
     threads = dedicate_cpu_threads()
     tokenizer = models.load_tokenizer(args.model)
@@ -48,9 +49,11 @@ def main() -> None:
     try:
         dirs = make_adapters(Path(models.resolve(args.model)), tmp, 8)
         engines = {}
-        for label, kwargs in CONFIGS.items():
-            engines[label] = Engine(args.model, tokenizer=tokenizer, max_slots=8, max_batch=8,
-                                    adapter_resolver=mapping_resolver(dirs), **kwargs)  # fmt: skip
+        for label, (dtype, backend) in CONFIGS.items():
+            config = EngineConfig(model=args.model, max_slots=8, max_batch=8, adapter_dtype=dtype)
+            engines[label] = Engine(
+                config, tokenizer=tokenizer, adapter_resolver=mapping_resolver(dirs), backend=backend
+            )
             for n in names:
                 engines[label].check_adapter(n)
             timed_engine(engines[label], prompts, names, 2)  # warm-up

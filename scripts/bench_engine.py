@@ -6,6 +6,11 @@ token counts are equal. Every round runs every measurement once; prints a table 
 median tokens/s and the median of the per-round ratios, and the adapters' size.
 
     .venv/bin/python scripts/bench_engine.py [--quick] [--rounds N] [--json out.json]
+
+The engine runs on the backend chosen by platform (on the CPU: the BGMV kernel and packed
+weights); compare with torch's bmm and transformers' kernels through the backend override:
+
+    LORA_KIT_ENGINE_BACKEND=torch .venv/bin/python scripts/bench_engine.py --json /tmp/bench_torch.json
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lora_kit import chat, models  # noqa: E402
-from lora_kit.engine import Engine, GenerationRequest, SamplingParams, mapping_resolver  # noqa: E402
+from lora_kit.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, mapping_resolver  # noqa: E402
 from lora_kit.engine.threads import dedicate_cpu_threads, run_in_thread  # noqa: E402
 
 QUESTIONS = [
@@ -124,16 +129,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short run (< 3 min on a 2-core CPU)")
     ap.add_argument("--tokens", type=int, default=None, help="tokens per request (default 64, quick 16)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds over all measurements (default 3, quick 1)")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=models.DEFAULT_MODEL)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument(
         "--adapter-dtype",
         choices=["float32", "bfloat16"],
         default=None,
         help="the engine's adapter dtype (default: the model's, fp32)",
-    )
-    ap.add_argument(
-        "--no-cpu-kernel", dest="cpu_kernel", action="store_false", help="torch bmm instead of the BGMV kernel"
     )
     args = ap.parse_args()
     # As `lora-kit serve` does: every measured loop runs in a thread that owns the only
@@ -151,8 +153,8 @@ def main() -> None:
     try:
         dirs = make_adapters(base_dir, tmp, 33)
         names = [f"a{i}" for i in range(32)]
-        engine = Engine(args.model, tokenizer=tokenizer, max_slots=40, max_batch=32, adapter_resolver=mapping_resolver(dirs),
-                        cpu_kernel=args.cpu_kernel, adapter_dtype=args.adapter_dtype)  # fmt: skip
+        config = EngineConfig(model=args.model, max_slots=40, max_batch=32, adapter_dtype=args.adapter_dtype)
+        engine = Engine(config, tokenizer=tokenizer, adapter_resolver=mapping_resolver(dirs))
         for n in names:
             engine.check_adapter(n)
         timed_engine(engine, p8, names[:8], 2)  # warm-up
@@ -212,7 +214,7 @@ def main() -> None:
         row("32 req / 32 adapters vs 1 adapter", "a32x32", "a1x32", "1 adapter", 32, ">= 0.9"),
         row("8 req base only: lora-kit vs transformers generate", "base8", "hf8", "HF generate", 8, ">= 1.0"),
     ]
-    lora_path = "BGMV kernel" if engine.cpu_kernel else "torch bmm"
+    lora_path = f"{engine.backend.lora_path} ({engine.backend.name} backend)"
     print(f"\nmodel {args.model}, fp32 {engine.device}, {threads} threads, adapters {str(engine.adapter_dtype).removeprefix('torch.')} "
           f"via {lora_path}, {tokens} tokens/request, {rounds} round(s); tok/s = median, ratio = median of per-round ratios")  # fmt: skip
     print("| measurement | lora-kit tok/s | baseline | tok/s | ratio | goal |")
@@ -228,7 +230,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"tokens": tokens, "rounds": rounds, "rows": rows, "cold_load_ms": cold_ms,
                                          "adapter_bytes": one_adapter, "base_bytes": base_bytes,
-                                         "adapter_dtype": str(engine.adapter_dtype), "cpu_kernel": engine.cpu_kernel}, indent=2))  # fmt: skip
+                                         "adapter_dtype": str(engine.adapter_dtype), "backend": engine.backend.name,
+                                         "cpu_kernel": engine.cpu_kernel}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

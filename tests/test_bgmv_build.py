@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+
 import pytest
 import torch
 
-from lora_kit.engine import bgmv
+from lora_kit.engine.backends import ENV, bgmv
+
+COMPILER = bgmv.compiler()
+needs_compiler = pytest.mark.skipif(
+    COMPILER is None or shutil.which(COMPILER) is None,
+    reason=f"no C++ compiler ({COMPILER or '$CXX, c++ or g++'}) to build the CPU BGMV kernel; the engine uses torch's bmm",
+)
 
 
 @pytest.fixture
@@ -14,35 +23,59 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(bgmv, "_state", {})
 
 
-def test_switched_off_by_environment(fresh_state, monkeypatch, tiny_mistral_dir, word_tokenizer, capsys):
+def test_backend_override_serves_on_torch_without_the_kernel(
+    fresh_state, monkeypatch, tiny_mistral_dir, word_tokenizer, caplog
+):
     from transformers import AutoModelForCausalLM
 
-    from lora_kit.engine import Engine, GenerationRequest, SamplingParams
+    from lora_kit.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
-    monkeypatch.setenv(bgmv.ENV_SWITCH, "0")
-    assert bgmv.load() is False
-    assert bgmv.ENV_SWITCH in bgmv.error()
-    assert capsys.readouterr().err == ""  # asked for: no notice
+    monkeypatch.setenv(ENV, "torch")
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
-    engine = Engine(
-        "tiny", model=model, tokenizer=word_tokenizer, adapter_resolver=lambda ref: (_ for _ in ()).throw(KeyError(ref))
-    )
+    with caplog.at_level(logging.WARNING, logger="lora_kit.engine"):
+        engine = Engine(
+            EngineConfig(model="tiny"),
+            model=model,
+            tokenizer=word_tokenizer,
+            adapter_resolver=lambda ref: (_ for _ in ()).throw(KeyError(ref)),
+        )
     try:
-        assert engine.cpu_kernel is False and engine._ctx.kernel is None
+        assert engine.backend.name == "torch" and engine.cpu_kernel is False and engine.packed_layers == 0
+        assert "loaded" not in bgmv._state  # never built nor loaded
+        assert not [r for r in caplog.records if r.name.startswith("lora_kit.engine")]  # asked for: no notice
         out = engine.generate_sync(GenerationRequest([1, 5, 6], SamplingParams(max_tokens=3, ignore_eos=True)))
         assert out.completion_tokens == 3
     finally:
         engine.stop()
 
 
-def test_failed_build_is_reported_and_not_fatal(fresh_state, monkeypatch, tmp_path, capsys):
+def test_failed_build_is_reported_and_not_fatal(fresh_state, monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("LORA_KIT_HOME", str(tmp_path))
-    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    assert bgmv.load() is False
-    assert "failed" in bgmv.error()
-    assert "the CPU LoRA kernel is not used" in capsys.readouterr().err
+    broken = tmp_path / "broken-c++"  # a "compiler" that always fails, on any machine (no compiler needed)
+    broken.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    with caplog.at_level(logging.WARNING, logger="lora_kit.engine"):
+        assert bgmv.load() is False
+    assert "failed" in bgmv.error() and "this compiler is broken" in bgmv.error()
+    assert "the CPU LoRA kernel is not used" in caplog.text
     assert bgmv.loaded_path() is None
     assert not list(tmp_path.glob("kernels/*/*.so"))  # nothing half-built left where a load would find it
+
+
+def test_no_compiler_means_no_kernel(fresh_state, monkeypatch, caplog):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", "")
+    with caplog.at_level(logging.WARNING, logger="lora_kit.engine"):
+        assert bgmv.load() is False
+    assert "no C++ compiler" in bgmv.error() and "no C++ compiler" in caplog.text
+
+
+@needs_compiler
+def test_kernel_builds_and_loads():
+    assert bgmv.load(), bgmv.error()
+    assert bgmv.loaded_path().is_file() and bgmv.error() is None
+    assert bgmv.op() is torch.ops.lora_kit.bgmv_
 
 
 def test_library_key_follows_source_compiler_and_torch(monkeypatch):

@@ -1,13 +1,19 @@
-"""The multi-adapter engine: PEFT parity, batch invariance, seeds, grammars, errors, slots.
+"""The multi-adapter engine: PEFT parity, batch invariance, seeds, grammars, errors, slots,
+its config and the CLI flags derived from it, and its backends.
 
 Real PEFT adapters (random, non-zero lora_B) on a tiny Mistral and on the embedded model,
 fp32 on the CPU. References are plain PEFT ``generate`` on a separate copy of the base.
+Both LoRA paths run: the CPU backend (BGMV kernel, packed weights) and the torch backend.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import logging
+import shutil
+import typing
 from pathlib import Path
 
 import pytest
@@ -17,15 +23,23 @@ from lora_kit import chat
 from lora_kit.engine import (
     AdapterError,
     Engine,
+    EngineConfig,
+    EngineError,
     GenerationRequest,
     InvalidRequest,
     Overloaded,
     SamplingParams,
     UnknownAdapter,
-    bgmv,
     mapping_resolver,
 )
+from lora_kit.engine.backends import bgmv
 from lora_kit.engine.lora_layer import BatchedLoraLinear, LoraContext
+
+COMPILER = bgmv.compiler()
+needs_compiler = pytest.mark.skipif(
+    COMPILER is None or shutil.which(COMPILER) is None,
+    reason=f"no C++ compiler ({COMPILER or '$CXX, c++ or g++'}) to build the CPU BGMV kernel; the engine uses torch's bmm",
+)
 
 MISTRAL_ADAPTERS = {
     # name: (target modules, r, alpha, use_rslora)
@@ -86,12 +100,17 @@ def mistral_adapters(tmp_path_factory, tiny_mistral_dir):
     }
 
 
-def mistral_engine(tiny_mistral_dir, word_tokenizer, adapters, **kwargs) -> Engine:
+def mistral_engine(tiny_mistral_dir, word_tokenizer, adapters, backend=None, **settings) -> Engine:
+    """An engine over a fresh tiny Mistral; ``settings`` are EngineConfig fields."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
     return Engine(
-        "tiny-mistral", model=model, tokenizer=word_tokenizer, adapter_resolver=mapping_resolver(adapters), **kwargs
+        EngineConfig(model="tiny-mistral", **settings),
+        model=model,
+        tokenizer=word_tokenizer,
+        adapter_resolver=mapping_resolver(adapters),
+        backend=backend,
     )
 
 
@@ -124,18 +143,22 @@ def run_together(eng: Engine, requests: list[GenerationRequest]):
 
 @pytest.fixture(scope="module")
 def exact_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters):
-    """transformers' own linear kernels and torch's bmm for the LoRA rows (the CUDA code path)."""
-    eng = mistral_engine(
-        tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=4, pack_weights=False, cpu_kernel=False
-    )
+    """The torch backend: transformers' own linear kernels and torch's bmm for the LoRA rows (the CUDA code path)."""
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, backend="torch", max_slots=4)
     yield eng
     eng.stop()
 
 
-def test_engine_packs_every_linear_and_the_head_unless_told_not_to(engine, exact_engine):
+def test_cpu_backend_packs_every_linear_and_the_head_and_torch_backend_none(engine, exact_engine):
+    assert engine.backend.name == "cpu" and exact_engine.backend.name == "torch"
     assert engine.packed_layers == len(engine._layers) + 1 == 7 * 2 + 1  # 2 layers of 7 projections, the head
     assert exact_engine.packed_layers == 0
-    assert engine.cpu_kernel is True and exact_engine.cpu_kernel is False
+
+
+@needs_compiler
+def test_cpu_backend_adds_lora_rows_with_the_kernel(engine, exact_engine):
+    assert engine.cpu_kernel is True and engine.backend.lora_path == "BGMV kernel"
+    assert exact_engine.cpu_kernel is False and exact_engine.backend.lora_path == "torch bmm"
 
 
 ENGINES = ["engine", "exact_engine"]  # packed weights + BGMV kernel; transformers' kernels + bmm
@@ -180,7 +203,7 @@ def test_bf16_adapters_are_held_in_bf16_and_still_apply(tiny_mistral_dir, word_t
         mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, adapter_dtype="int8")
     eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=2, adapter_dtype="bfloat16")
     try:
-        assert eng.adapter_dtype == torch.bfloat16 and eng.cpu_kernel
+        assert eng.adapter_dtype == torch.bfloat16 and eng.cpu_kernel is bgmv.load()  # the kernel reads bf16 too
         prompt = prompts(word_tokenizer)[0]
         base = eng.generate_sync(greedy(prompt, None)).token_ids
         tuned = eng.generate_sync(greedy(prompt, "all")).token_ids
@@ -248,7 +271,7 @@ def lora_layer(ctx: LoraContext) -> BatchedLoraLinear:
     return layer
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["bgmv-kernel", "torch"])
+@pytest.mark.parametrize("kernel", [pytest.param(True, marks=needs_compiler), False], ids=["bgmv-kernel", "torch"])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("slots", [[0, 0, 0, 1, 1, None, 2, 2], [0, 3, None, 2], [1, 1, 1]])
 def test_batched_lora_linear_matches_per_row_products(slots, tokens, kernel):
@@ -279,6 +302,7 @@ def test_kernel_rows_skip_base_rows_and_adapters_that_miss_the_module():
     assert layer._kernel_slots().tolist() == [1, -1]
 
 
+@needs_compiler
 def test_bgmv_kernel_matches_float64_reference_and_checks_its_inputs():
     assert bgmv.load(), bgmv.error()
     op = bgmv.op()
@@ -474,6 +498,39 @@ def test_lru_eviction_and_pinning(tiny_mistral_dir, word_tokenizer, mistral_adap
         eng.stop()
 
 
+def test_failed_prefill_releases_its_slot_under_the_model_lock_and_is_logged(
+    tiny_mistral_dir, word_tokenizer, mistral_adapters, monkeypatch, caplog
+):
+    # A slot is released under the lock the forwards take, on the error path as on the normal
+    # one: else a server thread loading an adapter could write a slot a forward is reading.
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=1)
+    runner, slots = eng._runner, eng._runner._slots
+    held: list[bool] = []
+    release = slots.release
+
+    def checked_release(slot: int) -> None:
+        held.append(runner._lock._is_owned())
+        release(slot)
+
+    monkeypatch.setattr(slots, "release", checked_release)
+    prompt = prompts(word_tokenizer)[0]
+    try:
+        with caplog.at_level(logging.ERROR, logger="lora_kit.engine"):
+            with monkeypatch.context() as m:
+                m.setattr(runner, "prefill", lambda group: (_ for _ in ()).throw(RuntimeError("boom")))
+                with pytest.raises(EngineError, match="prefill failed: RuntimeError: boom"):
+                    eng.generate_sync(greedy(prompt, "qv"))
+            # The only slot is free again: another adapter takes it.
+            assert eng.generate_sync(greedy(prompt, "all")).finish_reason in ("stop", "length")
+            eng.stop()  # the loop logged the failure before it took the next request
+        assert held == [True, True]  # the failed request's release, then the normal one's
+        assert eng.stats()["resident_adapters"] == ["all"] and eng.stats()["finished"]["error"] == 1
+        failure = [r for r in caplog.records if r.name.startswith("lora_kit.engine") and r.exc_info]
+        assert failure and "boom" in str(failure[0].exc_info[1])
+    finally:
+        eng.stop()
+
+
 # -- the embedded model: parity, JSON schema, tool calls -------------------------------------
 
 SCHEMA = {
@@ -592,7 +649,9 @@ def test_registry_references_resolve_to_canonical_versions(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
-    eng = Engine("tiny-mistral", model=model, tokenizer=word_tokenizer, registry_root=tmp_path / "registry")
+    eng = Engine(
+        EngineConfig(model="tiny-mistral"), model=model, tokenizer=word_tokenizer, registry_root=tmp_path / "registry"
+    )
     try:
         assert eng.check_adapter("helper") == "helper@2"
         assert eng.check_adapter("helper@1") == "helper@1"
@@ -614,7 +673,8 @@ def test_nf4_base_matches_peft(tiny_mistral_dir, word_tokenizer, mistral_adapter
     from lora_kit import models
 
     model = models.load_model(str(tiny_mistral_dir), "nf4")
-    eng = Engine("tiny-nf4", model=model, tokenizer=word_tokenizer, adapter_resolver=mapping_resolver(mistral_adapters))
+    resolver = mapping_resolver(mistral_adapters)
+    eng = Engine(EngineConfig(model="tiny-nf4"), model=model, tokenizer=word_tokenizer, adapter_resolver=resolver)
     try:
         prompt = prompts(word_tokenizer)[2]
         got = eng.generate_sync(greedy(prompt, "qv", 10)).token_ids
@@ -657,3 +717,86 @@ def test_dedicated_main_thread_is_single_and_engine_threads_get_the_cores():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["2", "1", "2", "2", "1"]  # the main thread stays at 1 after a worker took 2
+
+
+# -- EngineConfig and the CLI flags derived from it -------------------------------------------
+
+
+def engine_flags(command: str) -> dict[str, argparse.Action]:
+    """The flags of ``lora-kit COMMAND`` by option string."""
+    from lora_kit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {opt: action for action in sub.choices[command]._actions for opt in action.option_strings}
+
+
+def test_every_config_field_has_a_docstring_and_serve_a_flag_with_it_as_help():
+    import dataclasses
+
+    from lora_kit.engine.config import field_docs, flag_of
+
+    fields = dataclasses.fields(EngineConfig)
+    docs = field_docs(EngineConfig)
+    assert set(docs) == {f.name for f in fields} and all(docs.values())
+    serve = engine_flags("serve")
+    for f in fields:
+        assert serve[flag_of(f)].dest == f.name and serve[flag_of(f)].help.startswith(docs[f.name])
+    # User settings keep their flag names and defaults (README and demo commands).
+    for flag, default in [("--slots", 8), ("--max-queue", 64), ("--max-batch", 16), ("--adapter-dtype", None)]:
+        assert serve[flag].default == default
+    assert serve["--max-tokens-cap"].default == 4096  # a server setting, not the engine's
+    assert "--no-pack-weights" not in serve and "--no-cpu-kernel" not in serve  # developer switches: the backend
+
+
+def test_quantization_offers_the_same_choices_in_serve_and_generate():
+    from lora_kit.models import Quantization
+
+    choices = list(typing.get_args(Quantization))
+    assert engine_flags("serve")["--quantization"].choices == choices
+    assert engine_flags("generate")["--quantization"].choices == choices
+
+
+def test_config_round_trips_through_the_flags():
+    from lora_kit import models
+    from lora_kit.cli import build_parser
+
+    parser = build_parser()
+    assert EngineConfig.from_cli_args(parser.parse_args(["serve"])) == EngineConfig()
+    assert EngineConfig().model == models.DEFAULT_MODEL
+    args = parser.parse_args(
+        ["serve", "--slots", "3", "--max-queue", "5", "--max-batch", "2", "--preload", "a", "b@2",
+         "--adapter-dtype", "bfloat16", "--quantization", "nf4", "--threads", "1"]
+    )  # fmt: skip
+    assert EngineConfig.from_cli_args(args) == EngineConfig(
+        max_slots=3, max_queue=5, max_batch=2, preload=("a", "b@2"), adapter_dtype="bfloat16", quantization="nf4",
+        threads=1,
+    )  # fmt: skip
+    args = parser.parse_args(["generate", "hi", "--quantization", "fp4", "--model", "m"])
+    assert EngineConfig.from_cli_args(args, max_slots=1) == EngineConfig(model="m", quantization="fp4", max_slots=1)
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(quantization="int3")
+    assert EngineConfig(adapter_dtype=torch.bfloat16).adapter_dtype == "bfloat16"
+
+
+# -- backends -----------------------------------------------------------------------------------
+
+
+def test_backend_is_chosen_by_platform_with_one_environment_override(monkeypatch):
+    from lora_kit.engine.backends import ENV, CpuBackend, TorchBackend, select_backend
+
+    cpu, fp32, bf16 = torch.device("cpu"), torch.float32, torch.bfloat16
+    monkeypatch.delenv(ENV, raising=False)
+    assert isinstance(select_backend(torch.device("cuda"), bf16, bf16, 256), TorchBackend)
+    chosen = select_backend(cpu, fp32, fp32, 256)
+    assert isinstance(chosen, CpuBackend)
+    assert (chosen.lora_kernel is not None) is bgmv.load()
+    assert select_backend(cpu, bf16, bf16, 256).lora_kernel is None  # bf16 activations: torch's products
+    assert select_backend(cpu, fp32, fp32, bgmv.MAX_RANK * 2).lora_kernel is None  # ranks the kernel lacks
+    monkeypatch.setenv(ENV, "torch")
+    assert isinstance(select_backend(cpu, fp32, fp32, 256), TorchBackend)
+    assert isinstance(select_backend(cpu, fp32, fp32, 256, choice="cpu"), CpuBackend)  # the engine argument wins
+    monkeypatch.setenv(ENV, "fast")
+    with pytest.raises(ValueError, match=ENV):
+        select_backend(cpu, fp32, fp32, 256)
+    with pytest.raises(ValueError, match="cpu backend"):
+        select_backend(torch.device("cuda"), fp32, fp32, 256, choice="cpu")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_kit.engine.packed_linear import PackedLinear, can_pack, copy_unpacked_weights, pack_output_head
+from lora_kit.engine.backends.packed_linear import PackedLinear, can_pack, copy_unpacked_weights, pack_output_head
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 
 from lora_kit.cli.common import CliError
-from lora_kit.models import DEFAULT_MODEL
+from lora_kit.engine.config import EngineConfig
+
+# The engine settings that matter for one completion (flags derived from EngineConfig, as serve's).
+ENGINE_FLAGS = ("model", "quantization", "adapter_dtype")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -17,7 +20,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError("--temperature must be between 0 and 5")
     dedicate_cpu_threads()
     # The same engine as `lora-kit serve`: same renderer, same adapter path, same sampling.
-    engine = Engine(args.model, quantization=args.quantization, max_slots=1)
+    engine = Engine(EngineConfig.from_cli_args(args, max_slots=1))
     try:
         adapter = engine.check_adapter(args.lora) if args.lora else None
         ids = chat.render_prompt(engine.tokenizer, args.prompt, raw=args.raw)
@@ -34,11 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="print one completion of PROMPT")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"base model: embedded name, local dir or hub id (default: {DEFAULT_MODEL})",
-    )
-    p.add_argument(
         "--lora",
         default=None,
         metavar="REF",
@@ -48,7 +46,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="send PROMPT to the tokenizer as is, without the chat template")
-    p.add_argument(
-        "--quantization", choices=["none", "nf4", "fp4"], default="none", help="load the base in 4-bit (default: none)"
-    )
+    EngineConfig.add_cli_args(p, only=ENGINE_FLAGS)
     p.set_defaults(func=cmd_generate)

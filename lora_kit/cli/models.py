@@ -31,7 +31,7 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels_build(args: argparse.Namespace) -> int:
-    from lora_kit.engine import bgmv
+    from lora_kit.engine.backends import bgmv
 
     if not bgmv.load():
         raise CliError(f"the CPU LoRA kernel cannot be built here: {bgmv.error()}")

@@ -67,11 +67,25 @@ def load_adapter(
     max_rank: int,
 ) -> AdapterWeights:
     """Load and validate an adapter against ``base_shapes`` (module path -> (in, out) of the base)."""
-    import torch
-    from safetensors import safe_open
-
     path = Path(path)
     config = read_config(path)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, ab in sorted(_read_pairs(path).items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{path}: module '{module}' has lora_A without lora_B or the reverse")
+        if module not in base_shapes:
+            raise AdapterError(
+                f"{path}: the adapter targets '{module}', which is not a linear layer of this base model"
+            )
+        _check_shapes(path, module, ab["A"], ab["B"], base_shapes[module], max_rank)
+        modules[module] = _scaled(path, module, ab["A"], ab["B"], module_scale(config, module), dtype, device)
+    return AdapterWeights(key=key, path=path, rank=max(a.shape[0] for a, _ in modules.values()), modules=modules)
+
+
+def _read_pairs(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's tensors: module path -> {"A": lora_A, "B": lora_B}."""
+    from safetensors import safe_open
+
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(path / WEIGHTS_FILE), framework="pt", device="cpu") as f:
@@ -89,35 +103,37 @@ def load_adapter(
         raise AdapterError(f"{path}: cannot read {WEIGHTS_FILE}: {err}") from err
     if not pairs:
         raise AdapterError(f"{path}: the adapter has no LoRA weights")
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    top_rank = 0
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{path}: module '{module}' has lora_A without lora_B or the reverse")
-        if module not in base_shapes:
-            raise AdapterError(
-                f"{path}: the adapter targets '{module}', which is not a linear layer of this base model"
-            )
-        a, b = ab["A"], ab["B"]
-        fan_in, fan_out = base_shapes[module]
-        rank = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, rank):
-            raise AdapterError(
-                f"{path}: '{module}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the base layer is "
-                f"{fan_in} -> {fan_out} (was the adapter trained on another base model?)"
-            )
-        if rank > max_rank:
-            raise AdapterError(f"{path}: rank {rank} of '{module}' exceeds the engine's max rank {max_rank}")
-        scale = module_scale(config, module)
-        a_c = a.to(device=device, dtype=dtype).contiguous()
-        b_c = (b.double() * scale).to(device=device, dtype=dtype).contiguous()
-        # A NaN/inf weight turns every logit of a row on this adapter into NaN, which no
-        # sampler can decode: refuse it at load time with a clear error, for this adapter only.
-        if not (torch.isfinite(a_c).all() and torch.isfinite(b_c).all()):
-            raise AdapterError(f"{path}: '{module}' has NaN or infinite weights (after scaling to {dtype})")
-        modules[module] = (a_c, b_c)
-        top_rank = max(top_rank, rank)
-    return AdapterWeights(key=key, path=path, rank=top_rank, modules=modules)
+    return pairs
+
+
+def _check_shapes(
+    path: Path, module: str, a: torch.Tensor, b: torch.Tensor, base: tuple[int, int], max_rank: int
+) -> None:
+    """``a`` (r, in) and ``b`` (out, r) must fit the base layer ``base`` = (in, out), r <= ``max_rank``."""
+    fan_in, fan_out = base
+    rank = a.shape[0]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, rank):
+        raise AdapterError(
+            f"{path}: '{module}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the base layer is "
+            f"{fan_in} -> {fan_out} (was the adapter trained on another base model?)"
+        )
+    if rank > max_rank:
+        raise AdapterError(f"{path}: rank {rank} of '{module}' exceeds the engine's max rank {max_rank}")
+
+
+def _scaled(
+    path: Path, module: str, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``scale * b`` in ``dtype`` on ``device`` (the scale folded in, in float64)."""
+    import torch
+
+    a_c = a.to(device=device, dtype=dtype).contiguous()
+    b_c = (b.double() * scale).to(device=device, dtype=dtype).contiguous()
+    # A NaN/inf weight turns every logit of a row on this adapter into NaN, which no
+    # sampler can decode: refuse it at load time with a clear error, for this adapter only.
+    if not (torch.isfinite(a_c).all() and torch.isfinite(b_c).all()):
+        raise AdapterError(f"{path}: '{module}' has NaN or infinite weights (after scaling to {dtype})")
+    return a_c, b_c
 
 
 def registry_resolver(root: Path | str | None = None) -> Resolver:

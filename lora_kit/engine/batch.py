@@ -28,7 +28,11 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class RunningBatch:
-    """Rows (any objects), their cache, mask, next positions and the tokens to feed next."""
+    """Rows (any objects), their cache, mask, next positions and the tokens to feed next.
+
+    ``version`` changes whenever rows join or leave, so whoever maps rows to something else
+    (the runner: rows to adapter slots) knows when to redo it.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -37,6 +41,7 @@ class RunningBatch:
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (B, L) 1 = real token
         self.positions = torch.zeros(0, dtype=torch.long, device=device)  # next position id per row
         self.next_tokens = torch.zeros(0, dtype=torch.long, device=device)  # sampled, not yet fed
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,6 +67,7 @@ class RunningBatch:
             pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n), m], dim=1) if n else m  # noqa: E731
             self.mask = torch.cat([pad(self.mask, total - cur), pad(mask, total - new)], dim=0)
         self.rows.extend(rows)
+        self.version += 1
         self.positions = torch.cat([self.positions, mask.sum(dim=1)])
         self.next_tokens = torch.cat(
             [self.next_tokens, torch.tensor(next_tokens, dtype=torch.long, device=self.device)]
@@ -72,6 +78,7 @@ class RunningBatch:
         if len(indices) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in indices]
+        self.version += 1
         if not indices:
             self.cache = None
             self.mask = self.mask[:0, :0]
@@ -103,7 +110,9 @@ class RunningBatch:
             "past_key_values": self.cache,
         }
 
-    def advance(self, tokens: list[int]) -> None:
-        """After a step: every row moved one position and gets its newly sampled token to feed."""
+    def advance(self, cache: Cache, tokens: list[int]) -> None:
+        """After a step: the cache the model returned; every row moved one position and gets
+        its newly sampled token to feed."""
+        self.cache = cache
         self.positions = self.positions + 1
         self.next_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)

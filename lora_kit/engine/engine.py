@@ -1,4 +1,10 @@
-"""The engine facade: one base model, adapter slots, and the continuous-batching scheduler."""
+"""The engine facade: one base model, adapter slots, and the continuous-batching loop.
+
+:class:`Engine` loads the model (or takes one), wraps its linear layers for batched LoRA,
+prepares them for its backend, and wires the pieces of the decode loop together: the
+scheduler (admission), the runner (forwards, sampling, the model lock) and the output stage
+(text events). Its methods are what the server and the CLI use.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,24 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator
-from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lora_kit import chat
-from lora_kit.engine import bgmv
 from lora_kit.engine.adapters import Resolver, load_adapter, registry_resolver
+from lora_kit.engine.backends import Backend, select_backend
+from lora_kit.engine.config import EngineConfig
 from lora_kit.engine.constraints import GrammarCache
+from lora_kit.engine.loop import EngineLoop
 from lora_kit.engine.lora_layer import LoraContext, wrap_linear_layers
-from lora_kit.engine.packed_linear import copy_unpacked_weights, pack_output_head
+from lora_kit.engine.output import OutputProcessor
+from lora_kit.engine.runner import ModelRunner
 from lora_kit.engine.sampling import RequestSampler
-from lora_kit.engine.scheduler import Scheduler, Sequence
-from lora_kit.engine.slots import NoFreeSlot, SlotManager
+from lora_kit.engine.scheduler import Scheduler
+from lora_kit.engine.sequence import Sequence
+from lora_kit.engine.slots import SlotManager
 from lora_kit.engine.threads import engine_threads, run_in_thread
 from lora_kit.engine.types import (
     EngineError,
@@ -30,112 +39,103 @@ from lora_kit.engine.types import (
     UnknownAdapter,
 )
 
-
-def _pack(model: Any, layers: dict[str, Any], batch_hint: int) -> int:
-    """Pack what oneDNN can take; the number of layers packed (head included)."""
-    packed = sum(layer.pack(batch_hint) for layer in layers.values()) + int(pack_output_head(model, batch_hint))
-    if packed:
-        copy_unpacked_weights(model)
-    return packed
-
-
 ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _parse_dtype(value: torch.dtype | str) -> torch.dtype:
-    if isinstance(value, torch.dtype) and value in ADAPTER_DTYPES.values():
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in ADAPTER_DTYPES:
-        return ADAPTER_DTYPES[value.removeprefix("torch.")]
-    raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, not {value!r}")
 
 
 class Engine:
     """Serve many LoRA adapters from one base model, every request with its own adapter.
 
-    ``adapter_resolver(ref) -> (canonical key, adapter dir)`` finds adapters; by default the
-    lora-kit registry at ``registry_root``. ``model``/``tokenizer`` may be passed pre-loaded
-    (the engine takes the model over: it wraps its linear layers in place).
-    ``pack_weights``: on the CPU, dense fp32/bf16 linear weights (and the output head) are
-    repacked for oneDNN, ~1.8x faster decoding (``lora_kit.engine.packed_linear``); False
-    keeps transformers' kernels, bit for bit. ``cpu_kernel``: on the CPU, add the rows'
-    LoRA products with the BGMV kernel (``lora_kit.engine.bgmv``, built once per machine);
-    False, or a machine where it cannot be built, uses torch's ``bmm``.
-    ``adapter_dtype``: the dtype adapters are held in (default: the model's compute dtype).
-    ``"bfloat16"`` on an fp32 CPU model halves the bytes every adapter row reads per step
-    (the kernel widens them to fp32 as it reads); each A/B weight is then rounded to bf16
-    (~3 significant digits), so outputs differ slightly from PEFT's fp32 adapters.
+    ``config``: the user settings (:class:`~lora_kit.engine.config.EngineConfig`; default: all
+    defaults). Injected, not settings: ``model``/``tokenizer`` pre-loaded (the engine takes the
+    model over: it wraps its linear layers in place; ``config.model`` then only names it);
+    ``adapter_resolver(ref) -> (canonical key, adapter dir)`` finds adapters, by default in the
+    lora-kit registry at ``registry_root``; ``backend`` (``"cpu"`` or ``"torch"``) overrides the
+    backend chosen by platform (:mod:`lora_kit.engine.backends`), for tests and benchmarks that
+    compare both in one process.
+
+    ``config.adapter_dtype`` ``"bfloat16"`` on an fp32 CPU model halves the bytes every adapter
+    row reads per step (the kernel widens them to fp32 as it reads); each A/B weight is then
+    rounded to bf16 (~3 significant digits), so outputs differ slightly from PEFT's fp32 adapters.
     """
 
     def __init__(
         self,
-        model_spec: str = "smollm2-135m-instruct",
+        config: EngineConfig | None = None,
         *,
-        quantization: str = "none",
-        max_slots: int = 8,
-        preload: Seq[str] = (),
-        max_queue: int = 64,
-        max_batch: int = 16,
-        adapter_resolver: Resolver | None = None,
-        registry_root: Path | str | None = None,
         model: Any = None,
         tokenizer: Any = None,
-        max_rank: int = 256,
-        threads: int | None = None,
-        pack_weights: bool = True,
-        cpu_kernel: bool = True,
-        adapter_dtype: torch.dtype | str | None = None,
+        adapter_resolver: Resolver | None = None,
+        registry_root: Path | str | None = None,
+        backend: str | None = None,
     ) -> None:
-        from lora_kit import models
-
-        self.threads = threads or engine_threads()
-        if model is None:
-            model = run_in_thread(lambda: models.load_model(model_spec, quantization), self.threads)  # type: ignore[arg-type]
-        if tokenizer is None:
-            tokenizer = models.load_tokenizer(model_spec)
-        model.eval()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.model_name = model_spec
-        self.max_slots = max_slots
-        self.max_rank = max_rank
+        self.config = config = config or EngineConfig()
+        self.threads = config.threads or engine_threads()
+        model, tokenizer = self._load(config, model, tokenizer)
+        self.model, self.tokenizer = model, tokenizer
+        self.model_name = config.model
+        self.max_slots, self.max_rank = config.max_slots, config.max_rank
         embed = model.get_input_embeddings().weight
         # LoRA weights live in the compute dtype (the embeddings are never 4-bit) on the model's device.
         self.device: torch.device = embed.device
         self.dtype: torch.dtype = embed.dtype
-        self.adapter_dtype = _parse_dtype(adapter_dtype) if adapter_dtype is not None else self.dtype
+        self.adapter_dtype = ADAPTER_DTYPES[config.adapter_dtype] if config.adapter_dtype else self.dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.stop_ids = chat.stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self._resolver = adapter_resolver or registry_resolver(registry_root)
+        self.backend: Backend = select_backend(self.device, self.dtype, self.adapter_dtype, self.max_rank, backend)
+        self._wrap_layers()
+        self._build_loop()
+        self._thread: threading.Thread | None = None
+        self._preload(config.preload)
+
+    def _wrap_layers(self) -> None:
+        """Wrap the base's linear layers for batched LoRA, then let the backend prepare them."""
         self._ctx = LoraContext()
-        # The kernel adds fp32 rows on the CPU; other devices and dtypes take torch's products.
-        fits = self.device.type == "cpu" and self.dtype == torch.float32 and max_rank <= bgmv.MAX_RANK
-        self.cpu_kernel = bool(
-            cpu_kernel and fits and self.adapter_dtype in (torch.float32, torch.bfloat16) and bgmv.load()
-        )
-        self._ctx.kernel = bgmv.op() if self.cpu_kernel else None
-        self._layers = wrap_linear_layers(model, self._ctx)
-        self.packed_layers = 0
-        if pack_weights:
-            hint = max(8, min(max_batch, 32))
-            self.packed_layers = run_in_thread(lambda: _pack(model, self._layers, hint), self.threads)
+        self._ctx.kernel = self.backend.lora_kernel
+        self._layers = wrap_linear_layers(self.model, self._ctx)
+        hint = max(8, min(self.config.max_batch, 32))  # the batch size packed layouts are tuned for
+        layers = self._layers.values()
+        self.packed_layers = run_in_thread(lambda: self.backend.prepare(self.model, layers, hint), self.threads)
         self._base_shapes = {name: (layer.in_features, layer.out_features) for name, layer in self._layers.items()}
-        self._slots = SlotManager(self._layers, self._ctx, max_slots, self._load)
-        self._model_lock = self._slots.lock
+
+    def _build_loop(self) -> None:
+        """The decode loop's pieces: the slots and the runner, the scheduler, the output stage."""
         self._grammar: GrammarCache | None = None
         self._grammar_lock = threading.Lock()
-        max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        slots = SlotManager(self._layers, self._ctx, self.max_slots, self._load_adapter)
+        self._runner = ModelRunner(self.model, self._ctx, slots, self._grammar_cache, self.device)
         self._scheduler = Scheduler(
-            model, tokenizer, self._ctx, self._slots, self._model_lock, self.stop_ids, self._grammar_cache,
-            max_batch=max_batch, max_queue=max_queue, max_length=max_length, threads=self.threads,
-        )  # fmt: skip
-        self._thread: threading.Thread | None = None
-        if len(preload) > max_slots:
-            raise EngineError(f"cannot preload {len(preload)} adapters into {max_slots} slots")
-        for ref in preload:
-            key = self.check_adapter(ref)
-            with self._model_lock:
-                self._slots.pin(key)
+            self._runner.can_acquire,
+            self._runner.acquire_slot,
+            self.device,
+            self.config.max_batch,
+            self.config.max_queue,
+        )
+        output = OutputProcessor(self.tokenizer, self.stop_ids, self.max_length)
+        self._loop = EngineLoop(self._scheduler, self._runner, output, self.threads)
+
+    def _load(self, config: EngineConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+        """The model and tokenizer: as given, else loaded from ``config.model``."""
+        from lora_kit import models
+
+        if model is None:
+            model = run_in_thread(lambda: models.load_model(config.model, config.quantization), self.threads)
+        if tokenizer is None:
+            tokenizer = models.load_tokenizer(config.model)
+        model.eval()
+        return model, tokenizer
+
+    def _preload(self, refs: tuple[str, ...]) -> None:
+        if len(refs) > self.max_slots:
+            raise EngineError(f"cannot preload {len(refs)} adapters into {self.max_slots} slots")
+        for ref in refs:
+            self._runner.pin_adapter(*self._resolve(ref))
+
+    @property
+    def cpu_kernel(self) -> bool:
+        """Whether the LoRA rows are added by the CPU BGMV kernel (else by torch's products)."""
+        return self.backend.lora_kernel is not None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -143,22 +143,19 @@ class Engine:
         """Start the decode loop in a background thread (idempotent)."""
         if self._thread is not None and self._thread.is_alive():
             return
-        self._scheduler.stopping = False
-        self._thread = threading.Thread(target=self._scheduler.run, name="lora-kit-engine", daemon=True)
+        self._scheduler.resume()
+        self._thread = threading.Thread(target=self._loop.run, name="lora-kit-engine", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel every request in flight or waiting, and join the decode loop."""
-        with self._scheduler.cond:
-            self._scheduler.stopping = True
-            self._scheduler.cond.notify_all()
+        self._scheduler.request_stop()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(timeout)  # the loop cancels what is left as it ends
             self._thread = None
         else:
-            self._scheduler.cancel_all()
-        with self._scheduler.cond:  # stopped, not closed: new requests may queue for the next start()
-            self._scheduler.stopping = False
+            self._loop.cancel_all()
+        self._scheduler.resume()  # stopped, not closed: new requests may queue for the next start()
 
     def __enter__(self) -> Engine:
         self.start()
@@ -169,7 +166,7 @@ class Engine:
 
     # -- adapters ------------------------------------------------------------------------
 
-    def _load(self, key: str, path: Path) -> Any:
+    def _load_adapter(self, key: str, path: Path) -> Any:
         return load_adapter(key, path, self._base_shapes, self.adapter_dtype, self.device, self.max_rank)
 
     def _resolve(self, ref: str) -> tuple[str, Path]:
@@ -187,11 +184,7 @@ class Engine:
         When every slot is busy the adapter is loaded and checked, and takes a slot later.
         """
         key, path = self._resolve(ref)
-        with self._model_lock:
-            try:
-                self._slots.acquire(key, path, hold=False)
-            except NoFreeSlot:
-                self._load(key, path)
+        self._runner.check_adapter(key, path)
         return key
 
     # -- generation ----------------------------------------------------------------------
@@ -209,10 +202,8 @@ class Engine:
             raise InvalidRequest("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(ids) >= self._scheduler.max_length:
-            raise InvalidRequest(
-                f"the prompt has {len(ids)} tokens; the model's context is {self._scheduler.max_length}"
-            )
+        if len(ids) >= self.max_length:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens; the model's context is {self.max_length}")
         key, path = self._resolve(request.adapter) if request.adapter else (None, None)
         constraint = None
         if request.response_format or request.tools:
@@ -292,9 +283,9 @@ class Engine:
         """Queue depth, running requests, resident adapters (least recently used first), slots,
         and the requests finished so far by reason (stop, length, tool_calls, cancelled, error)."""
         return {
-            "queue_depth": len(self._scheduler.waiting),
-            "running": len(self._scheduler.batch),
-            "finished": dict(self._scheduler.finished),
-            "resident_adapters": self._slots.resident(),
+            "queue_depth": self._scheduler.queue_depth(),
+            "running": self._scheduler.running(),
+            "finished": dict(self._loop.finished),
+            "resident_adapters": self._runner.resident(),
             "slots": self.max_slots,
         }

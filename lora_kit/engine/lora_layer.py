@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lora_kit.engine.packed_linear import PackedLinear, can_pack
+from lora_kit.engine.backends.packed_linear import PackedLinear, can_pack
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -29,8 +29,8 @@ class LoraContext:
     otherwise the slot of each row, rows without an adapter pointing at the all-zero slot
     (torch path); ``row_slots`` is the same with -1 for those rows (the kernel skips them).
     ``version`` changes whenever the rows or the slots' contents change, so layers may
-    reuse what they derived from them. ``kernel``: the CPU BGMV op (:mod:`lora_kit.engine.bgmv`),
-    set by an engine whose model computes in fp32 on the CPU; None runs torch's products.
+    reuse what they derived from them. ``kernel``: the backend's LoRA op (the CPU BGMV kernel,
+    :mod:`lora_kit.engine.backends.bgmv`); None runs torch's products.
     """
 
     def __init__(self) -> None:
@@ -52,6 +52,10 @@ class LoraContext:
         self.single = next(iter(active)) if len(active) == 1 and None not in slots else None
         self.slot_index = torch.tensor([zero_slot if s is None else s for s in slots], dtype=torch.long, device=device)
         self.row_slots = torch.tensor([-1 if s is None else s for s in slots], dtype=torch.long, device=device)
+
+    def invalidate(self) -> None:
+        """The slots' contents changed: what layers derived from them (gathered weights) is stale."""
+        self.version += 1
 
 
 class BatchedLoraLinear(nn.Module):
@@ -143,8 +147,51 @@ class BatchedLoraLinear(nn.Module):
         self._gathered = (ctx.version, a_rows, b_rows)
         return a_rows, b_rows
 
+    # -- slot contents (written by SlotManager under the runner's model lock) --------------
+
+    def write_slot(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None, slots: int, rank: int) -> None:
+        """Hold an adapter's PEFT ``A`` (r, in) and scaled ``B`` (out, r) in ``slot``; ``pair`` None:
+        the adapter does not target this layer (zeros). The stacks are allocated on the first
+        write, as (``slots``, ``rank``, in) and (``slots``, ``rank``, out), in the adapter's dtype."""
+        if pair is None:
+            if self.lora_A is not None:
+                self.lora_A[slot].zero_()
+                self.lora_B[slot].zero_()  # type: ignore[index]
+            self.slots_with.discard(slot)
+            return
+        a, b = pair
+        if self.lora_A is None:
+            self.lora_A = torch.zeros(slots, rank, self.in_features, dtype=a.dtype, device=a.device)
+            self.lora_B = torch.zeros(slots, rank, self.out_features, dtype=b.dtype, device=b.device)
+        assert self.lora_B is not None
+        r = a.shape[0]
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.lora_A[slot, :r] = a
+        self.lora_B[slot, :r] = b.t()  # stored as B^T: (r, out)
+        self.slots_with.add(slot)
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero ``slot`` (its adapter was evicted)."""
+        if slot in self.slots_with:
+            self.lora_A[slot].zero_()  # type: ignore[index]
+            self.lora_B[slot].zero_()  # type: ignore[index]
+            self.slots_with.discard(slot)
+
+    def pad_rank(self, rank: int) -> None:
+        """Re-pad the stacks to ``rank`` (zero rows/columns keep every adapter's result exact)."""
+        if self.lora_A is None:
+            return
+        a, b = self.lora_A, self.lora_B
+        assert b is not None
+        new_a = a.new_zeros(a.shape[0], rank, a.shape[2])  # (slots, rank, in)
+        new_b = b.new_zeros(b.shape[0], rank, b.shape[2])  # (slots, rank, out)
+        new_a[:, : a.shape[1]] = a
+        new_b[:, : b.shape[1]] = b
+        self.lora_A, self.lora_B = new_a, new_b
+
     def pack(self, batch_hint: int) -> bool:
-        """Run the base product with a oneDNN-packed weight (see ``packed_linear``), when it can."""
+        """Run the base product with a oneDNN-packed weight (the CPU backend; see ``backends.packed_linear``), when it can."""
         if not can_pack(self.base):
             return False
         self.base = PackedLinear(self.base, batch_hint)

@@ -7,12 +7,9 @@ recently used adapter with no running request and no pin is evicted.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
 
 from lora_kit.engine.adapters import AdapterWeights
 from lora_kit.engine.lora_layer import BatchedLoraLinear, LoraContext
@@ -28,8 +25,8 @@ class NoFreeSlot(EngineError):
 class SlotManager:
     """Loads adapters into slots of the wrapped layers; LRU eviction of idle adapters; pinning.
 
-    Not thread-safe by itself: the engine calls it under its model lock, so no forward
-    pass reads a stack while it is written.
+    Not thread-safe: the model runner (:class:`~lora_kit.engine.runner.ModelRunner`) calls it
+    under its model lock, so no forward pass reads a stack while it is written.
     """
 
     def __init__(self, layers: dict[str, BatchedLoraLinear], ctx: LoraContext, max_slots: int, loader: Loader) -> None:
@@ -45,16 +42,12 @@ class SlotManager:
         self._refs: dict[int, int] = {}
         self._pinned: set[int] = set()
         self._free = list(range(max_slots - 1, -1, -1))
-        self.lock = threading.RLock()
 
     # -- queries -------------------------------------------------------------------------
 
     def resident(self) -> list[str]:
         """Keys of the adapters in slots, least recently used first."""
         return list(self._slot_of)
-
-    def slot_of(self, key: str) -> int | None:
-        return self._slot_of.get(key)
 
     def can_acquire(self, key: str) -> bool:
         """Whether :meth:`acquire` would succeed without waiting for a running request."""
@@ -78,6 +71,16 @@ class SlotManager:
         if hold:
             self._refs[slot] = self._refs.get(slot, 0) + 1
         return slot
+
+    def check(self, key: str, path: Path) -> None:
+        """Load adapter ``key`` into a slot if one is free or idle, else load it only to validate it.
+
+        Raises AdapterError when it does not fit; never waits and never holds the slot.
+        """
+        try:
+            self.acquire(key, path, hold=False)
+        except NoFreeSlot:
+            self.loader(key, path)
 
     def release(self, slot: int) -> None:
         """One running request of ``slot`` is done."""
@@ -118,50 +121,17 @@ class SlotManager:
         self.evict(victim)
         return self._free.pop()
 
-    def _grow(self, rank: int) -> None:
-        """Re-pad every allocated stack to ``rank`` (zeros keep the old adapters' results exact)."""
-        for layer in self.layers.values():
-            if layer.lora_A is None:
-                continue
-            a, b = layer.lora_A, layer.lora_B
-            assert b is not None
-            new_a = a.new_zeros(a.shape[0], rank, a.shape[2])  # (slots, rank, in)
-            new_b = b.new_zeros(b.shape[0], rank, b.shape[2])  # (slots, rank, out)
-            new_a[:, : a.shape[1]] = a
-            new_b[:, : b.shape[1]] = b
-            layer.lora_A, layer.lora_B = new_a, new_b
-        self.rank = rank
-
     def _write(self, slot: int, weights: AdapterWeights) -> None:
         if weights.rank > self.rank:
-            self._grow(weights.rank)
+            self.rank = weights.rank
+            for layer in self.layers.values():
+                layer.pad_rank(self.rank)
         for name, layer in self.layers.items():
-            pair = weights.modules.get(name)
-            if pair is None:
-                if layer.lora_A is not None:
-                    layer.lora_A[slot].zero_()
-                    layer.lora_B[slot].zero_()  # type: ignore[index]
-                layer.slots_with.discard(slot)
-                continue
-            a, b = pair
-            if layer.lora_A is None:
-                slots = self.max_slots + 1
-                layer.lora_A = torch.zeros(slots, self.rank, layer.in_features, dtype=a.dtype, device=a.device)
-                layer.lora_B = torch.zeros(slots, self.rank, layer.out_features, dtype=b.dtype, device=b.device)
-            assert layer.lora_B is not None
-            r = a.shape[0]
-            layer.lora_A[slot].zero_()
-            layer.lora_B[slot].zero_()
-            layer.lora_A[slot, :r] = a  # PEFT's A is (r, in), B is (out, r)
-            layer.lora_B[slot, :r] = b.t()
-            layer.slots_with.add(slot)
-        self.ctx.version += 1  # gathered per-row weights are stale now
+            layer.write_slot(slot, weights.modules.get(name), self.max_slots + 1, self.rank)
+        self.ctx.invalidate()
 
     def _clear(self, slot: int) -> None:
         for layer in self.layers.values():
-            if slot in layer.slots_with:
-                layer.lora_A[slot].zero_()  # type: ignore[index]
-                layer.lora_B[slot].zero_()  # type: ignore[index]
-                layer.slots_with.discard(slot)
+            layer.clear_slot(slot)
         self._pinned.discard(slot)
-        self.ctx.version += 1
+        self.ctx.invalidate()

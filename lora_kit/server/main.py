@@ -16,10 +16,10 @@ TOKEN_ENV = "LORA_KIT_API_TOKEN"
 
 
 def configure_logging(level: str = "info") -> None:
-    """Access log lines (JSON) and server messages on stderr."""
+    """Access log lines (JSON), server and engine messages on stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("lora_kit.access", "lora_kit.server"):
+    for name in ("lora_kit.access", "lora_kit.server", "lora_kit.engine"):
         log = logging.getLogger(name)
         if not log.handlers:
             log.addHandler(handler)
@@ -60,7 +60,7 @@ def serve(args: Any) -> int:
     On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish for up
     to ``--graceful-timeout`` seconds, then cancels them (which cancels them in the engine).
     """
-    from lora_kit.engine import Engine
+    from lora_kit.engine import Engine, EngineConfig
     from lora_kit.engine.threads import dedicate_cpu_threads
     from lora_kit.registry import Registry
     from lora_kit.server.app import create_app
@@ -68,17 +68,7 @@ def serve(args: Any) -> int:
     dedicate_cpu_threads()  # the decode loop gets the cores; this thread only serves HTTP
     configure_logging(args.log_level)
     token = args.api_token or os.environ.get(TOKEN_ENV) or None
-    engine = Engine(
-        args.model,
-        quantization=args.quantization,
-        max_slots=args.slots,
-        preload=tuple(args.preload or ()),
-        max_queue=args.max_queue,
-        max_batch=args.max_batch,
-        pack_weights=args.pack_weights,
-        cpu_kernel=args.cpu_kernel,
-        adapter_dtype=args.adapter_dtype,
-    )
+    engine = Engine(EngineConfig.from_cli_args(args))
     engine.start()
     try:
         app = create_app(engine, Registry(), api_token=token, max_tokens_cap=args.max_tokens_cap)

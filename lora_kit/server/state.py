@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from lora_kit.server.finetunes import FinetuneStore
 from lora_kit.server.generation import Runner
 from lora_kit.server.metrics import Metrics
 
+if TYPE_CHECKING:
+    from lora_kit.engine import Engine
+
 
 @dataclass
 class ServerState:
-    engine: Any
+    engine: Engine
     registry: Any
     runner: Runner
     metrics: Metrics

@@ -10,7 +10,7 @@ decode step of the embedded model ~1.8x faster, output head included.
 The packed weight replaces the dense one (no second copy), except for an output head tied
 to the input embeddings, which keeps the dense table for the embedding lookup. The results
 differ from ``nn.Linear`` by float rounding only (another summation order, ~1e-6 relative);
-``Engine(pack_weights=False)`` keeps transformers' own kernels.
+the torch backend (:mod:`lora_kit.engine.backends`) keeps transformers' own kernels.
 """
 
 from __future__ import annotations

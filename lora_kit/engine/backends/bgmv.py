@@ -4,8 +4,9 @@ The kernel is compiled with the machine's C++ compiler against the installed tor
 headers (a few seconds; no ninja, no pybind) into ``$LORA_KIT_HOME/kernels/<key>/``, where
 the key hashes the source, the torch version, the compiler and this CPU's instruction-set
 flags (it is built with ``-march=native``, so a shared home never hands one CPU a library
-built for another). A failed build is reported once and the engine keeps its pure-torch
-path; ``LORA_KIT_CPU_KERNELS=0`` turns the kernel off.
+built for another). A failed build is logged once (a warning on the ``lora_kit.engine``
+logger) and the CPU backend adds the LoRA rows with torch's products instead;
+``LORA_KIT_ENGINE_BACKEND=torch`` (see :mod:`lora_kit.engine.backends`) never loads it.
 
 It links against torch's own ``libc10``/``libtorch_cpu`` and uses their OpenMP runtime:
 ``-fopenmp`` is given when compiling only, so the library never pulls in a second libgomp
@@ -15,6 +16,7 @@ It links against torch's own ``libc10``/``libtorch_cpu`` and uses their OpenMP r
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -27,14 +29,15 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "bgmv.cpp"
-ENV_SWITCH = "LORA_KIT_CPU_KERNELS"
 MAX_RANK = 256  # kMaxRank in bgmv.cpp: higher (padded) ranks take the torch path
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool, "error": str, "path": Path
+logger = logging.getLogger(__name__)
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C++ compiler the kernel is built with: ``$CXX``, else ``c++`` or ``g++`` on the PATH."""
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
@@ -93,37 +96,32 @@ def build(compiler: str, target: Path) -> None:
 def load() -> bool:
     """Build (once) and load the kernel; False, with the reason in :func:`error`, when it cannot be used."""
     with _lock:
-        if "loaded" in _state:
-            return bool(_state["loaded"])
-        _state["loaded"] = False
-        if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-            _state["error"] = f"turned off by {ENV_SWITCH}"
-            return False
-        if not sys.platform.startswith("linux"):
-            _state["error"] = "only built on Linux"
-            return False
-        compiler = _compiler()
-        if compiler is None:
-            _state["error"] = "no C++ compiler found (set CXX)"
-        else:
-            target = library_path(compiler)
-            try:
-                if not target.exists():
-                    print(
-                        f"lora-kit: building the CPU LoRA kernel into {target.parent} (once, a few seconds)",
-                        file=sys.stderr,
-                    )
-                    build(compiler, target)
-                torch.ops.load_library(str(target))
-                _state.update(loaded=True, path=target)
-            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-                _state["error"] = str(err)
-        if not _state["loaded"]:
-            print(
-                f"lora-kit: the CPU LoRA kernel is not used ({_state['error']}); using torch's bmm instead",
-                file=sys.stderr,
-            )
+        if "loaded" not in _state:
+            _state["loaded"] = False
+            _load()
+            if not _state["loaded"]:
+                logger.warning("the CPU LoRA kernel is not used (%s); using torch's bmm instead", _state["error"])
         return bool(_state["loaded"])
+
+
+def _load() -> None:
+    """Build the library if this machine has none yet, then load it; records the outcome in ``_state``."""
+    if not sys.platform.startswith("linux"):
+        _state["error"] = "only built on Linux"
+        return
+    cxx = compiler()
+    if cxx is None:
+        _state["error"] = "no C++ compiler found (set CXX)"
+        return
+    target = library_path(cxx)
+    try:
+        if not target.exists():
+            logger.warning("building the CPU LoRA kernel into %s (once, a few seconds)", target.parent)
+            build(cxx, target)
+        torch.ops.load_library(str(target))
+        _state.update(loaded=True, path=target)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _state["error"] = str(err)
 
 
 def loaded_path() -> Path | None:

@@ -1,0 +1,115 @@
+"""Compute backends: how a forward adds each row's LoRA, and whether the base weights are repacked.
+
+The backend is chosen by platform, not by a user flag (as vLLM picks its kernels by platform):
+
+- ``cpu``, for a model on the CPU: dense fp32/bf16 base weights and the output head are
+  repacked for oneDNN (:mod:`.packed_linear`: ~1.8x faster decoding, results equal to
+  transformers' up to float rounding), and the rows' LoRA products are added by the BGMV
+  kernel (:mod:`.bgmv`, ``csrc/bgmv.cpp``, built once per machine) when the model computes in
+  fp32, adapters are fp32 or bf16 and ranks are at most ``bgmv.MAX_RANK``. Otherwise, or where
+  the kernel cannot be built (no C++ compiler), torch's products add them.
+- ``torch``, for CUDA and every other device: transformers' own linear kernels, and torch's
+  matmul/``bmm`` for the LoRA rows (:class:`~lora_kit.engine.lora_layer.BatchedLoraLinear`).
+
+One environment override, for debugging and benchmarks: ``LORA_KIT_ENGINE_BACKEND=torch``
+forces the torch backend on the CPU as well (bit-exact with transformers: the reference the
+CPU backend is tested and benchmarked against); ``cpu`` forces the CPU backend (CPU models
+only); unset or ``auto`` chooses by platform. Tests and benchmarks that need both backends in
+one process pass ``backend=`` to :class:`~lora_kit.engine.Engine` instead (it wins over the
+environment); neither is a CLI flag.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from lora_kit.engine.backends import bgmv
+from lora_kit.engine.backends.packed_linear import copy_unpacked_weights, pack_output_head
+
+ENV = "LORA_KIT_ENGINE_BACKEND"
+CHOICES = ("auto", "cpu", "torch")
+
+
+class Backend(ABC):
+    """What the engine asks of a backend: a LoRA op for the rows, and the base weights prepared."""
+
+    name: str
+    lora_kernel: Callable[..., None] | None = None
+    """``op(out, x, lora_a, lora_b, slots)``, adding each row's LoRA in place (see :func:`.bgmv.op`);
+    None: :class:`~lora_kit.engine.lora_layer.BatchedLoraLinear` uses torch's products."""
+
+    @abstractmethod
+    def prepare(self, model: Any, layers: Iterable[Any], batch_hint: int) -> int:
+        """Ready the base weights of ``model`` (its wrapped ``layers``) before serving, for
+        batches of about ``batch_hint`` rows; returns how many layers were repacked."""
+
+    @property
+    def lora_path(self) -> str:
+        """How the LoRA rows are added, in words (benchmarks print it)."""
+        return "BGMV kernel" if self.lora_kernel is not None else "torch bmm"
+
+
+class TorchBackend(Backend):
+    """transformers' own linear kernels; torch's matmul/bmm for the LoRA rows."""
+
+    name = "torch"
+
+    def prepare(self, model: Any, layers: Iterable[Any], batch_hint: int) -> int:
+        return 0
+
+
+class CpuBackend(Backend):
+    """oneDNN-packed base weights; the BGMV kernel for the LoRA rows where it fits and was built."""
+
+    name = "cpu"
+
+    def __init__(self, lora_kernel: Callable[..., None] | None) -> None:
+        self.lora_kernel = lora_kernel
+
+    def prepare(self, model: Any, layers: Iterable[Any], batch_hint: int) -> int:
+        packed = sum(layer.pack(batch_hint) for layer in layers) + int(pack_output_head(model, batch_hint))
+        if packed:
+            copy_unpacked_weights(model)
+        return packed
+
+
+def select_backend(
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    max_rank: int,
+    choice: str | None = None,
+) -> Backend:
+    """The backend for a model on ``device``: ``choice``, else ``$LORA_KIT_ENGINE_BACKEND``, else by platform.
+
+    Building the BGMV kernel (the first time on a machine) happens here, for the CPU backend.
+    """
+    choice = (choice or os.environ.get(ENV) or "auto").strip().lower()
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, not {choice!r}")
+    if choice == "auto":
+        choice = "cpu" if device.type == "cpu" else "torch"
+    if choice == "torch":
+        return TorchBackend()
+    if device.type != "cpu":
+        raise ValueError(f"the cpu backend serves models on the CPU, not on {device.type}")
+    return CpuBackend(_cpu_kernel(compute_dtype, adapter_dtype, max_rank))
+
+
+def _cpu_kernel(compute_dtype: torch.dtype, adapter_dtype: torch.dtype, max_rank: int) -> Callable[..., None] | None:
+    """The BGMV op, when it can add this engine's rows (it reads fp32 activations, fp32 or bf16
+    adapters and ranks up to ``MAX_RANK``) and loads here; else None."""
+    fits = (
+        compute_dtype == torch.float32
+        and adapter_dtype in (torch.float32, torch.bfloat16)
+        and max_rank <= bgmv.MAX_RANK
+    )
+    return bgmv.op() if fits and bgmv.load() else None
+
+
+__all__ = ["CHOICES", "ENV", "Backend", "CpuBackend", "TorchBackend", "select_backend"]

@@ -1,0 +1,140 @@
+"""The model runner: the prefill and decode forwards, grammar-masked sampling, and the model lock.
+
+The lock keeps the adapter slots still while a forward reads them: every slot operation
+(loading an adapter, releasing a finished request's slot, pinning) goes through the runner
+and takes the same lock as the forwards, whichever thread asks (the engine loop, or a server
+thread checking an adapter before it streams).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lora_kit.engine.constraints import GrammarCache
+from lora_kit.engine.lora_layer import LoraContext
+from lora_kit.engine.sampling import sample_rows
+from lora_kit.engine.slots import SlotManager
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
+
+    from lora_kit.engine.batch import RunningBatch
+    from lora_kit.engine.sequence import Sequence
+
+
+class ModelRunner:
+    """Runs the model over sequences and owns what its forwards read (the LoRA context, the slots)."""
+
+    def __init__(
+        self,
+        model: Any,
+        ctx: LoraContext,
+        slots: SlotManager,
+        grammar: Callable[[], GrammarCache],
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.device = device
+        self._slots = slots
+        self._grammar = grammar
+        self._lock = threading.RLock()
+        self._rows_version: int | None = None  # the batch version ``ctx`` holds the rows of
+
+    # -- adapter slots, under the model lock (any thread) --------------------------------
+
+    def acquire_slot(self, key: str, path: Path) -> int:
+        """Load adapter ``key`` if needed and hold its slot for a running request (see SlotManager.acquire)."""
+        with self._lock:
+            return self._slots.acquire(key, path)
+
+    def release_slot(self, slot: int) -> None:
+        """A running request of ``slot`` is done."""
+        with self._lock:
+            self._slots.release(slot)
+
+    def check_adapter(self, key: str, path: Path) -> None:
+        """Load adapter ``key`` into a slot now if one is free or idle, else only validate it."""
+        with self._lock:
+            self._slots.check(key, path)
+
+    def pin_adapter(self, key: str, path: Path) -> None:
+        """Load adapter ``key`` and never evict it."""
+        with self._lock:
+            self._slots.acquire(key, path, hold=False)
+            self._slots.pin(key)
+
+    def can_acquire(self, key: str) -> bool:
+        """Whether a slot for ``key`` is there without waiting for a running request (it may
+        wait for an adapter being loaded). A slot taken between this answer and
+        :meth:`acquire_slot` makes that raise NoFreeSlot: the request waits for the next round."""
+        with self._lock:
+            return self._slots.can_acquire(key)
+
+    def resident(self) -> list[str]:
+        """The resident adapters, least recently used first. Unlocked: stats are read from the
+        server's event loop, which must not wait for a forward (copying the keys is atomic)."""
+        return self._slots.resident()
+
+    # -- forwards (the engine loop's thread) ---------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, group: list[Sequence]) -> tuple[Cache, torch.Tensor, list[int]]:
+        """One forward over the left-padded prompts of ``group``, each row with its adapter.
+
+        Returns the cache, the attention mask (R, L) and each row's first sampled token
+        (already recorded on its sequence), for the group to join the running batch.
+        """
+        from transformers import DynamicCache
+
+        width = max(len(s.request.prompt_ids) for s in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for i, s in enumerate(group):
+            prompt = s.request.prompt_ids
+            ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt) :] = 1
+        inputs = {"input_ids": ids, "attention_mask": mask, "past_key_values": DynamicCache()}
+        if len(group) > 1:  # with left padding the positions are explicit, as generate() does
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self._lock:
+            self.ctx.set_rows([s.slot for s in group], self._slots.zero_slot, self.device)
+            self._rows_version = None  # ctx holds the group's rows now, not the batch's
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, mask, self.sample(out.logits[:, -1, :].float(), group)
+
+    @torch.inference_mode()
+    def decode(self, batch: RunningBatch) -> list[int]:
+        """One decode step of every row of ``batch``; each row's sampled token (recorded on it)."""
+        rows: list[Sequence] = batch.rows
+        with self._lock:
+            if self._rows_version != batch.version:  # rows joined or left: re-gather their slots
+                self.ctx.set_rows([s.slot for s in rows], self._slots.zero_slot, self.device)
+                self._rows_version = batch.version
+            out = self.model(**batch.step_inputs(), use_cache=True, logits_to_keep=1)
+        tokens = self.sample(out.logits[:, -1, :].float(), rows)
+        batch.advance(out.past_key_values, tokens)
+        return tokens
+
+    def sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
+        """Each row's next token from ``logits`` (B, V) fp32, masked by its grammar if it has
+        one, and recorded on the row (its output, sampler statistics and grammar state)."""
+        constrained = [i for i, s in enumerate(rows) if s.constraint is not None]
+        if constrained:
+            grammar = self._grammar()
+            bitmask = grammar.bitmask(len(rows))
+            for i in constrained:
+                rows[i].constraint.fill(bitmask, i)  # type: ignore[union-attr]
+            vocab = grammar.vocab_size
+            grammar.apply(logits[:, :vocab], bitmask, constrained)
+            if logits.shape[1] > vocab:  # the model's padded vocabulary: never a grammar's token
+                logits[constrained, vocab:] = float("-inf")
+        tokens = sample_rows(logits, [s.sampler for s in rows])
+        for seq, token in zip(rows, tokens):
+            seq.accept(token)
+        return tokens

@@ -1,0 +1,55 @@
+"""One request in flight: its inputs, its sampling and output state, and its event stream.
+
+Created by the engine when a request is submitted; the scheduler moves it from the waiting
+queue into the running batch, the runner appends the tokens it samples, the output stage turns
+them into events, and a consumer drains ``events`` (an async iterator or a blocking caller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_kit.engine.constraints import Constraint
+from lora_kit.engine.output import OutputState
+from lora_kit.engine.sampling import RequestSampler
+from lora_kit.engine.types import GenerationOutput, GenerationRequest
+
+
+@dataclass(eq=False)  # identity: a request is itself, whatever its state
+class Sequence:
+    """One request in flight: its inputs, decoding state and output stream."""
+
+    request: GenerationRequest
+    adapter_key: str | None
+    adapter_path: Path | None
+    sampler: RequestSampler
+    constraint: Constraint | None
+    events: queue.SimpleQueue[GenerationOutput | BaseException] = field(default_factory=queue.SimpleQueue)
+    slot: int | None = None  # the adapter's slot, held while the request runs
+    generated: list[int] = field(default_factory=list)
+    output: OutputState = field(default_factory=OutputState)
+    cancelled: bool = False  # set by the consumer (any thread); the loop acts on it at the next step
+    done: bool = False
+    # Set by an async consumer so the loop's thread can wake it.
+    loop: asyncio.AbstractEventLoop | None = None
+    wakeup: asyncio.Event | None = None
+
+    def accept(self, token: int) -> None:
+        """Record a sampled token: in the output, the sampler's statistics and the grammar's state."""
+        self.generated.append(token)
+        self.sampler.observe(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
+
+    def push(self, item: GenerationOutput | BaseException) -> None:
+        """Deliver an event from the loop's thread (wakes an async consumer)."""
+        self.events.put(item)
+        loop, wakeup = self.loop, self.wakeup
+        if loop is not None and wakeup is not None:
+            try:
+                loop.call_soon_threadsafe(wakeup.set)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening
+                pass
