@@ -47,7 +47,7 @@ def make_adapter(out_dir: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Registry with adapters ``alpha`` and ``beta``; one engine; an open server and a token server."""
-    from lora_kit.engine import Engine
+    from lora_kit.engine import Engine, EngineConfig
     from lora_kit.registry import Registry
     from lora_kit.server.app import create_app
     from lora_kit.server.main import BackgroundServer
@@ -58,7 +58,7 @@ def world(tmp_path_factory):
     for name, seed in (("alpha", 1), ("beta", 2)):
         dirs[name] = make_adapter(root / f"adapter-{name}", seed)
         registry.register(dirs[name], name, base_model=MODEL, description=f"random adapter {name}")
-    engine = Engine(MODEL, registry_root=registry.root, max_slots=4, max_batch=8, max_queue=64)
+    engine = Engine(EngineConfig(MODEL, max_slots=4, max_batch=8, max_queue=64), registry_root=registry.root)
     engine.start()
     app = create_app(engine, registry, uploads_dir=root / "uploads", max_tokens_cap=64)
     locked = create_app(engine, registry, api_token="s3cret", uploads_dir=root / "uploads", max_body_bytes=4096)
@@ -433,19 +433,21 @@ def wait_for(predicate, timeout=60.0):
 
 
 def test_429_when_queue_full_and_disconnect_frees_place(world):
-    from lora_kit.engine import Engine
+    from lora_kit.engine import Engine, EngineConfig
     from lora_kit.server.app import create_app
     from lora_kit.server.main import BackgroundServer
 
-    engine = Engine(MODEL, registry_root=world["registry"].root, max_batch=1, max_queue=1)
+    engine = Engine(EngineConfig(MODEL, max_batch=1, max_queue=1), registry_root=world["registry"].root)
     engine.start()
-    app = create_app(engine, world["registry"], uploads_dir=world["root"] / "uploads")
-    # ignore_eos: the running request must hold the only place until its client leaves
-    # (400 tokens: ~18 s here), not until the model happens to end its answer.
-    long_body = {"messages": QUESTION, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
+    # The request holding the only batch place must not end before its client leaves: with
+    # ignore_eos and no cap it decodes to the model's context (8192 tokens, minutes of decoding),
+    # while this test needs it for seconds. Its end is the disconnect, whatever the machine's speed.
+    endless = 10**9
+    app = create_app(engine, world["registry"], uploads_dir=world["root"] / "uploads", max_tokens_cap=endless)
+    holding = {"messages": QUESTION, "max_tokens": endless, "temperature": 0, "stream": True, "ignore_eos": True}
     try:
         with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
-            with client.stream("POST", RUN + MODEL, json=long_body) as running:
+            with client.stream("POST", RUN + MODEL, json=holding) as running:
                 assert running.status_code == 200
                 # Keep the iterator: a dropped one is closed by the garbage collector, and httpcore
                 # then closes the connection, so the server (rightly) cancels the running request.
@@ -454,7 +456,8 @@ def test_429_when_queue_full_and_disconnect_frees_place(world):
                 result = {}
 
                 def queued():
-                    result["resp"] = client.post(RUN + MODEL, json={**long_body, "stream": False, "max_tokens": 2})
+                    body = {"messages": QUESTION, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+                    result["resp"] = client.post(RUN + MODEL, json=body)
 
                 waiter = threading.Thread(target=queued)
                 waiter.start()
@@ -463,8 +466,9 @@ def test_429_when_queue_full_and_disconnect_frees_place(world):
                 assert rejected.status_code == 429
                 assert rejected.headers["retry-after"] == "1"
                 assert rejected.json()["errors"][0]["code"] == 3040
-            # The streaming client went away: its request is cancelled (not run to its 400 tokens),
-            # its place frees and the queued request completes.
+                assert engine.stats()["finished"] == {}  # the place is still held, by the endless request
+            # The streaming client went away: its request is cancelled, its place frees and the
+            # queued request completes.
             waiter.join(120)
             assert result["resp"].status_code == 200
             assert result["resp"].json()["result"]["usage"]["completion_tokens"] == 2

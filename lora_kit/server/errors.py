@@ -1,7 +1,8 @@
 """API errors and the two error bodies: Cloudflare's envelope and OpenAI's ``{"error": {...}}``.
 
-Codes and statuses follow Cloudflare's documented Workers AI errors (reference section 1.5) and
-those seen in practice (5006 bad input, 3037 fine-tune not found, 10000 auth, 3001 internal).
+Codes and statuses follow the error table of Cloudflare's Workers AI docs (5007/400 no such model,
+3039/400 fine-tune missing files, 3006/413 request too large, 3040/429 out of capacity) and the
+codes its API returns in practice (5006 bad input, 3037 fine-tune not found, 10000 auth, 3001 internal).
 Errors always carry a 4xx/5xx status: the official SDK ignores ``success: false`` on a 200.
 """
 

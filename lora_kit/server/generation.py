@@ -1,4 +1,4 @@
-"""What both APIs share: model-name matching, adapter checks, sampling, running a request on the engine.
+"""What both APIs share: model-name matching, the engine request of a body, running it, shaping the response.
 
 Errors are mapped to :class:`ApiError` *before* anything is sent: a stream is primed with
 its first engine event, so an unknown adapter or a full queue is a 4xx status, not a
@@ -13,18 +13,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from lora_kit import chat
 from lora_kit.engine import (
     AdapterError,
     EngineError,
     GenerationOutput,
     GenerationRequest,
     Overloaded,
-    SamplingParams,
     UnknownAdapter,
 )
-from lora_kit.server import errors
+from lora_kit.server import errors, sse
 from lora_kit.server.errors import ApiError
 from lora_kit.server.metrics import Metrics
+from lora_kit.server.schemas import ChatCompletionRequest, GenerationBody, MessagesRequest, PromptRequest
 
 CLOUDFLARE_MODEL_PREFIXES = ("@cf/", "@hf/")
 
@@ -44,49 +48,43 @@ def model_matches(name: str, served: str) -> bool:
     return name.rsplit("/", 1)[-1].lower() == served.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
-def sampling_params(
-    *,
-    max_tokens: Optional[int],
-    temperature: float,
-    top_p: Optional[float],
-    top_k: Optional[int],
-    seed: Optional[int],
-    repetition_penalty: Optional[float],
-    frequency_penalty: Optional[float],
-    presence_penalty: Optional[float],
-    stop: Optional[list[str]] = None,
-    ignore_eos: bool = False,
-    max_tokens_cap: int,
-    default_max_tokens: int = 256,
-) -> SamplingParams:
-    """Engine sampling settings from request fields; raises 5006 for values the engine cannot honour.
+def engine_request(
+    tokenizer: Any, req: GenerationBody, adapter: Optional[str], max_tokens_cap: int
+) -> GenerationRequest:
+    """The engine request for a validated body of either API; 5006/400 for what the engine cannot take.
 
-    ``max_tokens`` is clamped to the server's cap (a cap, not a new upper bound of the schema).
-    Cloudflare's v0.1 schema lets ``top_p`` reach 2: anything >= 1 keeps the whole distribution.
-    ``top_p`` 0 is the limit of keeping only the most likely token, i.e. ``top_k`` 1.
+    Checked in this order: ``response_format``, the sampling settings, then the prompt's rendering.
     """
-    wanted = default_max_tokens if max_tokens is None else max_tokens
-    k = top_k or 0
-    p = 1.0 if top_p is None else min(float(top_p), 1.0)
-    if p <= 0.0:
-        p, k = 1.0, 1
-    params = SamplingParams(
-        max_tokens=max(1, min(wanted, max_tokens_cap)),
-        temperature=float(temperature),
-        top_p=p,
-        top_k=k,
-        seed=seed,
-        repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
-        frequency_penalty=0.0 if frequency_penalty is None else float(frequency_penalty),
-        presence_penalty=0.0 if presence_penalty is None else float(presence_penalty),
-        stop=list(stop or []),
-        ignore_eos=ignore_eos,
-    )
     try:
-        params.validate()
+        response_format = req.response_format.to_engine() if req.response_format else None
     except ValueError as err:
+        raise errors.bad_input(f"response_format: {err}", "response_format") from err
+    try:
+        params = req.to_sampling_params(max_tokens_cap=max_tokens_cap)
+    except ValueError as err:  # InvalidRequest: a value the engine cannot honour
         raise errors.bad_input(str(err)) from err
-    return params
+    tools, tool_choice = req.engine_tools()
+    ids = prompt_ids(tokenizer, req, tools)
+    return GenerationRequest(
+        ids, params, adapter=adapter, response_format=response_format, tools=tools, tool_choice=tool_choice
+    )
+
+
+def prompt_ids(tokenizer: Any, req: GenerationBody, tools: Optional[list[dict]]) -> list[int]:
+    """Token ids of a body, rendered only through :mod:`lora_kit.chat`; ChatError -> 5006 naming the field.
+
+    The messages forms always get the chat template (as Workers AI did); Cloudflare's ``raw``
+    passes a prompt through untouched, as OpenAI's ``/v1/completions`` always does.
+    """
+    try:
+        if isinstance(req, (MessagesRequest, ChatCompletionRequest)):
+            messages = [m.to_chat() for m in req.messages]
+            return chat.render(tokenizer, messages, add_generation_prompt=True, tools=tools).input_ids
+        if isinstance(req, PromptRequest):
+            return chat.render_prompt(tokenizer, req.prompt, raw=req.raw)
+        return chat.render_prompt(tokenizer, req.prompt_text(), raw=True)
+    except chat.ChatError as err:
+        raise errors.bad_input(f"{req.PROMPT_FIELD}: {err}", req.PROMPT_FIELD) from err
 
 
 def engine_error(err: Exception, adapter: Optional[str] = None) -> ApiError:
@@ -227,6 +225,67 @@ class Runner:
         if work.cancelled():
             raise ApiError(errors.INTERNAL, "client disconnected")
         return work.result()
+
+
+class ResponseShape:
+    """How one API shapes a generation: the whole JSON body, or the payloads of an SSE stream.
+
+    :func:`respond` and :func:`sse_stream` drive it; each API fills in its payloads.
+    """
+
+    def body(self, done: Completion) -> dict[str, Any]:
+        """The JSON body of a response that is not streamed."""
+        raise NotImplementedError
+
+    def opening(self) -> list[Any]:
+        """Stream payloads before the first token."""
+        return []
+
+    def delta(self, text: str) -> Any:
+        """The stream payload of one text delta."""
+        raise NotImplementedError
+
+    def closing(self, done: Completion) -> list[Any]:
+        """Stream payloads after the last token (finish reason, usage, tool calls), before ``[DONE]``."""
+        raise NotImplementedError
+
+    def failure(self, err: ApiError) -> Any:
+        """The payload of an error once the status is sent; the stream then ends without ``[DONE]``."""
+        raise NotImplementedError
+
+
+async def sse_stream(events: AsyncIterator[GenerationOutput], shape: ResponseShape) -> AsyncIterator[bytes]:
+    """The SSE body of a primed event stream in ``shape``'s payloads, then ``data: [DONE]``.
+
+    An engine failure after the stream has started cannot change the status any more: it is sent
+    in-band (``shape.failure``). Closing this iterator (client gone) cancels the request.
+    """
+    done = Completion()
+    try:
+        for payload in shape.opening():
+            yield sse.event(payload)
+        async for out in events:
+            done.add(out)
+            if out.text:
+                yield sse.event(shape.delta(out.text))
+        for payload in shape.closing(done):
+            yield sse.event(payload)
+        yield sse.DONE
+    except Exception as err:  # noqa: BLE001 - reported in-band; the status is already sent
+        yield sse.event(shape.failure(engine_error(err)))
+    finally:
+        await _close(events)
+
+
+async def respond(
+    runner: Runner, request: Request, gen: GenerationRequest, stream: bool, shape: ResponseShape
+) -> Response:
+    """Run ``gen``: an SSE stream, or the whole JSON body at the end (cancelled if the client leaves first)."""
+    if stream:
+        events = await runner.stream(gen)
+        return StreamingResponse(sse_stream(events, shape), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    done = await runner.complete(gen, disconnect_waiter(request))
+    return JSONResponse(shape.body(done))
 
 
 async def _close(events: Any) -> None:

@@ -9,39 +9,27 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Optional
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import Response
 
-from lora_kit import chat
-from lora_kit.engine import GenerationOutput, GenerationRequest
-from lora_kit.server import errors, sse
+from lora_kit.server import errors
 from lora_kit.server.auth import require_token
 from lora_kit.server.bodies import read_json
 from lora_kit.server.errors import ApiError
 from lora_kit.server.generation import (
     Completion,
-    disconnect_waiter,
-    engine_error,
+    ResponseShape,
+    engine_request,
     model_matches,
     openai_tool_calls,
-    sampling_params,
+    respond,
 )
-from lora_kit.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAISampling, describe_validation_error
+from lora_kit.server.schemas import ChatCompletionRequest, CompletionRequest, parse
 from lora_kit.server.state import ServerState
-
-CHAT_DEFAULT_MAX_TOKENS = 256  # as Cloudflare's default; OpenAI's "until the context ends" is rarely wanted
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-def _validate(model: type[OpenAISampling], body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as err:
-        raise errors.bad_input(describe_validation_error(err)) from None
 
 
 async def resolve_adapter(state: ServerState, model: str, lora: Optional[str]) -> Optional[str]:
@@ -66,149 +54,118 @@ async def resolve_adapter(state: ServerState, model: str, lora: Optional[str]) -
         ) from None
 
 
-def _params(state: ServerState, req: OpenAISampling, default_max_tokens: int) -> Any:
-    return sampling_params(
-        max_tokens=req.max_completion_tokens or req.max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        seed=req.seed,
-        repetition_penalty=req.repetition_penalty,
-        frequency_penalty=req.frequency_penalty,
-        presence_penalty=req.presence_penalty,
-        stop=req.stop_list(),
-        ignore_eos=req.ignore_eos,
-        max_tokens_cap=state.max_tokens_cap,
-        default_max_tokens=default_max_tokens,
-    )
-
-
-def _response_format(req: OpenAISampling) -> Optional[dict]:
-    try:
-        return req.response_format.to_engine() if req.response_format else None
-    except ValueError as err:
-        raise errors.bad_input(f"response_format: {err}", "response_format") from err
-
-
 def _finish_reason(done: Completion) -> str:
     if done.tool_calls:
         return "tool_calls"
     return done.finish_reason if done.finish_reason in ("stop", "length", "tool_calls") else "stop"
 
 
-def chat_response(done: Completion, model: str, rid: str, created: int) -> dict[str, Any]:
-    """A ``chat.completion`` object."""
+def _message(done: Completion) -> dict[str, Any]:
+    """The assistant message of a ``chat.completion``."""
     message: dict[str, Any] = {"role": "assistant", "content": done.text}
     if done.tool_calls:
         message["tool_calls"] = [
             {k: v for k, v in call.items() if k != "index"} for call in openai_tool_calls(done.tool_calls)
         ]
         message["content"] = done.text or None
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(done), "logprobs": None}],
-        "usage": done.usage(),
-    }
+    return message
 
 
-def completion_response(done: Completion, model: str, rid: str, created: int) -> dict[str, Any]:
-    """A ``text_completion`` object."""
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": done.text, "finish_reason": _finish_reason(done), "logprobs": None}],
-        "usage": done.usage(),
-    }
+def _tool_call_deltas(done: Completion) -> list[dict[str, Any]]:
+    return [{"delta": {"tool_calls": openai_tool_calls(done.tool_calls)}}] if done.tool_calls else []
 
 
-async def chat_chunks(
-    events: AsyncIterator[GenerationOutput], model: str, rid: str, created: int, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """``chat.completion.chunk`` events: role, content deltas, tool calls, finish reason, [usage], [DONE]."""
+@dataclass(frozen=True)
+class Endpoint:
+    """What differs between chat and text completions: the names, and how a choice carries the text.
 
-    def chunk(delta: dict[str, Any], finish: Optional[str] = None) -> bytes:
-        return sse.event(
-            {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-            }
-        )
+    ``content``, ``delta``, ``finished``, ``opening`` and ``after`` give the part of a choice
+    between its ``index`` and its ``finish_reason``; the rest of the objects is common.
+    """
 
-    done = Completion()
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for out in events:
-            done.add(out)
-            if out.text:
-                yield chunk({"content": out.text})
-        if done.tool_calls:
-            yield chunk({"tool_calls": openai_tool_calls(done.tool_calls)})
-        yield chunk({}, _finish_reason(done))
-        if include_usage:
-            yield sse.event(
-                {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": done.usage(),
-                }
-            )
-        yield sse.DONE
-    except Exception as err:  # noqa: BLE001 - the status is already sent
-        yield sse.event(errors.openai_body(engine_error(err)))
-    finally:
-        await events.aclose()
+    id_prefix: str
+    object: str  # the response's object
+    chunk_object: str  # a stream chunk's object
+    content: Callable[[Completion], dict[str, Any]]  # a response choice's
+    delta: Callable[[str], dict[str, Any]]  # a chunk choice's, for a text delta
+    finished: dict[str, Any]  # the finishing chunk choice's
+    opening: tuple[dict[str, Any], ...] = ()  # chunk choices' before the first token
+    after: Callable[[Completion], list[dict[str, Any]]] = lambda done: []  # chunk choices' after the last
 
 
-async def completion_chunks(
-    events: AsyncIterator[GenerationOutput], model: str, rid: str, created: int, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """``text_completion`` stream events, then [usage], then [DONE]."""
+CHAT = Endpoint(
+    id_prefix="chatcmpl-",
+    object="chat.completion",
+    chunk_object="chat.completion.chunk",
+    content=lambda done: {"message": _message(done)},
+    delta=lambda text: {"delta": {"content": text}},
+    finished={"delta": {}},
+    opening=({"delta": {"role": "assistant", "content": ""}},),
+    after=_tool_call_deltas,
+)
+COMPLETION = Endpoint(
+    id_prefix="cmpl-",
+    object="text_completion",
+    chunk_object="text_completion",
+    content=lambda done: {"text": done.text},
+    delta=lambda text: {"text": text},
+    finished={"text": ""},
+)
 
-    def chunk(text: str, finish: Optional[str] = None) -> bytes:
-        return sse.event(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-            }
-        )
 
-    done = Completion()
-    try:
-        async for out in events:
-            done.add(out)
-            if out.text:
-                yield chunk(out.text)
-        yield chunk("", _finish_reason(done))
-        if include_usage:
-            yield sse.event(
-                {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": done.usage(),
-                }
-            )
-        yield sse.DONE
-    except Exception as err:  # noqa: BLE001
-        yield sse.event(errors.openai_body(engine_error(err)))
-    finally:
-        await events.aclose()
+class OpenAIShape(ResponseShape):
+    """A ``chat.completion``/``text_completion`` object, or its chunks: the deltas, the finish reason,
+    [usage], then ``[DONE]``; an error after the status is OpenAI's error body."""
+
+    def __init__(self, endpoint: Endpoint, model: str, include_usage: bool) -> None:
+        self.endpoint, self.model, self.include_usage = endpoint, model, include_usage
+        self.rid, self.created = f"{endpoint.id_prefix}{uuid.uuid4().hex}", int(time.time())
+
+    def _object(self, name: str, choices: list[dict[str, Any]], **rest: Any) -> dict[str, Any]:
+        return {
+            "id": self.rid,
+            "object": name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **rest,
+        }
+
+    @staticmethod
+    def _choice(content: dict[str, Any], finish: Optional[str]) -> dict[str, Any]:
+        return {"index": 0, **content, "finish_reason": finish, "logprobs": None}
+
+    def _chunk(self, content: dict[str, Any], finish: Optional[str] = None) -> dict[str, Any]:
+        return self._object(self.endpoint.chunk_object, [self._choice(content, finish)])
+
+    def body(self, done: Completion) -> dict[str, Any]:
+        choice = self._choice(self.endpoint.content(done), _finish_reason(done))
+        return self._object(self.endpoint.object, [choice], usage=done.usage())
+
+    def opening(self) -> list[Any]:
+        return [self._chunk(content) for content in self.endpoint.opening]
+
+    def delta(self, text: str) -> Any:
+        return self._chunk(self.endpoint.delta(text))
+
+    def closing(self, done: Completion) -> list[Any]:
+        out = [self._chunk(content) for content in self.endpoint.after(done)]
+        out.append(self._chunk(self.endpoint.finished, _finish_reason(done)))
+        if self.include_usage:
+            out.append(self._object(self.endpoint.chunk_object, [], usage=done.usage()))
+        return out
+
+    def failure(self, err: ApiError) -> Any:
+        return errors.openai_body(err)
+
+
+async def _generate(
+    state: ServerState, request: Request, req: Union[ChatCompletionRequest, CompletionRequest], endpoint: Endpoint
+) -> Response:
+    adapter = await resolve_adapter(state, req.model, req.lora)
+    request.state.adapter = adapter
+    gen = engine_request(state.engine.tokenizer, req, adapter, state.max_tokens_cap)
+    return await respond(state.runner, request, gen, req.stream, OpenAIShape(endpoint, req.model, req.include_usage()))
 
 
 def router(state: ServerState) -> APIRouter:
@@ -240,60 +197,13 @@ def router(state: ServerState) -> APIRouter:
 
     @api.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        req: ChatCompletionRequest = _validate(ChatCompletionRequest, await read_json(request, state.max_body_bytes))
-        adapter = await resolve_adapter(state, req.model, req.lora)
-        request.state.adapter = adapter
-        tools = [t.to_openai() for t in req.tools] if req.tools else None
-        try:
-            ids = chat.render(
-                state.engine.tokenizer, [m.to_chat() for m in req.messages], add_generation_prompt=True, tools=tools
-            ).input_ids
-        except chat.ChatError as err:
-            raise errors.bad_input(f"messages: {err}", "messages") from err
-        gen = GenerationRequest(
-            ids,
-            _params(state, req, CHAT_DEFAULT_MAX_TOKENS),
-            adapter=adapter,
-            response_format=_response_format(req),
-            tools=tools,
-            tool_choice=req.tool_choice if tools else None,
-        )
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            events = await state.runner.stream(gen)
-            return StreamingResponse(
-                chat_chunks(events, req.model, rid, created, req.include_usage()),
-                media_type=sse.MEDIA_TYPE,
-                headers=sse.HEADERS,
-            )
-        done = await state.runner.complete(gen, disconnect_waiter(request))
-        return JSONResponse(chat_response(done, req.model, rid, created))
+        req = parse(ChatCompletionRequest, await read_json(request, state.max_body_bytes))
+        return await _generate(state, request, req, CHAT)
 
     @api.post("/completions")
     async def completions(request: Request) -> Any:
-        req: CompletionRequest = _validate(CompletionRequest, await read_json(request, state.max_body_bytes))
-        adapter = await resolve_adapter(state, req.model, req.lora)
-        request.state.adapter = adapter
-        try:
-            ids = chat.render_prompt(state.engine.tokenizer, req.prompt_text(), raw=True)
-        except chat.ChatError as err:
-            raise errors.bad_input(f"prompt: {err}", "prompt") from err
-        gen = GenerationRequest(
-            ids,
-            _params(state, req, COMPLETION_DEFAULT_MAX_TOKENS),
-            adapter=adapter,
-            response_format=_response_format(req),
-        )
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            events = await state.runner.stream(gen)
-            return StreamingResponse(
-                completion_chunks(events, req.model, rid, created, req.include_usage()),
-                media_type=sse.MEDIA_TYPE,
-                headers=sse.HEADERS,
-            )
-        done = await state.runner.complete(gen, disconnect_waiter(request))
-        return JSONResponse(completion_response(done, req.model, rid, created))
+        req = parse(CompletionRequest, await read_json(request, state.max_body_bytes))
+        return await _generate(state, request, req, COMPLETION)
 
     return api
 

@@ -1,16 +1,23 @@
 """Request bodies of the HTTP API (pydantic), with the ranges of Cloudflare's published schema.
 
-Cloudflare's text-generation input is ``oneOf`` a *prompt* form and a *messages* form
-(``seeds/000_*.txt``, reference section 2). Ranges follow the Mistral-7B-Instruct-v0.1
-schema, widened to the v0.2-lora one where that is the newer contract (penalties -2..2).
-Unknown keys are ignored, as Cloudflare's schema does not forbid extra properties.
+Cloudflare's text-generation input (the JSON schema on each model's page of the Workers AI
+docs) is ``oneOf`` a *prompt* form and a *messages* form. Ranges follow the
+Mistral-7B-Instruct-v0.1 schema, widened to the v0.2-lora one where that is the newer contract
+(penalties -2..2). Unknown keys are ignored, as Cloudflare's schema does not forbid extra
+properties.
+
+Each generation body maps itself onto the engine: ``to_sampling_params`` (one mapping for both
+APIs, :func:`_sampling_params`, where their fields coincide) and ``engine_tools``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lora_kit.engine import SamplingParams
+from lora_kit.server import errors
 
 MAX_TEXT = 131072  # maxLength of `prompt` and of a message's `content` in the v0.1 schema
 
@@ -153,8 +160,47 @@ class ResponseFormat(_Lenient):
         return {"type": "json_object"}
 
 
+def _sampling_params(
+    req: Union[Sampling, OpenAISampling], *, max_tokens: int, max_tokens_cap: int, stop: list[str]
+) -> SamplingParams:
+    """The engine's settings from the sampling fields both APIs share; InvalidRequest (a ValueError)
+    for values the engine cannot honour.
+
+    ``max_tokens`` is clamped to the server's cap (a cap, not a new upper bound of the schema).
+    Cloudflare's v0.1 schema lets ``top_p`` reach 2: anything >= 1 keeps the whole distribution.
+    ``top_p`` 0 is the limit of keeping only the most likely token, i.e. ``top_k`` 1.
+    """
+    k = req.top_k or 0
+    p = 1.0 if req.top_p is None else min(float(req.top_p), 1.0)
+    if p <= 0.0:
+        p, k = 1.0, 1
+    params = SamplingParams(
+        max_tokens=max(1, min(max_tokens, max_tokens_cap)),
+        temperature=float(req.temperature),
+        top_p=p,
+        top_k=k,
+        seed=req.seed,
+        repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+        frequency_penalty=0.0 if req.frequency_penalty is None else float(req.frequency_penalty),
+        presence_penalty=0.0 if req.presence_penalty is None else float(req.presence_penalty),
+        stop=stop,
+        ignore_eos=req.ignore_eos,
+    )
+    params.validate()
+    return params
+
+
+def _tools_for_engine(tools: Optional[list[Tool]], tool_choice: Any) -> tuple[Optional[list[dict[str, Any]]], Any]:
+    """The engine's ``(tools, tool_choice)``: OpenAI-shaped tools, and no tool choice without tools."""
+    if not tools:
+        return None, None
+    return [t.to_openai() for t in tools], tool_choice
+
+
 class Sampling(_Lenient):
     """The sampling fields shared by both Cloudflare forms."""
+
+    PROMPT_FIELD: ClassVar[str] = "prompt"  # the field a rendering error names
 
     max_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.6, ge=0, le=5)
@@ -177,6 +223,14 @@ class Sampling(_Lenient):
     def _bools(cls, value: Any) -> Any:
         return _strict_bool(value)
 
+    def to_sampling_params(self, *, max_tokens_cap: int) -> SamplingParams:
+        """The engine's sampling settings (Cloudflare has no stop sequences)."""
+        return _sampling_params(self, max_tokens=self.max_tokens, max_tokens_cap=max_tokens_cap, stop=[])
+
+    def engine_tools(self) -> tuple[Optional[list[dict[str, Any]]], Any]:
+        """The engine's ``(tools, tool_choice)``; the prompt form has none."""
+        return None, None
+
 
 class PromptRequest(Sampling):
     """Cloudflare's prompt form (``required: ["prompt"]``)."""
@@ -192,17 +246,26 @@ class Function(_Lenient):
 class MessagesRequest(Sampling):
     """Cloudflare's messages form (``required: ["messages"]``)."""
 
+    PROMPT_FIELD: ClassVar[str] = "messages"
+
     messages: list[Message] = Field(min_length=1)
     tools: Optional[list[Tool]] = None
     functions: Optional[list[Function]] = None
     # Not in Cloudflare's schema: OpenAI's tool_choice ("auto", "required", "none", {function}).
     tool_choice: Any = None
 
+    def engine_tools(self) -> tuple[Optional[list[dict[str, Any]]], Any]:
+        return _tools_for_engine(self.tools, self.tool_choice)
+
 
 # -- OpenAI-compatible -----------------------------------------------------------------------------
 
 
 class OpenAISampling(_Lenient):
+    # As Cloudflare's default; OpenAI's "until the context ends" is rarely wanted.
+    DEFAULT_MAX_TOKENS: ClassVar[int] = 256
+    PROMPT_FIELD: ClassVar[str] = "prompt"
+
     model: str = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
@@ -235,14 +298,30 @@ class OpenAISampling(_Lenient):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    def to_sampling_params(self, *, max_tokens_cap: int) -> SamplingParams:
+        """The engine's sampling settings; ``max_completion_tokens`` (the newer name) wins over ``max_tokens``."""
+        wanted = self.max_completion_tokens or self.max_tokens or self.DEFAULT_MAX_TOKENS
+        return _sampling_params(self, max_tokens=wanted, max_tokens_cap=max_tokens_cap, stop=self.stop_list())
+
+    def engine_tools(self) -> tuple[Optional[list[dict[str, Any]]], Any]:
+        """The engine's ``(tools, tool_choice)``; a completion has none."""
+        return None, None
+
 
 class ChatCompletionRequest(OpenAISampling):
+    PROMPT_FIELD: ClassVar[str] = "messages"
+
     messages: list[Message] = Field(min_length=1)
     tools: Optional[list[Tool]] = None
     tool_choice: Any = None
 
+    def engine_tools(self) -> tuple[Optional[list[dict[str, Any]]], Any]:
+        return _tools_for_engine(self.tools, self.tool_choice)
+
 
 class CompletionRequest(OpenAISampling):
+    DEFAULT_MAX_TOKENS: ClassVar[int] = 16  # OpenAI's default for /v1/completions
+
     prompt: Union[str, list[str]]
 
     @field_validator("prompt")
@@ -254,6 +333,9 @@ class CompletionRequest(OpenAISampling):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+GenerationBody = Union[PromptRequest, MessagesRequest, ChatCompletionRequest, CompletionRequest]
 
 
 class FinetuneCreate(_Lenient):
@@ -278,3 +360,14 @@ def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
         msg = item["msg"].removeprefix("Value error, ")
         parts.append(f"{prefix}{loc or 'body'}: {msg}")
     return "; ".join(parts)
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse(model: type[Body], body: dict[str, Any]) -> Body:
+    """``body`` validated as ``model``; 5006/400 naming each field in error otherwise."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        raise errors.bad_input(describe_validation_error(err)) from None
