@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-
-
 class ModelError(LoraKitError, RuntimeError):
     """A base model could not be resolved or loaded; the message says what to do."""
 
@@ -203,14 +201,21 @@ def load_model(
     compute_dtype: torch.dtype | None = None,
     device: torch.device | None = None,
     log: Callable[[str], None] | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM: 4-bit (NF4/FP4, bitsandbytes) or full precision, on ``device``."""
+    """Load a causal LM: 4-bit (NF4/FP4, bitsandbytes) or full precision, on ``device``.
+
+    ``attn_implementation`` ("sdpa", "eager", ...) picks the attention kernel; None or "auto"
+    leaves transformers' default for the architecture.
+    """
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
     source = resolve(spec, log)
     kwargs: dict[str, Any] = {"dtype": compute_dtype, "trust_remote_code": False}
+    if attn_implementation not in (None, "auto"):
+        kwargs["attn_implementation"] = attn_implementation
     qconfig = quantization_config(quantization, double_quant, compute_dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

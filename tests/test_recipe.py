@@ -21,6 +21,8 @@ MINIMAL = {"data": {"train": "x.jsonl"}, "output": {"name": "a"}}
         ),
         ({"data": {"train": "x"}}, "missing key 'output'"),
         ({**MINIMAL, "model": {"quantization": "int3"}}, "'model.quantization'"),
+        # packed rows need a 4D attention mask, which flash_attention_2 does not take
+        ({**MINIMAL, "model": {"attn_implementation": "flash_attention_2"}}, "'model.attn_implementation'"),
         (
             {**MINIMAL, "train": {"micro_batch_size": 0}},
             "'train.micro_batch_size': Input should be greater than or equal to 1",

@@ -1,4 +1,9 @@
-"""Training end to end on a tiny 4-bit Mistral: loss drops, registry lineage, resume after SIGKILL, DDP."""
+"""Training end to end on a tiny 4-bit Mistral: loss drops, registry lineage, every recipe field
+used, resume after SIGKILL, DDP.
+
+Tests call the trainer in-process; a subprocess runs only where the process itself is under
+test: the CLI, a real SIGKILL mid-run and its resume, and DDP under torchrun.
+"""
 
 import json
 import os
@@ -10,6 +15,9 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from lora_kit.training import recipe as recipe_mod
+from lora_kit.training.trainer import Trainer, TrainError, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes" / "tiny-mistral-smoke.yaml")
@@ -29,7 +37,23 @@ def tiny_base(tmp_path_factory):
     return make_tiny_mistral(tmp_path_factory.mktemp("tiny-base"), make_tokenizer(texts))
 
 
-def train(home, base, run_dir, *extra, env_extra=None, launcher=None):
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh LORA_KIT_HOME (registry, runs) for in-process runs; the recipe's data paths are relative to ROOT."""
+    monkeypatch.setenv("LORA_KIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(ROOT)
+    return tmp_path / "home"
+
+
+def smoke_recipe(base, run_dir, *overrides):
+    """The smoke recipe on ``base``, with ``--set``-style overrides, running in ``run_dir``."""
+    r = recipe_mod.load(RECIPE, [f"model.base={base}", *overrides])
+    r.output.run_dir = str(run_dir)
+    return r
+
+
+def cli_train(home, base, run_dir, *extra, env_extra=None, launcher=None):
+    """`lora-kit train` of the smoke recipe in a subprocess (progress lines on stderr, the reference on stdout)."""
     env = {**os.environ, "LORA_KIT_HOME": str(home), **(env_extra or {})}
     cmd = launcher or [sys.executable, "-m", "lora_kit"]
     return subprocess.run(
@@ -47,20 +71,14 @@ def losses(run_dir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def test_train_registers_adapter_with_lineage_and_loss_drops(tmp_path, tiny_base):
-    out = train(
-        tmp_path / "home",
-        tiny_base,
-        tmp_path / "run",
-        "--set",
-        "train.max_steps=12",
-        "--set",
-        "train.checkpoint_every=0",
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "tiny-smoke@1"
-    assert "train data audit: 200 examples, 200 kept" in out.stdout
-    assert re.search(r"held-out exact match \(4 examples\): base [\d.]+% {2}-> {2}adapter [\d.]+%", out.stdout)
+def test_train_registers_adapter_with_lineage_and_loss_drops(tmp_path, tiny_base, home):
+    lines = []
+    r = smoke_recipe(tiny_base, tmp_path / "run", "train.max_steps=12", "train.checkpoint_every=0")
+    result = train(r, log=lines.append)
+    assert result.ref == "tiny-smoke@1"
+    text = "\n".join(lines)
+    assert "train data audit: 200 examples, 200 kept" in text
+    assert re.search(r"held-out exact match \(4 examples\): base [\d.]+% {2}-> {2}adapter [\d.]+%", text)
     curve = losses(tmp_path / "run")
     assert len(curve) == 12
     assert sum(curve[-3:]) / 3 < 0.9 * sum(curve[:3]) / 3, curve
@@ -70,6 +88,7 @@ def test_train_registers_adapter_with_lineage_and_loss_drops(tmp_path, tiny_base
         "data_audit.json",
         "recipe.json",
         "lineage.json",
+        "done.json",
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
         "adapter/chat_template.jinja",
@@ -84,7 +103,7 @@ def test_train_registers_adapter_with_lineage_and_loss_drops(tmp_path, tiny_base
 
     from lora_kit.registry import Registry
 
-    version = Registry(tmp_path / "home" / "registry").resolve("tiny-smoke")
+    version = Registry(home / "registry").resolve("tiny-smoke")
     assert version.ref == "tiny-smoke@1" and version.rank == 4
     lineage = version.lineage
     recipe_json = json.loads((run / "recipe.json").read_text())
@@ -104,10 +123,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_base):
         "--set",
         "train.checkpoint_every=2",
     )
-    full = train(tmp_path / "home", tiny_base, tmp_path / "full", *common)
+    full = cli_train(tmp_path / "home", tiny_base, tmp_path / "full", *common)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    killed = train(
+    killed = cli_train(
         tmp_path / "home", tiny_base, tmp_path / "cut", *common, env_extra={"LORA_KIT_TEST_SIGKILL_AFTER_STEP": "5"}
     )
     assert killed.returncode == -signal.SIGKILL
@@ -117,9 +136,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_base):
         "step-0000004",
     ]
 
-    resumed = train(tmp_path / "home", tiny_base, tmp_path / "cut", *common, "--resume")
+    resumed = cli_train(tmp_path / "home", tiny_base, tmp_path / "cut", *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step-0000004 (step 4)" in resumed.stdout
+    assert "resumed from step-0000004 (step 4)" in resumed.stderr  # progress lines are logged to stderr
+    assert resumed.stdout.strip().splitlines()[-1] == str(tmp_path / "cut" / "adapter")  # not registered
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) == 28
@@ -128,9 +148,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_base):
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
 
 
-def test_changed_recipe_refuses_to_resume(tmp_path, tiny_base):
-    killed = train(
-        tmp_path / "home",
+def test_changed_recipe_refuses_to_resume(tmp_path, tiny_base, home):
+    killed = cli_train(
+        home,
         tiny_base,
         tmp_path / "run",
         "--set",
@@ -138,18 +158,9 @@ def test_changed_recipe_refuses_to_resume(tmp_path, tiny_base):
         env_extra={"LORA_KIT_TEST_SIGKILL_AFTER_STEP": "2"},
     )
     assert killed.returncode == -signal.SIGKILL
-    changed = train(
-        tmp_path / "home",
-        tiny_base,
-        tmp_path / "run",
-        "--set",
-        "train.checkpoint_every=2",
-        "--set",
-        "lora.r=8",
-        "--resume",
-    )
-    assert changed.returncode == 2
-    assert "the recipe changed since the checkpoint" in changed.stderr
+    changed = smoke_recipe(tiny_base, tmp_path / "run", "train.checkpoint_every=2", "lora.r=8")
+    with pytest.raises(TrainError, match="the recipe changed since the checkpoint"):
+        train(changed, resume=True, log=lambda _msg: None)
 
 
 def test_two_process_ddp_keeps_ranks_in_sync_and_rank0_writes(tmp_path, tiny_base):
@@ -164,9 +175,9 @@ def test_two_process_ddp_keeps_ranks_in_sync_and_rank0_writes(tmp_path, tiny_bas
         "-m",
         "lora_kit",
     ]
-    out = train(tmp_path / "home", tiny_base, tmp_path / "run", "--set", "train.max_steps=4", launcher=torchrun)
+    out = cli_train(tmp_path / "home", tiny_base, tmp_path / "run", "--set", "train.max_steps=4", launcher=torchrun)
     assert out.returncode == 0, out.stderr[-3000:]
-    sums = dict(re.findall(r"\[rank (\d)\] adapter checksum ([0-9a-f]{64})", out.stdout))
+    sums = dict(re.findall(r"\[rank (\d)\] adapter checksum ([0-9a-f]{64})", out.stderr))  # logged by every rank
     assert set(sums) == {"0", "1"} and sums["0"] == sums["1"]
     assert out.stdout.strip().splitlines()[-1] == "tiny-smoke@1"
     assert out.stdout.count("tiny-smoke@") == 1  # rank 1 printed no reference
@@ -179,3 +190,112 @@ def test_two_process_ddp_keeps_ranks_in_sync_and_rank0_writes(tmp_path, tiny_bas
     from lora_kit.registry import Registry
 
     assert [v.ref for v in Registry(tmp_path / "home" / "registry").list()] == ["tiny-smoke@1"]
+
+
+def test_lineage_is_the_same_whichever_way_an_adapter_enters(tmp_path, tiny_base, home):
+    """Bug 1: `lora-kit train` recorded base_model as a plain string and its own fingerprint and
+    chat-template hash; `adapters add` of the same directory recorded the registry's."""
+    from lora_kit.registry import Registry, lineage
+
+    r = smoke_recipe(tiny_base, tmp_path / "run", "train.max_steps=1", "train.eval_every=0", "eval.max_examples=0")
+    result = train(r, log=lambda _msg: None)
+    registry = Registry()
+    trained = registry.resolve(result.ref).lineage
+    added = registry.register(result.adapter_dir, "added").lineage  # what `lora-kit adapters add DIR` does
+
+    assert isinstance(trained["base_model"], dict), trained["base_model"]
+    assert set(trained["base_model"]) == {"spec", "local_dir", "fingerprint"}
+    assert trained["base_model"] == added["base_model"]
+    assert trained["chat_template_sha256"] == added["chat_template_sha256"]
+    registry_keys = {k: v for k, v in trained.items() if k in added}
+    assert registry_keys == added  # the training facts add keys, they never replace the registry's
+    assert trained["recipe_hash"] == r.content_hash() and trained["run_dir"] == str(result.run_dir)
+    # The run directory keeps the very record the registry stores.
+    assert json.loads((result.run_dir / "lineage.json").read_text()) == trained
+    # One fingerprint: the builder's, whichever way the adapter entered.
+    assert trained["base_model"]["fingerprint"] == lineage.base_fingerprint(Path(tiny_base))
+
+
+class _RecordingSection:
+    """Wraps a recipe (section) and records the dotted path of every field the code reads.
+
+    Methods (``content_hash``, ``to_dict``) run on the real object, so hashing or dumping the
+    whole recipe does not count as reading its fields: only a use of the value does.
+    """
+
+    def __init__(self, section, path, reads):
+        object.__setattr__(self, "_section", section)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_reads", reads)
+
+    def __getattr__(self, name):
+        from pydantic import BaseModel
+
+        value = getattr(self._section, name)
+        if name not in type(self._section).model_fields:
+            return value
+        if isinstance(value, BaseModel):
+            return _RecordingSection(value, f"{self._path}{name}.", self._reads)
+        self._reads.add(f"{self._path}{name}")
+        return value
+
+
+def _leaf_fields(cls, prefix=""):
+    from pydantic import BaseModel
+
+    leaves = set()
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            leaves |= _leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            leaves.add(prefix + name)
+    return leaves
+
+
+def _records(fmt, n):
+    """``n`` sentiment examples in the data format ``fmt``."""
+    rows = [json.loads(line)["messages"] for line in (ROOT / "data/sentiment/train.jsonl").read_text().splitlines()]
+    out = []
+    for user, assistant in ((m[0]["content"], m[1]["content"]) for m in rows[:n]):
+        if fmt == "messages":
+            out.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]})
+        elif fmt == "prompt_completion":
+            out.append({"prompt": user, "completion": assistant})
+        else:
+            out.append({"instruction": user, "input": "", "output": assistant, "system": "Be terse ."})
+    return out
+
+
+def test_every_recipe_field_is_read_by_the_training_code(tmp_path, tiny_base, home):
+    """Bug 2: `model.attn_implementation` was validated and set, and nothing read it.
+
+    Runs the trainer on recipes whose every field is recorded when read; the runs together
+    take each branch a field is read on (each data format, an eval split, epochs rather than
+    max_steps, registration). A field no run reads does nothing: wire it through or remove it.
+    """
+    reads: set[str] = set()
+    runs = {
+        # One epoch (no max_steps) of a split file, with eval, exact match and registration.
+        "messages": ["train.max_steps=null", "data.eval=null", "data.eval_split=0.25", "eval.max_examples=2"],
+        "prompt_completion": ["train.max_steps=1", "data.eval=null", "output.register_adapter=false"],
+        "alpaca": ["train.max_steps=1", "data.eval=null", "output.register_adapter=false"],
+    }
+    for fmt, overrides in runs.items():
+        path = tmp_path / f"{fmt}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in _records(fmt, 16)))
+        r = smoke_recipe(
+            tiny_base, tmp_path / fmt, f"data.format={fmt}", f"data.train={path}", "eval.max_new_tokens=2", *overrides
+        )
+        train(_RecordingSection(r, "", reads), log=lambda _msg: None)
+    assert sorted(_leaf_fields(recipe_mod.Recipe) - reads) == []
+
+
+def test_attn_implementation_reaches_the_model(tmp_path, tiny_base, home):
+    """Bug 2's wiring: the recipe's attention kernel is the one the loaded model runs."""
+    trainer = Trainer(
+        smoke_recipe(tiny_base, tmp_path / "run", "model.attn_implementation=eager"), log=lambda _msg: None
+    )
+    trainer.setup()
+    trainer.metrics_logger.close()
+    assert trainer.peft_model.get_base_model().config._attn_implementation == "eager"

@@ -32,17 +32,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lora_kit import __version__, paths
+from lora_kit import paths
 from lora_kit.adapters import validation
 from lora_kit.adapters.format import ADAPTER_FILES, CONFIG_FILE, parse_config
 from lora_kit.errors import LoraKitError
+from lora_kit.registry import lineage as lineage_mod
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 STORED_FILES = ADAPTER_FILES  # exactly what a version stores: the two adapter files
-# Files of a tokenizer/chat template that, when saved next to an adapter, are hashed into lineage.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
-_CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # Test hook: kill this process with SIGKILL at a named point of ``register`` (crash-safety tests).
 KILL_HOOK_ENV = "LORA_KIT_REGISTRY_TEST_KILL_AT"
 
@@ -103,17 +101,6 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _hash_files(directory: Path, names: tuple[str, ...]) -> str | None:
-    """One sha256 over the named files that exist in ``directory`` (name + content), or None."""
-    present = [n for n in names if (directory / n).is_file()]
-    if not present:
-        return None
-    digest = hashlib.sha256()
-    for n in present:
-        digest.update(n.encode() + b"\0" + bytes.fromhex(sha256_file(directory / n)))
     return digest.hexdigest()
 
 
@@ -272,7 +259,8 @@ class Registry:
 
         ``base_model`` defaults to the adapter config's ``base_model_name_or_path``; when that base
         is available locally, target modules and shapes are checked against it. ``parent`` is a
-        reference to the adapter this one was derived from (recorded in lineage).
+        reference to the adapter this one was derived from (recorded in lineage). ``lineage`` holds
+        the caller's facts (recipe, metrics...), added to what ``registry.lineage.build`` computes.
         """
         check_name(name)
         tags = [tags] if isinstance(tags, str) else list(tags)
@@ -305,7 +293,9 @@ class Registry:
                 fname: {"sha256": sha256_file(stage / fname), "size": (stage / fname).stat().st_size}
                 for fname in STORED_FILES
             }
-            full_lineage = self._lineage(adapter_dir, info, base_spec, base_dir, lineage, parent_info)
+            full_lineage = lineage_mod.build(
+                adapter_dir, info.config, base_spec, base_dir, parent=parent_info, facts=lineage
+            )
             for fname in STORED_FILES:
                 os.chmod(stage / fname, 0o444)  # blobs are immutable; discourage edits through links
                 with open(stage / fname, "rb") as fh:
@@ -351,39 +341,6 @@ class Registry:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return self.resolve(version_id)
-
-    def _lineage(
-        self,
-        adapter_dir: Path,
-        info: Any,
-        base_spec: str | None,
-        base_dir: Path | None,
-        extra: dict | None,
-        parent: dict | None,
-    ) -> dict:
-        """Lineage recorded automatically, overlaid with the caller's (trainer's) ``extra``."""
-        out: dict[str, Any] = {
-            "lora_kit_version": __version__,
-            "lora_config": info.config,
-            "source_dir": str(adapter_dir.resolve()),
-        }
-        if base_spec:
-            out["base_model"] = {"spec": base_spec}
-            if base_dir is not None:
-                # Cheap fingerprint of the local base: its config + weight headers (not the GBs of data).
-                digest = hashlib.sha256((base_dir / "config.json").read_bytes())
-                digest.update(json.dumps(validation.base_weight_shapes(base_dir), sort_keys=True).encode())
-                out["base_model"].update({"local_dir": str(base_dir), "fingerprint": digest.hexdigest()})
-        tok = _hash_files(adapter_dir, _TOKENIZER_FILES)
-        if tok:
-            out["tokenizer_sha256"] = tok
-        template = _hash_files(adapter_dir, _CHAT_TEMPLATE_FILES)
-        if template:
-            out["chat_template_sha256"] = template
-        if parent:
-            out["parent"] = parent
-        out.update(extra or {})
-        return out
 
     # -- read ----------------------------------------------------------------------------------
 

@@ -35,7 +35,9 @@ class ModelSection(_Section):
     quantization: Literal["nf4", "fp4", "none"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # The attention kernel ("auto": transformers' default). No flash_attention_2: packed rows need
+    # the 4D block-diagonal mask of training/packing.py, which sdpa and eager take.
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "sdpa"
 
 
 class LoraSection(_Section):

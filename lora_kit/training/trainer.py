@@ -1,8 +1,13 @@
 """The training recipe: QLoRA on accelerate, with checkpoints, resume, eval and export.
 
-One explicit loop (no Trainer): every micro-batch, every optimizer step and every
-file written is visible here. Runs unchanged under ``torchrun``/``accelerate launch``
-(DDP); only rank 0 writes files.
+One explicit loop (no Hugging Face Trainer), split as torchtune splits its recipes:
+``Trainer.setup()`` builds everything a run needs (run directory and resume decision, data
+and its audit, model, optimizer, checkpoint state), ``fit()`` is only the loop (one
+``_train_step`` per optimizer step, eval and checkpoints between steps), and ``finalize()``
+evaluates, exports, records lineage and registers. ``train()`` runs the three.
+
+Runs unchanged under ``torchrun``/``accelerate launch`` (DDP); only rank 0 writes files.
+Progress lines go to the ``lora_kit.training.trainer`` logger (the CLI shows them on stderr).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import resource
@@ -17,17 +23,19 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_kit import __version__, models, paths
+from lora_kit import models, paths
 from lora_kit.errors import LoraKitError
-from lora_kit.training import checkpoint, data, evaluate, packing
+from lora_kit.training import checkpoint, data, evaluate, metrics, packing
 from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
+
+logger = logging.getLogger(__name__)
 
 
 class TrainError(LoraKitError):
@@ -38,7 +46,7 @@ class TrainError(LoraKitError):
 class TrainResult:
     run_dir: Path
     adapter_dir: Path
-    ref: str | None
+    ref: str | None  # NAME@VERSION when the adapter was registered
     metrics: dict[str, Any]
     main_process: bool = True
 
@@ -60,104 +68,13 @@ def _compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
 
 
 def target_modules(recipe: Recipe) -> list[str]:
+    """The module names LoRA adapts (``all-linear`` = every projection of a Mistral/Llama layer)."""
     return LINEAR_TARGETS if recipe.lora.target_modules == "all-linear" else list(recipe.lora.target_modules)
 
 
-def base_fingerprint(spec: str) -> str | None:
-    """A cheap content hash of a local base model: config + weight file names and sizes."""
-    try:
-        path = Path(models.resolve(spec))
-    except models.ModelError:
-        return None
-    if not path.exists():
-        return None
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()
-
-
-def chat_template_hash(tokenizer: Any) -> str:
-    template = getattr(tokenizer, "chat_template", None) or "builtin:mistral-v0.1"
-    return hashlib.sha256(str(template).encode()).hexdigest()
-
-
-class _Writer:
-    """Metrics to JSONL + TensorBoard (rank 0 only)."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if self.path.exists():
-            # Drop lines past the checkpoint we resume from, so the file has each step once.
-            kept = [
-                l
-                for l in self.path.read_text().splitlines()
-                if l.strip() and json.loads(l).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(l + "\n" for l in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-        except ImportError:
-            self.tb = None
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def plot_losses(run_dir: Path) -> Path | None:
-    """loss_curve.png from metrics.jsonl (train and eval loss)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    out = run_dir / "loss_curve.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def _fault_injection(step: int) -> None:
-    """Tests kill the process for real after a given step to prove resume works."""
-    kill_after = os.environ.get("LORA_KIT_TEST_SIGKILL_AFTER_STEP")
-    if kill_after and int(kill_after) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _micro_batches(rows: list[packing.Row], mb: int, world: int, rank: int, seed: int, start_micro: int):
+def _micro_batches(
+    rows: list[packing.Row], mb: int, world: int, rank: int, seed: int, start_micro: int
+) -> Iterator[tuple[int, list[packing.Row]]]:
     """Yield (epoch, this rank's rows) for every micro-step from ``start_micro`` on, forever.
 
     A micro-step takes ``mb * world`` rows of the epoch order; the last one wraps around
@@ -174,306 +91,428 @@ def _micro_batches(rows: list[packing.Row], mb: int, world: int, rank: int, seed
         micro += 1
 
 
-def train(
-    recipe: Recipe,
-    resume: bool | None = None,
-    log: Callable[[str], None] | None = None,
-) -> TrainResult:
-    """Run a recipe end to end. ``resume=None`` resumes an interrupted run if one exists,
-    ``True`` requires a checkpoint, ``False`` starts fresh."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from peft import (
-        LoraConfig,
-        get_peft_model,
-        get_peft_model_state_dict,
-        prepare_model_for_kbit_training,
-        set_peft_model_state_dict,
-    )
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+# -- TEST HOOK (not a feature) -----------------------------------------------------------------
+# The crash-resume test kills a real training process after a given optimizer step, to prove
+# that resuming from the last checkpoint gives the same adapter as an uninterrupted run.
+SIGKILL_AFTER_STEP_ENV = "LORA_KIT_TEST_SIGKILL_AFTER_STEP"
 
-    t_start = time.time()
-    cuda = torch.cuda.is_available()
-    compute_dtype = _compute_dtype(recipe, models.default_device())
-    accelerator = Accelerator(
-        cpu=not cuda, mixed_precision="bf16" if cuda and compute_dtype == torch.bfloat16 else "no"
-    )
-    main = accelerator.is_main_process
-    say = log or (lambda msg: print(msg, flush=True))
 
-    def info(msg: str) -> None:
-        if main:
-            say(msg)
+def _test_hook_sigkill_after(step: int) -> None:
+    """TEST HOOK: with ``$LORA_KIT_TEST_SIGKILL_AFTER_STEP=N``, die by SIGKILL right after step N."""
+    kill_after = os.environ.get(SIGKILL_AFTER_STEP_ENV)
+    if kill_after and int(kill_after) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    run_dir = run_dir_for(recipe)
-    tcfg = recipe.train
-    set_seed(tcfg.seed)
 
-    # -- resume or start ------------------------------------------------------------------
-    ckpt_path = checkpoint.latest(run_dir)
-    if resume is True and ckpt_path is None:
-        raise TrainError(f"--resume: no checkpoint in {run_dir}")
-    if resume is False or (ckpt_path is not None and (run_dir / "done.json").exists()):
-        ckpt_path = None
-    if ckpt_path is not None:
-        saved_hash = json.loads((ckpt_path / checkpoint.COMPLETE).read_text()).get("recipe_hash")
-        if saved_hash != recipe.content_hash():
-            raise TrainError(
-                f"the recipe changed since the checkpoint in {run_dir}; use --fresh or another output.run_dir"
+class Trainer:
+    """One run of a recipe: ``setup()``, then ``fit()``, then ``finalize()`` (``run()`` does all three).
+
+    ``resume=None`` resumes an interrupted run if one exists, ``True`` requires a checkpoint,
+    ``False`` starts fresh. ``log`` receives the progress lines (default: this module's logger
+    at INFO); only the main process emits them, except the per-rank adapter checksum.
+    """
+
+    def __init__(self, recipe: Recipe, resume: bool | None = None, log: Callable[[str], None] | None = None):
+        self.recipe = recipe
+        self.resume = resume
+        self._say = log or logger.info
+
+    def _info(self, msg: str) -> None:
+        if self.main:
+            self._say(msg)
+
+    def run(self) -> TrainResult:
+        self.setup()
+        self.fit()
+        return self.finalize()
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Everything the loop needs, in the order the run's random state depends on."""
+        self.t_start = time.time()
+        self._setup_accelerator()
+        self._setup_run_dir()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._load_checkpoint()
+        self.metrics_logger = metrics.run_logger(self.run_dir, self.main, self.start_step)
+        tcfg = self.recipe.train
+        start_micro = self.start_step * tcfg.gradient_accumulation_steps
+        self.batches = _micro_batches(self.rows, tcfg.micro_batch_size, self.world, self.rank, tcfg.seed, start_micro)
+
+    def _setup_accelerator(self) -> None:
+        """The accelerate state (one process, or this rank of a DDP group) and the global seed."""
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cuda = torch.cuda.is_available()
+        self.compute_dtype = _compute_dtype(self.recipe, models.default_device())
+        bf16 = self.cuda and self.compute_dtype == torch.bfloat16
+        self.accelerator = Accelerator(cpu=not self.cuda, mixed_precision="bf16" if bf16 else "no")
+        self.main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.device = self.accelerator.device
+        self.run_dir = run_dir_for(self.recipe)
+        set_seed(self.recipe.train.seed)
+
+    def _resume_point(self) -> Path | None:
+        """The checkpoint to resume from, or None to start fresh; refuses a changed recipe."""
+        ckpt_path = checkpoint.latest(self.run_dir)
+        if self.resume is True and ckpt_path is None:
+            raise TrainError(f"--resume: no checkpoint in {self.run_dir}")
+        if self.resume is False or (ckpt_path is not None and (self.run_dir / "done.json").exists()):
+            return None  # asked to start over, or the run finished: a re-run starts over
+        if ckpt_path is not None:
+            saved_hash = json.loads((ckpt_path / checkpoint.COMPLETE).read_text()).get("recipe_hash")
+            if saved_hash != self.recipe.content_hash():
+                raise TrainError(
+                    f"the recipe changed since the checkpoint in {self.run_dir}; use --fresh or another output.run_dir"
+                )
+        return ckpt_path
+
+    def _setup_run_dir(self) -> None:
+        """Decide resume vs fresh; a fresh run empties the directory. Writes recipe.json."""
+        self.ckpt_path = self._resume_point()
+        if self.main:
+            if self.ckpt_path is None and self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            recipe_json = {"recipe": self.recipe.to_dict(), "hash": self.recipe.content_hash()}
+            (self.run_dir / "recipe.json").write_text(json.dumps(recipe_json, indent=2))
+        self.accelerator.wait_for_everyone()
+        self._info(f"run directory: {self.run_dir}")
+
+    def _setup_data(self) -> None:
+        """Tokenized, audited examples and the (packed) training rows; sizes the run in steps."""
+        recipe, tcfg = self.recipe, self.recipe.train
+        tok = self.tokenizer = models.load_tokenizer(recipe.model.base)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.train_records, self.eval_records = data.load_splits(recipe.data, tcfg.seed)
+        train_examples, self.audit = data.build(tok, self.train_records, recipe.data, "train")
+        self.eval_examples, self.eval_audit = (
+            data.build(tok, self.eval_records, recipe.data, "eval") if self.eval_records else ([], None)
+        )
+        self._check_audit()
+        self.rows = packing.rows_for(train_examples, recipe.data.max_seq_len, recipe.data.packing)
+        micro_per_epoch = math.ceil(len(self.rows) / (tcfg.micro_batch_size * self.world))
+        steps_per_epoch = math.ceil(micro_per_epoch / tcfg.gradient_accumulation_steps)
+        self.total_steps = tcfg.max_steps or steps_per_epoch * tcfg.epochs
+        self._info(
+            f"{len(train_examples)} examples in {len(self.rows)} rows "
+            f"({'packed' if recipe.data.packing else 'unpacked'}), {self.world} process(es), "
+            f"{steps_per_epoch} steps/epoch, {self.total_steps} steps"
+        )
+
+    def _check_audit(self) -> None:
+        """Show the data audit, keep it as data_audit.json, and stop on its failures."""
+        audit, eval_audit = self.audit, self.eval_audit
+        self._info(audit.summary("train data audit"))
+        if eval_audit:
+            self._info(eval_audit.summary("eval data audit"))
+        if self.main:
+            both = {"train": audit.to_dict(), "eval": eval_audit.to_dict() if eval_audit else None}
+            (self.run_dir / "data_audit.json").write_text(json.dumps(both, indent=2))
+        failures = audit.failures + (eval_audit.failures if eval_audit else [])
+        if failures:
+            raise TrainError("the data audit failed: " + "; ".join(failures))
+
+    def _setup_model(self) -> None:
+        """The (4-bit) base ready for k-bit training, with fresh LoRA weights (seeded, the same on every rank)."""
+        from peft import LoraConfig, get_peft_model
+
+        mcfg, lcfg, tcfg = self.recipe.model, self.recipe.lora, self.recipe.train
+        model = models.load_model(
+            mcfg.base,
+            mcfg.quantization,
+            mcfg.double_quant,
+            self.compute_dtype,
+            self.device,
+            attn_implementation=mcfg.attn_implementation,
+        )
+        model = self._prepare_base(model)
+        lora_config = LoraConfig(
+            r=lcfg.r,
+            lora_alpha=lcfg.alpha,
+            lora_dropout=lcfg.dropout,
+            target_modules=target_modules(self.recipe),
+            use_rslora=lcfg.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(tcfg.seed)  # LoRA weights are initialised from the seed, identically on every rank
+        self.model = get_peft_model(model, lora_config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in self.params)
+        self._info(f"trainable LoRA parameters: {self.n_trainable:,}")
+
+    def _prepare_base(self, model: Any) -> Any:
+        """Gradient checkpointing, and (4-bit) PEFT's k-bit preparation, on the loaded base."""
+        from peft import prepare_model_for_kbit_training
+
+        checkpointing = self.recipe.train.gradient_checkpointing
+        gc_kwargs = {"use_reentrant": False}
+        if self.recipe.model.quantization != "none":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=gc_kwargs
             )
-    if main:
-        if ckpt_path is None and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.json").write_text(
-            json.dumps({"recipe": recipe.to_dict(), "hash": recipe.content_hash()}, indent=2)
+        elif checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            model.enable_input_require_grads()
+        for module in model.modules():
+            # bitsandbytes repacks 4-bit weights in place the first time a module runs in eval mode
+            # on an AVX512-bf16 CPU, which changes the numerics of every later training step: a
+            # mid-run eval would then make a resumed run differ from an uninterrupted one.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        return model
+
+    def _setup_optimizer(self) -> None:
+        """Optimizer and LR schedule over the LoRA parameters; wraps the model for DDP."""
+        from transformers import get_scheduler
+
+        tcfg = self.recipe.train
+        if tcfg.optimizer == "paged_adamw_8bit":
+            if not self.cuda:
+                raise TrainError("train.optimizer paged_adamw_8bit needs CUDA; use adamw on the CPU")
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.PagedAdamW8bit(self.params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(self.params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+        self.scheduler = get_scheduler(
+            tcfg.scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=self.total_steps
         )
-    accelerator.wait_for_everyone()
-    info(f"run directory: {run_dir}")
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.peft_model = self.accelerator.unwrap_model(self.model)
 
-    # -- data -------------------------------------------------------------------------------
-    tokenizer = models.load_tokenizer(recipe.model.base)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_records, eval_records = data.load_splits(recipe.data, tcfg.seed)
-    train_examples, audit = data.build(tokenizer, train_records, recipe.data, "train")
-    eval_examples, eval_audit = data.build(tokenizer, eval_records, recipe.data, "eval") if eval_records else ([], None)
-    info(audit.summary("train data audit"))
-    if eval_audit:
-        info(eval_audit.summary("eval data audit"))
-    if main:
-        (run_dir / "data_audit.json").write_text(
-            json.dumps({"train": audit.to_dict(), "eval": eval_audit.to_dict() if eval_audit else None}, indent=2)
-        )
-    if audit.failures or (eval_audit and eval_audit.failures):
-        raise TrainError(
-            "the data audit failed: " + "; ".join(audit.failures + (eval_audit.failures if eval_audit else []))
-        )
-    rows = packing.rows_for(train_examples, recipe.data.max_seq_len, recipe.data.packing)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro_per_epoch = math.ceil(len(rows) / (tcfg.micro_batch_size * world))
-    steps_per_epoch = math.ceil(micro_per_epoch / tcfg.gradient_accumulation_steps)
-    total_steps = tcfg.max_steps or steps_per_epoch * tcfg.epochs
-    info(
-        f"{len(train_examples)} examples in {len(rows)} rows ({'packed' if recipe.data.packing else 'unpacked'}), "
-        f"{world} process(es), {steps_per_epoch} steps/epoch, {total_steps} steps"
-    )
+    def _load_checkpoint(self) -> None:
+        """Restore adapter, optimizer, schedule and this rank's RNG state from the resume point, if any."""
+        from peft import set_peft_model_state_dict
 
-    # -- model --------------------------------------------------------------------------------
-    device = accelerator.device
-    model = models.load_model(
-        recipe.model.base, recipe.model.quantization, recipe.model.double_quant, compute_dtype, device
-    )
-    gc_kwargs = {"use_reentrant": False}
-    if recipe.model.quantization != "none":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=tcfg.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
-        )
-    elif tcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()
-    for module in model.modules():
-        # bitsandbytes repacks 4-bit weights in place the first time a module runs in eval mode
-        # on an AVX512-bf16 CPU, which changes the numerics of every later training step: a
-        # mid-run eval would then make a resumed run differ from an uninterrupted one.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    lora_config = LoraConfig(
-        r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=recipe.lora.dropout,
-        target_modules=target_modules(recipe),
-        use_rslora=recipe.lora.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    # LoRA weights are initialised from the seed, identically on every rank.
-    torch.manual_seed(tcfg.seed)
-    model = get_peft_model(model, lora_config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    info(f"trainable LoRA parameters: {n_trainable:,}")
-    if tcfg.optimizer == "paged_adamw_8bit":
-        if not cuda:
-            raise TrainError("train.optimizer paged_adamw_8bit needs CUDA; use adamw on the CPU")
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.PagedAdamW8bit(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    scheduler = get_scheduler(
-        tcfg.scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=total_steps
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    peft_model = accelerator.unwrap_model(model)
-
-    start_step = 0
-    if ckpt_path is not None:
-        state = checkpoint.load(ckpt_path, device)
-        set_peft_model_state_dict(peft_model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"][rank])
-        start_step = state["meta"]["step"]
-        info(f"resumed from {ckpt_path.name} (step {start_step})")
-
-    writer = _Writer(run_dir, main, start_step)
-    batches = _micro_batches(
-        rows, tcfg.micro_batch_size, world, rank, tcfg.seed, start_step * tcfg.gradient_accumulation_steps
-    )
-
-    def save_checkpoint(step: int) -> None:
-        rngs = [checkpoint.rng_state()]
-        if world > 1:
-            gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        if main:
-            checkpoint.save(
-                run_dir,
-                step,
-                get_peft_model_state_dict(peft_model),
-                optimizer.state_dict(),
-                scheduler.state_dict(),
-                rngs,
-                {"recipe_hash": recipe.content_hash()},
-            )
-        accelerator.wait_for_everyone()
-
-    def global_eval_loss() -> float | None:
-        if not eval_examples:
-            return None
-        return evaluate.eval_loss(model, eval_examples, recipe.data.max_seq_len, pad_id, tcfg.micro_batch_size, device)
+        self.start_step = 0
+        if self.ckpt_path is None:
+            return
+        state = checkpoint.load(self.ckpt_path, self.device)
+        set_peft_model_state_dict(self.peft_model, state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"][self.rank])
+        self.start_step = state["meta"]["step"]
+        self._info(f"resumed from {self.ckpt_path.name} (step {self.start_step})")
 
     # -- the loop --------------------------------------------------------------------------------
-    model.train()
-    bar = tqdm(total=total_steps, initial=start_step, disable=not main, desc="train", unit="step", file=sys.stderr)
-    last_loss = float("nan")
-    tokens_seen, t_loop = 0, time.time()
-    peak_rss_mb = 0.0
-    for step in range(start_step + 1, total_steps + 1):
-        micro = [next(batches)[1] for _ in range(tcfg.gradient_accumulation_steps)]
-        collated = [packing.collate(rows_, pad_id) for rows_ in micro]
-        n_local = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in collated)
-        step_loss = torch.zeros((), device=device)
-        step_tokens = 0
-        for i, batch in enumerate(collated):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            sync = i == len(collated) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                loss, n = packing.loss_sum(model, batch)
-                accelerator.backward(loss / max(n_local, 1))
-            step_loss += loss.detach()
-            step_tokens += (
-                int((batch["input_ids"] != pad_id).sum()) if pad_id is not None else batch["input_ids"].numel()
-            )
+
+    def fit(self) -> None:
+        """Optimizer steps from the resume point to the last, with eval, metrics and checkpoints between."""
+        from tqdm.auto import tqdm
+
+        tcfg, total = self.recipe.train, self.total_steps
+        self.model.train()
+        bar = tqdm(
+            total=total, initial=self.start_step, disable=not self.main, desc="train", unit="step", file=sys.stderr
+        )
+        self.last_loss = float("nan")
+        self.tokens_seen, self.t_loop, self.peak_rss_mb = 0, time.time(), 0.0
+        for step in range(self.start_step + 1, total + 1):
+            record = self._train_step(step)
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step != total:
+                ev = self._eval_loss()
+                if ev is not None:
+                    record["eval_loss"] = round(ev, 6)
+            if step % tcfg.log_every == 0 or "eval_loss" in record or step == total:
+                self.metrics_logger.log(record)
+            bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step != total:
+                self._save_checkpoint(step)
+            _test_hook_sigkill_after(step)
+        bar.close()
+
+    def _train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics record.
+
+        The loss is the mean over every supervised token of the step on all ranks (the sum of
+        per-token losses divided by their count), whatever the packing or the batch split.
+        """
+        tcfg = self.recipe.train
+        micro = [next(self.batches)[1] for _ in range(tcfg.gradient_accumulation_steps)]
+        step_loss, n_local, step_tokens = self._accumulate([packing.collate(rows, self.pad_id) for rows in micro])
         grad_norm = None
         if tcfg.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(params, tcfg.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        totals = accelerator.reduce(
-            torch.tensor([float(step_loss), float(n_local), float(step_tokens)], device=device), reduction="sum"
-        )
-        last_loss = float(totals[0] / max(float(totals[1]), 1.0))
-        tokens_seen += int(totals[2])
-        elapsed = time.time() - t_loop
-        tps = tokens_seen / elapsed if elapsed > 0 else 0.0
-        peak_rss_mb = max(peak_rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.params, tcfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        local = torch.tensor([float(step_loss), float(n_local), float(step_tokens)], device=self.device)
+        totals = self.accelerator.reduce(local, reduction="sum")
+        self.last_loss = float(totals[0] / max(float(totals[1]), 1.0))
+        self.tokens_seen += int(totals[2])
+        elapsed = time.time() - self.t_loop
+        tps = self.tokens_seen / elapsed if elapsed > 0 else 0.0
+        self.peak_rss_mb = max(self.peak_rss_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         record: dict[str, Any] = {
             "step": step,
-            "loss": round(last_loss, 6),
-            "lr": scheduler.get_last_lr()[0],
+            "loss": round(self.last_loss, 6),
+            "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": round(tps, 1),
         }
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm, 6)
-        if tcfg.eval_every and step % tcfg.eval_every == 0 and step != total_steps:
-            ev = global_eval_loss()
-            if ev is not None:
-                record["eval_loss"] = round(ev, 6)
-        if step % tcfg.log_every == 0 or "eval_loss" in record or step == total_steps:
-            writer.log(record)
-        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:.0f}")
-        bar.update(1)
-        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step != total_steps:
-            save_checkpoint(step)
-        _fault_injection(step)
-    bar.close()
+        return record
 
-    # -- end: eval, export, register -----------------------------------------------------------
-    metrics: dict[str, Any] = {
-        "train_loss": last_loss,
-        "steps": total_steps,
-        "tokens_per_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
-        "trainable_params": n_trainable,
-        "peak_rss_mb": round(peak_rss_mb, 1),
-    }
-    ev = global_eval_loss()
-    if ev is not None:
-        metrics["eval_loss"] = ev
-        writer.log({"step": total_steps, "eval_loss": round(ev, 6)})
-    checksum = hashlib.sha256(
-        b"".join(
-            v.detach().cpu().float().numpy().tobytes() for _, v in sorted(get_peft_model_state_dict(peft_model).items())
+    def _accumulate(self, collated: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int, int]:
+        """Forward + backward of one step's micro-batches (each ``(mb, T)`` ids/labels, ``(mb, 1, T, T)`` mask).
+
+        Returns this rank's summed loss, supervised-token count and non-padding token count.
+        Gradients are all-reduced across ranks only on the last micro-batch (``no_sync`` before).
+        """
+        n_local = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in collated)
+        step_loss = torch.zeros((), device=self.device)
+        step_tokens = 0
+        for i, batch in enumerate(collated):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            sync = i == len(collated) - 1
+            no_sync = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+            with no_sync, self.accelerator.autocast():
+                loss, _ = packing.loss_sum(self.model, batch)
+                self.accelerator.backward(loss / max(n_local, 1))
+            step_loss += loss.detach()
+            ids = batch["input_ids"]
+            step_tokens += int((ids != self.pad_id).sum()) if self.pad_id is not None else ids.numel()
+        return step_loss, n_local, step_tokens
+
+    def _eval_loss(self) -> float | None:
+        """Mean loss over the held-out examples (None without any)."""
+        if not self.eval_examples:
+            return None
+        dcfg, tcfg = self.recipe.data, self.recipe.train
+        return evaluate.eval_loss(
+            self.model, self.eval_examples, dcfg.max_seq_len, self.pad_id, tcfg.micro_batch_size, self.device
         )
-    ).hexdigest()
-    print(f"[rank {rank}] adapter checksum {checksum}", flush=True)
-    adapter_dir = run_dir / "adapter"
-    ref = None
-    if main:
-        if eval_records and recipe.eval.task_metric == "exact_match" and recipe.eval.max_examples:
-            convs = [
-                data.to_messages(r, recipe.data, i) for i, r in enumerate(eval_records[: recipe.eval.max_examples])
-            ]
-            adapter_em = evaluate.exact_match(
-                peft_model, tokenizer, convs, recipe.eval.max_new_tokens, device, use_adapter=True
+
+    def _save_checkpoint(self, step: int) -> None:
+        """Adapter, optimizer, schedule and every rank's RNG state (rank 0 writes)."""
+        from peft import get_peft_model_state_dict
+
+        rngs = [checkpoint.rng_state()]
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if self.main:
+            checkpoint.save(
+                self.run_dir,
+                step,
+                get_peft_model_state_dict(self.peft_model),
+                self.optimizer.state_dict(),
+                self.scheduler.state_dict(),
+                rngs,
+                {"recipe_hash": self.recipe.content_hash()},
             )
-            metrics["eval_exact_match"] = adapter_em["exact_match"]
-            if recipe.eval.compare_base:
-                base_em = evaluate.exact_match(
-                    peft_model, tokenizer, convs, recipe.eval.max_new_tokens, device, use_adapter=False
-                )
-                metrics["base_exact_match"] = base_em["exact_match"]
-                say(
-                    f"held-out exact match ({adapter_em['n']} examples): base {base_em['exact_match']:.1%}  ->  adapter {adapter_em['exact_match']:.1%}"
-                )
-                for s in base_em["samples"][:2]:
-                    say(f"  base    : {s['got']!r}   (expected {s['expected']!r})")
-            else:
-                say(f"held-out exact match ({adapter_em['n']} examples): adapter {adapter_em['exact_match']:.1%}")
-            for s in adapter_em["samples"][:2]:
-                say(f"  adapter : {s['got']!r}   (expected {s['expected']!r})")
-        if "eval_loss" in metrics:
-            say(f"eval loss: {metrics['eval_loss']:.4f}   train loss: {last_loss:.4f}")
-        metrics["wall_s"] = round(time.time() - t_start, 1)
-        writer.close()
-        plot_losses(run_dir)
-        export_adapter(peft_model, tokenizer, recipe, adapter_dir)
-        lineage = {
+        self.accelerator.wait_for_everyone()
+
+    # -- finalize --------------------------------------------------------------------------------
+
+    def finalize(self) -> TrainResult:
+        """Final eval; then, on the main process, the task metric, export, lineage and registration."""
+        run_metrics = self._final_metrics()
+        self._log_checksum()
+        adapter_dir = self.run_dir / "adapter"
+        ref = None
+        if self.main:
+            self._task_eval(run_metrics)
+            if "eval_loss" in run_metrics:
+                self._say(f"eval loss: {run_metrics['eval_loss']:.4f}   train loss: {self.last_loss:.4f}")
+            run_metrics["wall_s"] = round(time.time() - self.t_start, 1)
+            self.metrics_logger.close()
+            metrics.plot_losses(self.run_dir)
+            export_adapter(self.peft_model, self.tokenizer, self.recipe, adapter_dir)
+            ref = self._record(adapter_dir, run_metrics)
+        self.accelerator.wait_for_everyone()
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+        return TrainResult(self.run_dir, adapter_dir, ref, run_metrics, self.main)
+
+    def _final_metrics(self) -> dict[str, Any]:
+        """The run's summary metrics, with the final eval loss (logged as a metrics record too)."""
+        run_metrics: dict[str, Any] = {
+            "train_loss": self.last_loss,
+            "steps": self.total_steps,
+            "tokens_per_s": round(self.tokens_seen / max(time.time() - self.t_loop, 1e-9), 1),
+            "trainable_params": self.n_trainable,
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+        }
+        ev = self._eval_loss()
+        if ev is not None:
+            run_metrics["eval_loss"] = ev
+            self.metrics_logger.log({"step": self.total_steps, "eval_loss": round(ev, 6)})
+        return run_metrics
+
+    def _log_checksum(self) -> None:
+        """Every rank logs a hash of its LoRA weights: under DDP they must all be equal."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.peft_model)
+        weights = b"".join(v.detach().cpu().float().numpy().tobytes() for _, v in sorted(state.items()))
+        logger.info("[rank %d] adapter checksum %s", self.rank, hashlib.sha256(weights).hexdigest())
+
+    def _task_eval(self, run_metrics: dict[str, Any]) -> None:
+        """Held-out exact match of the adapter (and of the base, to compare), into ``run_metrics``."""
+        ecfg = self.recipe.eval
+        if not (self.eval_records and ecfg.task_metric == "exact_match" and ecfg.max_examples):
+            return
+        convs = [data.to_messages(r, self.recipe.data, i) for i, r in enumerate(self.eval_records[: ecfg.max_examples])]
+
+        def exact_match(use_adapter: bool) -> dict[str, Any]:
+            return evaluate.exact_match(
+                self.peft_model, self.tokenizer, convs, ecfg.max_new_tokens, self.device, use_adapter=use_adapter
+            )
+
+        adapter_em = exact_match(True)
+        run_metrics["eval_exact_match"] = adapter_em["exact_match"]
+        header = f"held-out exact match ({adapter_em['n']} examples): "
+        if ecfg.compare_base:
+            base_em = exact_match(False)
+            run_metrics["base_exact_match"] = base_em["exact_match"]
+            self._say(header + f"base {base_em['exact_match']:.1%}  ->  adapter {adapter_em['exact_match']:.1%}")
+            for s in base_em["samples"][:2]:
+                self._say(f"  base    : {s['got']!r}   (expected {s['expected']!r})")
+        else:
+            self._say(header + f"adapter {adapter_em['exact_match']:.1%}")
+        for s in adapter_em["samples"][:2]:
+            self._say(f"  adapter : {s['got']!r}   (expected {s['expected']!r})")
+
+    def _record(self, adapter_dir: Path, run_metrics: dict[str, Any]) -> str | None:
+        """lineage.json, the registration (NAME@VERSION or None), done.json; then drop the checkpoints."""
+        facts = self._training_facts(run_metrics)
+        full = lineage_of(adapter_dir, self.recipe.model.base, facts)
+        (self.run_dir / "lineage.json").write_text(json.dumps(full, indent=2, default=str))
+        ref = register(adapter_dir, self.recipe, facts) if self.recipe.output.register_adapter else None
+        done = {"ref": ref, "metrics": run_metrics}
+        (self.run_dir / "done.json").write_text(json.dumps(done, indent=2, default=str))
+        for old in checkpoint.list_complete(self.run_dir):
+            shutil.rmtree(old, ignore_errors=True)
+        return ref
+
+    def _training_facts(self, run_metrics: dict[str, Any]) -> dict[str, Any]:
+        """What only the trainer knows about the adapter; the registry's lineage builder adds the rest."""
+        recipe = self.recipe
+        return {
             "recipe": recipe.to_dict(),
             "recipe_hash": recipe.content_hash(),
-            "base_model": recipe.model.base,
-            "base_fingerprint": base_fingerprint(recipe.model.base),
-            "chat_template_sha256": chat_template_hash(tokenizer),
-            "dataset_fingerprint": data.fingerprint(train_records),
-            "eval_dataset_fingerprint": data.fingerprint(eval_records) if eval_records else None,
-            "data_audit": audit.to_dict(),
-            "metrics": metrics,
-            "lora_kit_version": __version__,
-            "run_dir": str(run_dir),
+            "dataset_fingerprint": data.fingerprint(self.train_records),
+            "eval_dataset_fingerprint": data.fingerprint(self.eval_records) if self.eval_records else None,
+            "data_audit": self.audit.to_dict(),
+            "metrics": run_metrics,
+            "run_dir": str(self.run_dir),
         }
-        (run_dir / "lineage.json").write_text(json.dumps(lineage, indent=2, default=str))
-        if recipe.output.register_adapter:
-            ref = register(adapter_dir, recipe, lineage)
-        (run_dir / "done.json").write_text(json.dumps({"ref": ref, "metrics": metrics}, indent=2, default=str))
-        for old in checkpoint.list_complete(run_dir):
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return TrainResult(run_dir, adapter_dir, ref, metrics, main)
+
+
+def train(recipe: Recipe, resume: bool | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Run a recipe end to end (see :class:`Trainer` for ``resume`` and ``log``)."""
+    return Trainer(recipe, resume=resume, log=log).run()
 
 
 def export_adapter(peft_model: Any, tokenizer: Any, recipe: Recipe, adapter_dir: Path) -> Path:
@@ -496,8 +535,17 @@ def export_adapter(peft_model: Any, tokenizer: Any, recipe: Recipe, adapter_dir:
     return adapter_dir
 
 
-def register(adapter_dir: Path, recipe: Recipe, lineage: dict[str, Any]) -> str:
-    """Register the exported adapter; returns NAME@VERSION."""
+def lineage_of(adapter_dir: Path, base_spec: str, facts: dict[str, Any]) -> dict[str, Any]:
+    """The lineage the registry records for ``adapter_dir`` registered with ``facts`` (same builder, same base)."""
+    from lora_kit.adapters.format import CONFIG_FILE, parse_config
+    from lora_kit.registry import lineage, local_base_dir
+
+    config = parse_config(adapter_dir / CONFIG_FILE)
+    return lineage.build(adapter_dir, config, base_spec, local_base_dir(base_spec), facts=facts)
+
+
+def register(adapter_dir: Path, recipe: Recipe, facts: dict[str, Any]) -> str:
+    """Register the exported adapter with the training ``facts`` in its lineage; returns NAME@VERSION."""
     from lora_kit.registry import Registry
 
     version = Registry().register(
@@ -506,6 +554,6 @@ def register(adapter_dir: Path, recipe: Recipe, lineage: dict[str, Any]) -> str:
         base_model=recipe.model.base,
         description=recipe.output.description,
         tags=recipe.output.tags,
-        lineage=lineage,
+        lineage=facts,
     )
     return version.ref
