@@ -57,3 +57,23 @@ def make_tiny_mistral(path: Path, tokenizer: Any, seed: int = 0, **overrides: An
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int = 0, r: int = 4, **lora_kwargs) -> Path:
+    """A real PEFT LoRA adapter on the tiny Mistral, with lora_B randomised so it changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralForCausalLM
+
+    model = MistralForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=8, target_modules=TARGETS, **lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    peft_model.save_pretrained(out)
+    return out

@@ -86,4 +86,6 @@ def test_bitsandbytes_optional_kernel_notice_is_not_shown():
     if "kernels-community" not in stderr_of("import bitsandbytes.backends.cpu.ops"):
         pytest.skip("bitsandbytes does not try the optional kernel on this CPU: nothing to filter")
     # the CLI configures logging (lora_kit.logs) before any command imports bitsandbytes
-    assert "kernels-community" not in stderr_of("import lora_kit.logs as l; l.configure(); import bitsandbytes.backends.cpu.ops")
+    assert "kernels-community" not in stderr_of(
+        "import lora_kit.logs as l; l.configure(); import bitsandbytes.backends.cpu.ops"
+    )

@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from helpers import TARGETS, make_adapter
 
 from lora_kit.registry import (
     KILL_HOOK_ENV,
@@ -28,24 +29,6 @@ from lora_kit.registry.export import export_adapter, export_archive, import_arch
 # the installed console script; `python -m lora_kit` where the venv lacks it
 _SCRIPT = Path(sys.executable).parent / "lora-kit"
 LORA_KIT = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "lora_kit"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(base_dir: Path, out: Path, seed: int = 0, r: int = 4, **lora_kwargs) -> Path:
-    """A real PEFT LoRA adapter on the tiny Mistral, with lora_B randomised so it changes outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import MistralForCausalLM
-
-    model = MistralForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=8, target_modules=TARGETS, **lora_kwargs))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def sha(path: Path) -> str:

@@ -8,6 +8,9 @@ from lora_kit.cli.common import CliError, print_json
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train a recipe. Progress goes to the ``lora_kit.training`` loggers, which ``lora_kit.logs``
+    (set up by ``cli.main``) shows on stderr; stdout gets one line, NAME@VERSION (or the adapter
+    directory when the recipe does not register it), so scripts can read it."""
     from lora_kit.training import recipe as recipe_mod
     from lora_kit.training.trainer import train
 
