@@ -127,8 +127,31 @@ def validate_adapter_dir(adapter_dir: Path, base_dir: Path | None = None) -> Ada
     tensors = read_safetensors_header(adapter_dir / WEIGHTS_FILE)
     if not tensors:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no tensors")
+    modules, saved, problems = _group_tensors(tensors)
+    problems += _check_modules(modules, config)
+    if problems:
+        raise InvalidAdapter("invalid adapter in '{}':\n  - {}".format(adapter_dir, "\n  - ".join(problems[:20])))
     targets = config["target_modules"]
+    info = AdapterInfo(
+        config=config,
+        rank=max(m["rank"] for m in modules.values()),
+        alpha=config_alpha(config),
+        target_modules=[targets] if isinstance(targets, str) else sorted(targets),
+        modules=modules,
+        saved_modules=saved,
+        saved_shapes={
+            p: tensors[PEFT_PREFIX + p]["shape"] if PEFT_PREFIX + p in tensors else tensors[p]["shape"] for p in saved
+        },
+        ignored_files=ignored,
+    )
+    info.warnings.extend(_warnings(info))
+    if base_dir is not None:
+        check_against_base(info, Path(base_dir))
+    return info
 
+
+def _group_tensors(tensors: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:
+    """Tensor headers -> (module -> {"kind", "A", "B", "dora"} shapes, tensors saved whole, problems)."""
     modules: dict[str, dict[str, Any]] = {}
     saved: list[str] = []
     problems: list[str] = []
@@ -145,16 +168,22 @@ def validate_adapter_dir(adapter_dir: Path, base_dir: Path | None = None) -> Ada
         else:
             entry["kind"] = key.kind
             entry[key.part] = meta["shape"]
+    if not modules:
+        problems.append(f"{WEIGHTS_FILE} holds no LoRA weights (lora_A/lora_B tensors)")
+    return modules, saved, problems
 
+
+def _check_modules(modules: dict[str, dict[str, Any]], config: dict[str, Any]) -> list[str]:
+    """Each module has A and B, 2-D, of the config's rank for it, and is a target; sets ``rank``."""
+    problems: list[str] = []
+    targets = config["target_modules"]
     for module, entry in modules.items():
         if "A" not in entry or "B" not in entry:
-            problems.append(
-                f"{module}: has lora_{'B' if 'A' in entry else 'A'} but not lora_{'A' if 'A' in entry else 'B'}"
-            )
+            have, lacks = ("A", "B") if "A" in entry else ("B", "A")
+            problems.append(f"{module}: has lora_{have} but not lora_{lacks}")
             continue
         a, b = entry["A"], entry["B"]
-        rank = module_rank(config, module)
-        entry["rank"] = rank
+        rank = entry["rank"] = module_rank(config, module)
         if len(a) != 2 or len(b) != 2:
             problems.append(f"{module}: LoRA tensors must be 2-D, got A{a} B{b}")
             continue
@@ -163,49 +192,30 @@ def validate_adapter_dir(adapter_dir: Path, base_dir: Path | None = None) -> Ada
             problems.append(f"{module}: shapes A{a} B{b} do not match rank {rank} from {CONFIG_FILE}")
         if not targets_module(targets, module):
             problems.append(f"{module}: has LoRA weights but is not in target_modules {targets}")
-    if not modules:
-        problems.append(f"{WEIGHTS_FILE} holds no LoRA weights (lora_A/lora_B tensors)")
-    if problems:
-        raise InvalidAdapter("invalid adapter in '{}':\n  - {}".format(adapter_dir, "\n  - ".join(problems[:20])))
+    return problems
 
-    ranks = [m["rank"] for m in modules.values()]
-    alpha = config_alpha(config)
-    target_list = [targets] if isinstance(targets, str) else sorted(targets)
-    info = AdapterInfo(
-        config=config,
-        rank=max(ranks),
-        alpha=alpha,
-        target_modules=target_list,
-        modules=modules,
-        saved_modules=saved,
-        saved_shapes={
-            p: tensors[PEFT_PREFIX + p]["shape"] if PEFT_PREFIX + p in tensors else tensors[p]["shape"] for p in saved
-        },
-        ignored_files=ignored,
-    )
+
+def _warnings(info: AdapterInfo) -> list[str]:
+    """What limits where a valid adapter can be served."""
+    config, targets, out = info.config, info.config["target_modules"], []
     if isinstance(targets, list):
-        unused = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        unused = [t for t in targets if not any(m == t or m.endswith("." + t) for m in info.modules)]
         if unused:
-            info.warnings.append(f"target_modules {unused} have no weights in {WEIGHTS_FILE}")
+            out.append(f"target_modules {unused} have no weights in {WEIGHTS_FILE}")
     flags = info.flags
     if flags["modules_to_save"]:
-        what = ", ".join(saved) if saved else ", ".join(config.get("modules_to_save") or [])
-        info.warnings.append(
+        what = ", ".join(info.saved_modules or config.get("modules_to_save") or [])
+        out.append(
             f"saves whole modules ({what}): multi-adapter servers (vLLM, Cloudflare, lora-kit batching) cannot batch it with other adapters"
         )
     if flags["embedding"]:
-        info.warnings.append(
-            "adapts the embedding layer: not accepted by Cloudflare; vLLM needs an equal vocabulary size"
-        )
+        out.append("adapts the embedding layer: not accepted by Cloudflare; vLLM needs an equal vocabulary size")
     if flags["lm_head"] and not flags["modules_to_save"]:
-        info.warnings.append("adapts lm_head: multi-adapter servers may refuse it")
+        out.append("adapts lm_head: multi-adapter servers may refuse it")
     if flags["dora"]:
-        info.warnings.append("uses DoRA (use_dora): vLLM and Cloudflare do not serve DoRA adapters")
-    for why in unservable_reasons(config):
-        info.warnings.append(f"lora-kit serve cannot load it: {why}")
-    if base_dir is not None:
-        check_against_base(info, Path(base_dir))
-    return info
+        out.append("uses DoRA (use_dora): vLLM and Cloudflare do not serve DoRA adapters")
+    out.extend(f"lora-kit serve cannot load it: {why}" for why in unservable_reasons(config))
+    return out
 
 
 # -- the base model ----------------------------------------------------------------------------

@@ -48,8 +48,16 @@ def hash_files(directory: Path, names: tuple[str, ...]) -> str | None:
         return None
     digest = hashlib.sha256()
     for n in present:
-        with open(Path(directory) / n, "rb") as fh:
-            digest.update(n.encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
+        digest.update(n.encode() + b"\0" + bytes.fromhex(sha256_file(Path(directory) / n)))
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
     return digest.hexdigest()
 
 

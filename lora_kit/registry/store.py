@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from lora_kit.adapters import validation
 from lora_kit.adapters.format import ADAPTER_FILES, CONFIG_FILE, parse_config
 from lora_kit.errors import LoraKitError
 from lora_kit.registry import lineage as lineage_mod
+from lora_kit.registry.lineage import sha256_file
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -96,14 +96,6 @@ def check_name(name: str, what: str = "adapter name") -> str:
     return name
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _kill_hook(point: str) -> None:
     if os.environ.get(KILL_HOOK_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -161,6 +153,27 @@ CREATE TABLE IF NOT EXISTS aliases (
     PRIMARY KEY (name, alias)
 );
 """
+
+
+@dataclass
+class _Staged:
+    """What a registration learned from its staged copy, ready to be inserted."""
+
+    base_spec: str | None
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    files: dict[str, dict]  # file name -> {"sha256", "size"}
+    lineage: dict
+    warnings: list[str]
+
+
+def _check_tags(tags: tuple[str, ...] | list[str] | str) -> list[str]:
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    for tag in tags:
+        if not isinstance(tag, str) or not tag.strip():
+            raise RegistryError(f"invalid tag {tag!r}: tags are non-empty strings")
+    return tags
 
 
 class Registry:
@@ -263,84 +276,93 @@ class Registry:
         the caller's facts (recipe, metrics...), added to what ``registry.lineage.build`` computes.
         """
         check_name(name)
-        tags = [tags] if isinstance(tags, str) else list(tags)
-        for tag in tags:
-            if not isinstance(tag, str) or not tag.strip():
-                raise RegistryError(f"invalid tag {tag!r}: tags are non-empty strings")
+        tags = _check_tags(tags)
         adapter_dir = Path(adapter_dir)
         validation.check_files(adapter_dir)  # refuse pickles before copying anything
         parent_info = None
         if parent is not None:
             p = self.resolve(parent)
             parent_info = {"ref": p.ref, "id": p.id}
-
         stage = self.root / "tmp" / f"stage-{os.getpid()}-{uuid.uuid4().hex}"
         stage.mkdir(parents=True)
         try:
-            # Stage first and validate the staged copy: what is checked is exactly what is stored.
-            for fname in STORED_FILES:
-                shutil.copyfile(adapter_dir / fname, stage / fname)
-            config_base = parse_config(stage / CONFIG_FILE).get("base_model_name_or_path")
-            base_spec = base_model or config_base or None
-            base_dir = local_base_dir(base_spec)
-            info = validation.validate_adapter_dir(stage, base_dir)
-            warnings = list(info.warnings)
-            if base_spec and base_dir is None:
-                warnings.append(
-                    f"base model '{base_spec}' is not available locally: modules and shapes were not checked against it"
-                )
-            files = {
-                fname: {"sha256": sha256_file(stage / fname), "size": (stage / fname).stat().st_size}
-                for fname in STORED_FILES
-            }
-            full_lineage = lineage_mod.build(
-                adapter_dir, info.config, base_spec, base_dir, parent=parent_info, facts=lineage
-            )
-            for fname in STORED_FILES:
-                os.chmod(stage / fname, 0o444)  # blobs are immutable; discourage edits through links
-                with open(stage / fname, "rb") as fh:
-                    os.fsync(fh.fileno())
+            staged = self._stage(adapter_dir, stage, base_model, parent_info, lineage)
             _kill_hook("staged")
             version_id = str(uuid.uuid4())
-            created = datetime.now(timezone.utc).isoformat(timespec="seconds")
             with self._write() as db:
-                for fname, meta in files.items():
-                    blob = self.blob_path(meta["sha256"])
-                    if not blob.exists():
-                        blob.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(stage / fname, blob)
+                self._store_blobs(stage, staged.files)
                 _kill_hook("blobs")
-                row = db.execute("SELECT next_version FROM adapters WHERE name = ?", (name,)).fetchone()
-                version = row["next_version"] if row else 1
-                if row is None:
-                    db.execute(
-                        "INSERT INTO adapters (name, created_at, next_version) VALUES (?, ?, ?)", (name, created, 2)
-                    )
-                else:
-                    db.execute("UPDATE adapters SET next_version = ? WHERE name = ?", (version + 1, name))
-                db.execute(
-                    "INSERT INTO versions (id, name, version, created_at, base_model, description, tags, rank, alpha,"
-                    " target_modules, files, lineage, warnings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        version_id,
-                        name,
-                        version,
-                        created,
-                        base_spec,
-                        description,
-                        json.dumps(list(tags)),
-                        info.rank,
-                        info.alpha,
-                        json.dumps(info.target_modules),
-                        json.dumps(files, sort_keys=True),
-                        json.dumps(full_lineage, sort_keys=True, default=str),
-                        json.dumps(warnings),
-                    ),
-                )
+                self._insert_version(db, version_id, name, description, tags, staged)
                 _kill_hook("inserted")
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return self.resolve(version_id)
+
+    def _stage(
+        self, adapter_dir: Path, stage: Path, base_model: str | None, parent: dict | None, facts: dict | None
+    ) -> _Staged:
+        """Copy the adapter files into ``stage``, validate the copy (what is checked is exactly
+        what is stored), hash it, build its lineage, and make the files durable and read-only."""
+        for fname in STORED_FILES:
+            shutil.copyfile(adapter_dir / fname, stage / fname)
+        config_base = parse_config(stage / CONFIG_FILE).get("base_model_name_or_path")
+        base_spec = base_model or config_base or None
+        base_dir = local_base_dir(base_spec)
+        info = validation.validate_adapter_dir(stage, base_dir)
+        warnings = list(info.warnings)
+        if base_spec and base_dir is None:
+            warnings.append(
+                f"base model '{base_spec}' is not available locally: modules and shapes were not checked against it"
+            )
+        files = {
+            fname: {"sha256": sha256_file(stage / fname), "size": (stage / fname).stat().st_size}
+            for fname in STORED_FILES
+        }
+        lineage = lineage_mod.build(adapter_dir, info.config, base_spec, base_dir, parent=parent, facts=facts)
+        for fname in STORED_FILES:
+            os.chmod(stage / fname, 0o444)  # blobs are immutable; discourage edits through links
+            with open(stage / fname, "rb") as fh:
+                os.fsync(fh.fileno())
+        return _Staged(base_spec, info.rank, info.alpha, info.target_modules, files, lineage, warnings)
+
+    def _store_blobs(self, stage: Path, files: dict[str, dict]) -> None:
+        """Move staged files into ``blobs/`` (atomic renames; a file already stored is kept once)."""
+        for fname, meta in files.items():
+            blob = self.blob_path(meta["sha256"])
+            if not blob.exists():
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(stage / fname, blob)
+
+    def _insert_version(
+        self, db: sqlite3.Connection, version_id: str, name: str, description: str, tags: list[str], staged: _Staged
+    ) -> None:
+        """Take the next version number of ``name`` and insert the row (inside the write lock)."""
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        row = db.execute("SELECT next_version FROM adapters WHERE name = ?", (name,)).fetchone()
+        version = row["next_version"] if row else 1
+        if row is None:
+            db.execute("INSERT INTO adapters (name, created_at, next_version) VALUES (?, ?, ?)", (name, created, 2))
+        else:
+            db.execute("UPDATE adapters SET next_version = ? WHERE name = ?", (version + 1, name))
+        db.execute(
+            "INSERT INTO versions (id, name, version, created_at, base_model, description, tags, rank, alpha,"
+            " target_modules, files, lineage, warnings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                version_id,
+                name,
+                version,
+                created,
+                staged.base_spec,
+                description,
+                json.dumps(tags),
+                staged.rank,
+                staged.alpha,
+                json.dumps(staged.target_modules),
+                json.dumps(staged.files, sort_keys=True),
+                json.dumps(staged.lineage, sort_keys=True, default=str),
+                json.dumps(staged.warnings),
+            ),
+        )
 
     # -- read ----------------------------------------------------------------------------------
 
