@@ -2,7 +2,18 @@
 
 One ``GrammarMatcher`` per request; each step the matchers of the constrained rows fill
 their rows of a token bitmask, which is applied to the mixed batch's logits. Compiled
-grammars are cached by their source, so a repeated schema or tool list compiles once.
+grammars are cached by their source in a bounded LRU (by count and by xgrammar's reported
+bytes), so a repeated schema or tool list compiles once and distinct schemas cannot grow
+memory without bound.
+
+Limits, because a schema is untrusted input: its JSON may be at most ``MAX_SCHEMA_BYTES``,
+and it must compile within ``COMPILE_TIMEOUT_S``. Compiling runs in daemon threads, at most
+``COMPILE_WORKERS`` at a time; the caller waits for the result up to the budget and then gets
+a :class:`GrammarError` (a 400 naming ``response_format`` or ``tools``). xgrammar cannot be
+interrupted, so a runaway compile keeps its worker busy until it finishes (then its result
+is cached); the worker cap keeps such compiles from piling up, and an identical schema in
+flight is awaited, not compiled twice. Callers that must not block (the server's event loop)
+build constraints in a worker thread.
 
 A tool call is the JSON object ``{"name": <one of the tools>, "arguments": <its parameters>}``.
 With ``tool_choice="auto"`` the model may instead answer text: the grammar is the union
@@ -14,6 +25,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +39,20 @@ if TYPE_CHECKING:
 
 
 TEXT_EBNF = "root ::= [^{] [^]*"  # any text that does not open a JSON object
+
+MAX_SCHEMA_BYTES = 64 * 1024  # the JSON of a response_format schema or of a request's tools
+COMPILE_TIMEOUT_S = 10.0  # how long a request waits for its grammar to compile
+COMPILE_WORKERS = 2  # grammars compiling at once (a runaway compile holds one until it ends)
+CACHE_MAX_ENTRIES = 64  # compiled grammars kept (least recently used dropped first)
+CACHE_MAX_BYTES = 256 * 1024 * 1024  # and their total size, as xgrammar reports it
+
+
+class GrammarError(InvalidRequest):
+    """A schema that is too large or too complex to serve; ``field`` is the request field to name."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def _schema_of(response_format: dict) -> dict | None:
@@ -124,43 +152,124 @@ def parse_tool_call(text: str, tools: list[dict]) -> dict | None:
 
 
 class GrammarCache:
-    """Compiles and caches grammars for one tokenizer; builds per-request constraints."""
+    """Compiles and caches grammars for one tokenizer; builds per-request constraints.
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+    ``timeout_s``, ``max_entries``, ``max_bytes`` and ``workers`` default to the module's limits.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: list[int],
+        *,
+        timeout_s: float = COMPILE_TIMEOUT_S,
+        max_entries: int = CACHE_MAX_ENTRIES,
+        max_bytes: int = CACHE_MAX_BYTES,
+        workers: int = COMPILE_WORKERS,
+    ) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
         self.vocab_size = vocab_size
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
-        self.compiler = xgr.GrammarCompiler(self.info)
-        self._compiled: dict[str, Any] = {}
+        # xgrammar's own cache is unbounded: ours (below) is the only one.
+        self.compiler = xgr.GrammarCompiler(self.info, cache_enabled=False)
+        self.timeout_s, self.max_entries, self.max_bytes = timeout_s, max_entries, max_bytes
+        self._compiled: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # key -> (grammar, bytes), LRU last
+        self._bytes = 0
+        self._pending: dict[str, Future] = {}
+        self._workers = threading.BoundedSemaphore(workers)
         self._lock = threading.Lock()
 
-    def _compile(self, key: str, build: Any) -> Any:
+    def __len__(self) -> int:
         with self._lock:
-            hit = self._compiled.get(key)
-        if hit is not None:
-            return hit
+            return len(self._compiled)
+
+    @property
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def _store(self, key: str, compiled: Any) -> None:
+        size = int(getattr(compiled, "memory_size_bytes", 0) or 0)
+        with self._lock:
+            if key in self._compiled:
+                return
+            self._compiled[key] = (compiled, size)
+            self._bytes += size
+            while len(self._compiled) > 1 and (len(self._compiled) > self.max_entries or self._bytes > self.max_bytes):
+                _, (_, dropped) = self._compiled.popitem(last=False)
+                self._bytes -= dropped
+
+    def _run(self, key: str, build: Any, done: Future, field: str) -> None:
         try:
             compiled = build()
-        except Exception as err:  # xgrammar reports bad schemas with several exception types
-            raise InvalidRequest(f"cannot build an output grammar: {err}") from err
-        with self._lock:
-            self._compiled[key] = compiled
-        return compiled
+        except Exception as err:  # noqa: BLE001 - xgrammar reports bad schemas with several exception types
+            done.set_exception(GrammarError(f"{field}: cannot build an output grammar: {err}", field))
+        else:
+            self._store(key, compiled)
+            done.set_result(compiled)
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+            self._workers.release()
 
-    def _json(self, schema: dict) -> Any:
-        if not schema:
-            return self._compile("json_object", self.compiler.compile_builtin_json_grammar)
+    def _compile(self, key: str, build: Any, field: str) -> Any:
+        too_slow = GrammarError(
+            f"{field}: the output grammar did not compile within {self.timeout_s:g} s; use a simpler schema", field
+        )
+        with self._lock:
+            hit = self._compiled.get(key)
+            if hit is not None:
+                self._compiled.move_to_end(key)
+                return hit[0]
+            done = self._pending.get(key)
+        if done is None:
+            if not self._workers.acquire(timeout=self.timeout_s):
+                raise too_slow  # every worker busy with other compiles for the whole budget
+            with self._lock:
+                hit = self._compiled.get(key)
+                done = self._pending.get(key) if hit is None else None
+                started = hit is None and done is None
+                if started:
+                    done = self._pending[key] = Future()
+            if not started:
+                self._workers.release()
+                if hit is not None:
+                    return hit[0]
+            else:
+                assert done is not None
+                threading.Thread(
+                    target=self._run, args=(key, build, done, field), name="lora-kit-grammar", daemon=True
+                ).start()
+        assert done is not None
+        try:
+            return done.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise too_slow from None
+
+    @staticmethod
+    def _source(schema: dict, field: str) -> str:
         source = json.dumps(schema)  # no sort_keys: property order is the output order
+        if len(source.encode()) > MAX_SCHEMA_BYTES:
+            raise GrammarError(
+                f"{field}: the schema is {len(source.encode())} bytes of JSON; the limit is {MAX_SCHEMA_BYTES}", field
+            )
+        return source
+
+    def _json(self, schema: dict, field: str = "response_format") -> Any:
+        if not schema:
+            return self._compile("json_object", self.compiler.compile_builtin_json_grammar, field)
+        source = self._source(schema, field)
         return self._compile(
-            "schema:" + source, lambda: self.compiler.compile_json_schema(source, any_whitespace=False)
+            "schema:" + source, lambda: self.compiler.compile_json_schema(source, any_whitespace=False), field
         )
 
     def _tools(self, schema: dict, with_text: bool) -> Any:
-        source = json.dumps(schema)  # no sort_keys: property order is the output order
         if not with_text:
-            return self._json(schema)
+            return self._json(schema, "tools")
+        source = self._source(schema, "tools")
         xgr = self._xgr
 
         def build() -> Any:
@@ -169,12 +278,16 @@ class GrammarCache:
             )
             return self.compiler.compile_grammar(union)
 
-        return self._compile("tools:" + source, build)
+        return self._compile("tools:" + source, build, "tools")
 
     def constraint(
         self, response_format: dict | None, tools: list[dict] | None, tool_choice: Any = None
     ) -> Constraint | None:
-        """The constraint of a request, or None when its output is free text."""
+        """The constraint of a request, or None when its output is free text.
+
+        Blocks up to ``timeout_s`` while the grammar compiles: call it off any event loop.
+        Raises GrammarError (an InvalidRequest) for a schema too large or too slow to compile.
+        """
         if tools:
             mode, only = _tool_mode(tool_choice)
             if mode != "none":

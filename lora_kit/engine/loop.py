@@ -4,6 +4,18 @@ Each step admits the waiting requests that can join (prefilled together), then d
 token for every running row. Finished rows leave the batch before their client hears they
 are finished, so whoever hears "finished" sees them gone. A finished request's slot is
 released through the runner, under its model lock, whether it ended normally or in error.
+
+One request can never fail another. An error while preparing, sampling or post-processing
+one row (its grammar, penalties, draw, detokenizing, its final event) fails that request
+only: it leaves the batch (its KV cache rows are dropped) and the others carry on. A prefill
+whose forward fails is retried request by request, so only the request that cannot be
+prefilled fails, never the running batch. A decode forward that fails is not attributable to
+a row and fails the running batch: the forward may have written some layers' cache columns
+and not others, so no row's cache can be trusted any more. Bugs elsewhere in a step fail the
+running batch too, but never stop the loop.
+
+A failed request hears :class:`RequestFailed`, whose message holds only its request id; the
+error itself is logged under that id (logger ``lora_kit.engine.loop``).
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from lora_kit.engine.output import OutputProcessor
 from lora_kit.engine.runner import ModelRunner
 from lora_kit.engine.scheduler import Scheduler
 from lora_kit.engine.sequence import Sequence
-from lora_kit.engine.types import EngineError
+from lora_kit.engine.types import RequestFailed
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +51,7 @@ class EngineLoop:
             try:
                 self.step()
             except Exception as err:  # a bug must fail the requests in flight, never kill the loop
-                logger.exception("engine step failed; failing the requests in flight")
-                self._fail_all(EngineError(f"internal engine error: {err.__class__.__name__}: {err}"))
+                self._fail_all("engine step", err)
         self.cancel_all()
 
     def step(self) -> None:
@@ -61,16 +72,30 @@ class EngineLoop:
             self._finish(seq, "cancelled", emit=False)  # nobody listens any more
         for seq, err in admission.failed:
             self._finish_error(seq, err)
-        group = admission.joining
-        if not group:
-            return
+        for seq, exc in admission.crashed:  # logged with its request id; the client hears only the id
+            self._fail(seq, "adapter load", exc)
+        if admission.joining:
+            self._prefill(admission.joining)
+
+    def _prefill(self, group: list[Sequence]) -> None:
+        """Prefill ``group`` and let it join; if the forward fails, each request is retried alone."""
         try:
             cache, mask, tokens = self.runner.prefill(group)
-        except Exception as err:  # they are not in the batch yet: fail them here
+        except Exception as err:  # they are not in the batch yet: the batch is untouched
+            if len(group) == 1:
+                self._fail(group[0], "prefill", err)
+                return
+            ids = ", ".join(s.request_id for s in group)
+            logger.warning("prefill of %d requests (%s) failed (%r); retrying each alone", len(group), ids, err)
             for seq in group:
-                self._finish_error(seq, EngineError(f"prefill failed: {err.__class__.__name__}: {err}"))
+                self._prefill([seq])
+            return
+        try:
+            self.scheduler.join(group, cache, mask, tokens)  # join first: whoever hears a token sees it running
+        except Exception as err:  # a bug: the batch may be half-merged, the step fails it (see run)
+            for seq in group:
+                self._fail(seq, "join", err)
             raise
-        self.scheduler.join(group, cache, mask, tokens)  # join first: whoever hears a token sees it running
         self._record(group)
 
     def _decode(self) -> None:
@@ -78,29 +103,63 @@ class EngineLoop:
             self._finish(seq, "cancelled", emit=True)
         if self.scheduler.batch.rows:
             rows = list(self.scheduler.batch.rows)
-            self.runner.decode(self.scheduler.batch)
+            try:
+                self.runner.decode(self.scheduler.batch)
+            except Exception as err:  # the forward: every row's cache may be half-written
+                self._fail_all("decode", err)
+                return
             self._record(rows)
 
     def _record(self, rows: list[Sequence]) -> None:
-        """Stream each row's new token; rows that finished leave the batch, then hear it."""
-        reasons = [self.output.process(seq) for seq in rows]
-        done = [(seq, reason) for seq, reason in zip(rows, reasons) if reason is not None]
+        """Stream each row's new token; rows that finished or failed leave the batch, then hear it."""
+        done: list[tuple[Sequence, str | None]] = []
+        for seq in rows:
+            reason = None
+            if seq.failure is None:
+                try:
+                    reason = self.output.process(seq)
+                except Exception as err:  # noqa: BLE001 - this request fails alone
+                    seq.fail("output", err)
+            if seq.failure is not None or reason is not None:
+                done.append((seq, reason))
         if done:
             self.scheduler.leave([seq for seq, _ in done])
             for seq, reason in done:
-                self._finish(seq, reason, emit=True)
+                if seq.failure is not None:
+                    self._fail(seq, *seq.failure)
+                else:
+                    assert reason is not None
+                    self._finish(seq, reason, emit=True)
 
     # -- finishing -----------------------------------------------------------------------
 
     def _finish(self, seq: Sequence, reason: str, emit: bool) -> None:
         if seq.done:
             return
+        try:
+            final = self.output.final(seq, reason)
+        except Exception as err:  # noqa: BLE001 - e.g. a tool call that cannot be parsed: this request only
+            self._fail(seq, "finishing", err)
+            return
         seq.done = True
         self._release(seq)
-        final = self.output.final(seq, reason)
         self._count(final.finish_reason or reason)
         if emit:
             seq.push(final)
+
+    def _fail(self, seq: Sequence, stage: str, err: BaseException) -> None:
+        """Fail one request: log what went wrong under its request id, tell its client only the id."""
+        if seq.done:
+            return
+        logger.error(
+            "request %s failed at %s: %s: %s",
+            seq.request_id,
+            stage,
+            err.__class__.__name__,
+            err,
+            exc_info=(type(err), err, err.__traceback__),
+        )
+        self._finish_error(seq, RequestFailed(seq.request_id))
 
     def _finish_error(self, seq: Sequence, err: BaseException) -> None:
         if seq.done:
@@ -115,9 +174,20 @@ class EngineLoop:
             self.runner.release_slot(seq.slot)  # under the model lock: no forward reads a slot being freed
             seq.slot = None
 
-    def _fail_all(self, err: BaseException) -> None:
-        for seq in self.scheduler.clear_batch():
-            self._finish_error(seq, err)
+    def _fail_all(self, stage: str, err: BaseException) -> None:
+        """Fail every running request (an error no row is to blame for); logged once, with their ids."""
+        rows = self.scheduler.clear_batch()
+        logger.error(
+            "engine %s failed; failing the %d running requests (%s): %s: %s",
+            stage,
+            len(rows),
+            ", ".join(s.request_id for s in rows),
+            err.__class__.__name__,
+            err,
+            exc_info=(type(err), err, err.__traceback__),
+        )
+        for seq in rows:
+            self._finish_error(seq, RequestFailed(seq.request_id))
 
     def _count(self, reason: str) -> None:
         self.finished[reason] = self.finished.get(reason, 0) + 1

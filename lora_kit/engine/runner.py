@@ -123,18 +123,51 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
         """Each row's next token from ``logits`` (B, V) fp32, masked by its grammar if it has
-        one, and recorded on the row (its output, sampler statistics and grammar state)."""
+        one, and recorded on the row (its output, sampler statistics and grammar state).
+
+        Never raises for one row: a row whose grammar, penalties, draw or bookkeeping fails is
+        marked failed (:meth:`Sequence.fail`, token 0 as a placeholder) and the others go on.
+        """
+        failed: dict[int, Exception] = {}
         constrained = [i for i, s in enumerate(rows) if s.constraint is not None]
         if constrained:
+            self._mask(logits, rows, constrained, failed)
+        tokens, failed = sample_rows(logits, [s.sampler for s in rows], failed)
+        for i, (seq, token) in enumerate(zip(rows, tokens)):
+            if i not in failed:
+                try:
+                    seq.accept(token)
+                except Exception as err:  # noqa: BLE001 - e.g. its grammar rejects the token
+                    failed[i] = err
+            if i in failed:
+                seq.fail("sampling", failed[i])
+        return tokens
+
+    def _mask(self, logits: torch.Tensor, rows: list[Sequence], constrained: list[int], failed: dict) -> None:
+        """Apply the grammar masks of the ``constrained`` rows; a row that fails goes into ``failed``."""
+        try:
             grammar = self._grammar()
             bitmask = grammar.bitmask(len(rows))
-            for i in constrained:
+        except Exception as err:  # noqa: BLE001 - only the constrained rows need it
+            failed.update(dict.fromkeys(constrained, err))
+            return
+        ok = []
+        for i in constrained:
+            try:
                 rows[i].constraint.fill(bitmask, i)  # type: ignore[union-attr]
-            vocab = grammar.vocab_size
-            grammar.apply(logits[:, :vocab], bitmask, constrained)
-            if logits.shape[1] > vocab:  # the model's padded vocabulary: never a grammar's token
-                logits[constrained, vocab:] = float("-inf")
-        tokens = sample_rows(logits, [s.sampler for s in rows])
-        for seq, token in zip(rows, tokens):
-            seq.accept(token)
-        return tokens
+                ok.append(i)
+            except Exception as err:  # noqa: BLE001
+                failed[i] = err
+        if not ok:
+            return
+        vocab = grammar.vocab_size
+        try:
+            grammar.apply(logits[:, :vocab], bitmask, ok)
+        except Exception:  # noqa: BLE001 - find the row(s) at fault
+            for i in ok:
+                try:
+                    grammar.apply(logits[:, :vocab], bitmask, [i])
+                except Exception as err:  # noqa: BLE001
+                    failed[i] = err
+        if logits.shape[1] > vocab:  # the model's padded vocabulary: never a grammar's token
+            logits[ok, vocab:] = float("-inf")

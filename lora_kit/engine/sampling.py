@@ -4,6 +4,11 @@ Every row is processed on its own logits only, and draws from its own ``torch.Ge
 seeded by the request's ``seed``: the same seeded request gives the same tokens whatever
 else shares the batch. Order (as in transformers): repetition penalty, frequency/presence
 penalties (the grammar mask is applied before them; -inf stays -inf), then greedy argmax or temperature -> top-k -> top-p -> draw.
+
+A temperature below ``GREEDY_TEMPERATURE`` is greedy, and scores that overflow anyway (a tiny
+``repetition_penalty``) are clamped to the largest float, so no row draws from inf/NaN. A row
+whose sampling still raises fails alone: :func:`sample_rows` reports it and the other rows get
+their tokens (the engine loop then fails that request only).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import secrets
 
 import torch
 
-from lora_kit.engine.types import SamplingParams
+from lora_kit.engine.types import GREEDY_TEMPERATURE, SamplingParams
 
 
 class RequestSampler:
@@ -20,7 +25,7 @@ class RequestSampler:
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device: torch.device) -> None:
         self.params = params
-        self.greedy = params.temperature == 0.0
+        self.greedy = params.temperature < GREEDY_TEMPERATURE
         self.generator: torch.Generator | None = None
         if not self.greedy:
             self.generator = torch.Generator(device=device)
@@ -63,7 +68,9 @@ class RequestSampler:
         if self.greedy:
             return int(torch.argmax(logits))
         p = self.params
-        scores = logits / p.temperature
+        # An overflow to +inf is the best token (clamped, so softmax gives no NaN), NaN is none.
+        top = torch.finfo(logits.dtype).max
+        scores = torch.nan_to_num(logits / p.temperature, nan=float("-inf"), posinf=top, neginf=float("-inf"))
         vocab = scores.shape[-1]
         if 0 < p.top_k < vocab:
             kth = torch.topk(scores, p.top_k).values[-1]
@@ -79,11 +86,31 @@ class RequestSampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-def sample_rows(logits: torch.Tensor, samplers: list[RequestSampler]) -> list[int]:
-    """Next token of every row of ``logits`` (B, V), fp32, already grammar-masked."""
+def sample_rows(
+    logits: torch.Tensor, samplers: list[RequestSampler], failed: dict[int, Exception] | None = None
+) -> tuple[list[int], dict[int, Exception]]:
+    """Next token of every row of ``logits`` (B, V), fp32, already grammar-masked, and the rows
+    that failed (index -> error; rows already in ``failed`` are skipped). A failed row's token
+    is a placeholder 0: its request is to be failed, the other rows are unaffected."""
+    failed = dict(failed or {})
     for i, sampler in enumerate(samplers):
-        if sampler.needs_penalties:
-            sampler.penalize(logits[i])
+        if sampler.needs_penalties and i not in failed:
+            try:
+                sampler.penalize(logits[i])
+            except Exception as err:  # noqa: BLE001 - this row fails alone
+                failed[i] = err
     if all(s.greedy for s in samplers):
-        return torch.argmax(logits, dim=-1).tolist()
-    return [s.draw(logits[i]) for i, s in enumerate(samplers)]
+        tokens = torch.argmax(logits, dim=-1).tolist()
+    else:
+        tokens = []
+        for i, sampler in enumerate(samplers):
+            token = 0
+            if i not in failed:
+                try:
+                    token = sampler.draw(logits[i])
+                except Exception as err:  # noqa: BLE001 - this row fails alone
+                    failed[i] = err
+            tokens.append(token)
+    for i in failed:
+        tokens[i] = 0
+    return tokens, failed

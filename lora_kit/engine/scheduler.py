@@ -34,6 +34,7 @@ class Admission:
     joining: list[Sequence] = field(default_factory=list)  # slots held: to prefill together
     cancelled: list[Sequence] = field(default_factory=list)  # cancelled while waiting
     failed: list[tuple[Sequence, EngineError]] = field(default_factory=list)  # their adapter cannot be served
+    crashed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # unexpected error taking their slot
 
 
 class Scheduler:
@@ -130,6 +131,9 @@ class Scheduler:
                     break
                 except EngineError as err:  # this adapter cannot be served: fail this request only
                     out.failed.append((seq, err))
+                    continue
+                except Exception as err:  # a bug or an I/O error loading it: still this request only
+                    out.crashed.append((seq, err))
                     continue
             out.joining.append(seq)
         return out

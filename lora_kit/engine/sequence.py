@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,18 @@ class Sequence:
     # Set by an async consumer so the loop's thread can wake it.
     loop: asyncio.AbstractEventLoop | None = None
     wakeup: asyncio.Event | None = None
+    # Why this request must fail (the stage, the error): set by the runner or the output stage when
+    # preparing, sampling or post-processing its row raised; the loop fails it alone.
+    failure: tuple[str, BaseException] | None = None
+    request_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.request_id = self.request.request_id or uuid.uuid4().hex
+
+    def fail(self, stage: str, err: BaseException) -> None:
+        """Mark this request failed at ``stage`` (the first failure wins)."""
+        if self.failure is None:
+            self.failure = (stage, err)
 
     def accept(self, token: int) -> None:
         """Record a sampled token: in the output, the sampler's statistics and the grammar's state."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +29,29 @@ class InvalidRequest(EngineError, ValueError):
     """A request that cannot be served as given (bad params, schema or tools); the server answers 400."""
 
 
+class InvalidAdapterReference(InvalidRequest):
+    """The adapter field is not a reference at all (not NAME, NAME@VERSION, NAME:ALIAS or an id): 400."""
+
+
+class RequestFailed(EngineError):
+    """An internal failure of one request (preparing, sampling or post-processing its row, or a
+    forward of its batch). Its message is safe to show a client: no exception class, no path,
+    only the request id; what went wrong is logged (logger ``lora_kit.engine``) under that id."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"internal error while generating (request id {request_id}); the log has the details")
+        self.request_id = request_id
+
+
+# Temperatures below this sample greedily (documented: SamplingParams): ``logits / temperature``
+# overflows float32 for tiny ones (1e-40: inf, then NaN probabilities), and at 1e-5 a logit
+# 1e-3 ahead is already e^100 times likelier, so only exact near-ties could differ from greedy.
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
-    """Per-request decoding settings; ``temperature == 0`` is greedy."""
+    """Per-request decoding settings; ``temperature`` 0 (or below ``GREEDY_TEMPERATURE``) is greedy."""
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -53,8 +74,11 @@ class SamplingParams:
             raise InvalidRequest("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise InvalidRequest("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
+        if not 0 < self.repetition_penalty < math.inf:
             raise InvalidRequest("repetition_penalty must be > 0")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidRequest(f"{name} must be a finite number")
 
 
 @dataclass
@@ -74,6 +98,10 @@ class GenerationRequest:
     response_format: dict | None = None
     tools: list[dict] | None = None
     tool_choice: Any = None
+    # Names the request in the engine's log lines and in the client-safe message of a failure
+    # (the server passes its per-request id, the one of ``X-Request-Id`` and the access log);
+    # None: the engine makes one up.
+    request_id: str | None = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ broken stream. Closing a request's iterator (client gone) cancels it in the engi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,18 +20,21 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from lora_kit import chat
 from lora_kit.engine import (
     AdapterError,
-    EngineError,
     GenerationOutput,
     GenerationRequest,
     Overloaded,
     UnknownAdapter,
 )
+from lora_kit.engine.constraints import GrammarError
+from lora_kit.engine.types import InvalidAdapterReference, RequestFailed
 from lora_kit.server import errors, sse
 from lora_kit.server.errors import ApiError
 from lora_kit.server.metrics import Metrics
 from lora_kit.server.schemas import ChatCompletionRequest, GenerationBody, MessagesRequest, PromptRequest
 
 CLOUDFLARE_MODEL_PREFIXES = ("@cf/", "@hf/")
+
+logger = logging.getLogger(__name__)
 
 
 def model_matches(name: str, served: str) -> bool:
@@ -48,12 +52,21 @@ def model_matches(name: str, served: str) -> bool:
     return name.rsplit("/", 1)[-1].lower() == served.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
+@dataclass
+class ServerRequest(GenerationRequest):
+    """An engine request whose prompt is rendered at submission (``render``), in a worker thread:
+    tokenizing a body of megabytes takes seconds, which the event loop must not wait for."""
+
+    render: Optional[Callable[[], list[int]]] = field(default=None, repr=False, compare=False)
+
+
 def engine_request(
     tokenizer: Any, req: GenerationBody, adapter: Optional[str], max_tokens_cap: int
 ) -> GenerationRequest:
     """The engine request for a validated body of either API; 5006/400 for what the engine cannot take.
 
-    Checked in this order: ``response_format``, the sampling settings, then the prompt's rendering.
+    Checked in this order: ``response_format``, the sampling settings, then the prompt's rendering,
+    which is deferred to :meth:`Runner.stream` (off the event loop): until then ``prompt_ids`` is empty.
     """
     try:
         response_format = req.response_format.to_engine() if req.response_format else None
@@ -64,9 +77,14 @@ def engine_request(
     except ValueError as err:  # InvalidRequest: a value the engine cannot honour
         raise errors.bad_input(str(err)) from err
     tools, tool_choice = req.engine_tools()
-    ids = prompt_ids(tokenizer, req, tools)
-    return GenerationRequest(
-        ids, params, adapter=adapter, response_format=response_format, tools=tools, tool_choice=tool_choice
+    return ServerRequest(
+        [],
+        params,
+        adapter=adapter,
+        response_format=response_format,
+        tools=tools,
+        tool_choice=tool_choice,
+        render=lambda: prompt_ids(tokenizer, req, tools),
     )
 
 
@@ -87,8 +105,12 @@ def prompt_ids(tokenizer: Any, req: GenerationBody, tools: Optional[list[dict]])
         raise errors.bad_input(f"{req.PROMPT_FIELD}: {err}", req.PROMPT_FIELD) from err
 
 
-def engine_error(err: Exception, adapter: Optional[str] = None) -> ApiError:
-    """The API error for an engine exception."""
+def engine_error(err: Exception, adapter: Optional[str] = None, request_id: Optional[str] = None) -> ApiError:
+    """The API error for an engine exception.
+
+    User errors keep their message (they say what to change). An internal failure tells the
+    client only its request id: the details (exception class, message) go to the log under it.
+    """
     if isinstance(err, ApiError):
         return err
     if isinstance(err, Overloaded):
@@ -100,13 +122,19 @@ def engine_error(err: Exception, adapter: Optional[str] = None) -> ApiError:
             param="lora",
             openai_code="model_not_found",
         )
+    if isinstance(err, InvalidAdapterReference):
+        return errors.bad_input(f"lora: {err}", param="lora")
     if isinstance(err, AdapterError):
         return errors.bad_input(f"lora: adapter {adapter!r} cannot be served on this base model: {err}", param="lora")
     if isinstance(err, ValueError):
         return errors.bad_input(str(err))
-    if isinstance(err, EngineError):
-        return ApiError(errors.INTERNAL, f"Internal server error: {err}")
-    return ApiError(errors.INTERNAL, "Internal server error")
+    request_id = getattr(err, "request_id", None) or request_id
+    if not isinstance(err, RequestFailed):  # the engine logged a RequestFailed's cause already
+        logger.error(
+            "request %s failed: %s: %s", request_id, err.__class__.__name__, err, exc_info=(type(err), err, None)
+        )
+    suffix = f" (request id {request_id})" if request_id else ""
+    return ApiError(errors.INTERNAL, f"Internal server error{suffix}")
 
 
 @dataclass
@@ -136,6 +164,13 @@ class Completion:
         }
 
 
+def _submit(engine: Any, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    """Render a deferred prompt, then submit (building the grammar): blocking, for a worker thread."""
+    if isinstance(request, ServerRequest) and request.render is not None:
+        request.prompt_ids, request.render = request.render(), None
+    return engine.generate(request)
+
+
 class Runner:
     """Runs requests on the engine and records their token metrics."""
 
@@ -163,17 +198,23 @@ class Runner:
         """
         started = time.monotonic()
         try:
-            # Overloaded, UnknownAdapter and InvalidRequest raise here, at submission.
-            events = self.engine.generate(request).__aiter__()
+            # Overloaded, UnknownAdapter and InvalidRequest raise here, at submission. The prompt
+            # renders and a grammar compiles (up to its time budget) in a worker thread, off the event loop.
+            if isinstance(request, ServerRequest) or request.response_format or request.tools:
+                events = (await asyncio.to_thread(_submit, self.engine, request)).__aiter__()
+            else:
+                events = self.engine.generate(request).__aiter__()
+        except GrammarError as err:
+            raise errors.bad_input(str(err), err.field) from err
         except Exception as err:  # noqa: BLE001
-            raise engine_error(err, request.adapter) from err
+            raise engine_error(err, request.adapter, request.request_id) from err
         try:
             first = await events.__anext__()
         except StopAsyncIteration:
             first = None
         except Exception as err:  # noqa: BLE001
             await _close(events)
-            raise engine_error(err, request.adapter) from err
+            raise engine_error(err, request.adapter, request.request_id) from err
         self.metrics.record_first_token(request.adapter, time.monotonic() - started)
         return self._follow(first, events, request.adapter)
 
@@ -206,7 +247,7 @@ class Runner:
             except ApiError:
                 raise
             except Exception as err:  # noqa: BLE001
-                raise engine_error(err, request.adapter) from err
+                raise engine_error(err, request.adapter, request.request_id) from err
             finally:
                 await _close(events)
             return done
@@ -281,6 +322,8 @@ async def respond(
     runner: Runner, request: Request, gen: GenerationRequest, stream: bool, shape: ResponseShape
 ) -> Response:
     """Run ``gen``: an SSE stream, or the whole JSON body at the end (cancelled if the client leaves first)."""
+    if gen.request_id is None:  # the engine logs under the id of the access log and X-Request-Id
+        gen.request_id = getattr(request.state, "request_id", None)
     if stream:
         events = await runner.stream(gen)
         return StreamingResponse(sse_stream(events, shape), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)

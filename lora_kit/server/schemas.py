@@ -12,11 +12,13 @@ APIs, :func:`_sampling_params`, where their fields coincide) and ``engine_tools`
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_kit.engine import SamplingParams
+from lora_kit.engine.constraints import MAX_SCHEMA_BYTES
 from lora_kit.server import errors
 
 MAX_TEXT = 131072  # maxLength of `prompt` and of a message's `content` in the v0.1 schema
@@ -156,6 +158,9 @@ class ResponseFormat(_Lenient):
             schema = self.schema()
             if not isinstance(schema, (dict, bool)):
                 raise ValueError("response_format.json_schema must be a JSON schema object")
+            size = len(json.dumps(schema).encode())
+            if size > MAX_SCHEMA_BYTES:  # refused before compiling: grammar work grows with the schema
+                raise ValueError(f"the schema is {size} bytes of JSON; the limit is {MAX_SCHEMA_BYTES}")
             return {"type": "json_schema", "json_schema": schema}
         return {"type": "json_object"}
 
