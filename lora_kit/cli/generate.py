@@ -13,8 +13,9 @@ ENGINE_FLAGS = ("model", "quantization", "adapter_dtype")
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lora_kit import chat
-    from lora_kit.engine import Engine, GenerationRequest, SamplingParams
+    from lora_kit.engine import Engine, GenerationRequest, SamplingParams, UnknownAdapter
     from lora_kit.engine.threads import dedicate_cpu_threads
+    from lora_kit.registry import RegistryError
 
     if not 0 <= args.temperature <= 5:
         raise CliError("--temperature must be between 0 and 5")
@@ -22,7 +23,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # The same engine as `lora-kit serve`: same renderer, same adapter path, same sampling.
     engine = Engine(EngineConfig.from_cli_args(args, max_slots=1))
     try:
-        adapter = engine.check_adapter(args.lora) if args.lora else None
+        try:
+            adapter = engine.check_adapter(args.lora) if args.lora else None
+        except UnknownAdapter as err:
+            # HTTP clients get the short message; the operator gets the registry's own
+            # (its path, the versions there, "did you mean ...").
+            if isinstance(err.__cause__, RegistryError):
+                raise CliError(str(err.__cause__)) from None
+            raise
         ids = chat.render_prompt(engine.tokenizer, args.prompt, raw=args.raw)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
         out = engine.generate_sync(GenerationRequest(ids, params, adapter=adapter))

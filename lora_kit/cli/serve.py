@@ -8,13 +8,22 @@ server's own.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from lora_kit.engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+TOKEN_FLAG_WARNING = (
+    "--api-token puts the token on the command line, where any user of this machine can read it "
+    "(ps, /proc); set LORA_KIT_API_TOKEN in the server's environment instead"
+)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lora_kit.server.main import serve
 
+    if getattr(args, "api_token", None):
+        log.warning(TOKEN_FLAG_WARNING)
     return serve(args)
 
 
@@ -31,7 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--api-token",
         default=None,
         metavar="T",
-        help="require 'Authorization: Bearer T' on inference and management routes (default: $LORA_KIT_API_TOKEN; unset = no auth)",
+        help="require 'Authorization: Bearer T' on inference and management routes (default: $LORA_KIT_API_TOKEN; "
+        "unset = no auth). Prefer LORA_KIT_API_TOKEN: a flag is visible to every user in `ps`",
     )
     p.add_argument(
         "--max-tokens-cap",

@@ -18,6 +18,7 @@ import tarfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lora_kit.adapters.format import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, InvalidAdapter
 from lora_kit.adapters.validation import base_model_type, validate_adapter_dir
@@ -32,6 +33,10 @@ VLLM_DEFAULT_MAX_RANK = 16
 MANIFEST = "lora-kit-adapter.json"
 ARCHIVE_FORMAT = 1
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# The most an archive member may hold (Cloudflare's and the server's limit on an adapter file):
+# a gzip bomb is refused before it writes more than this, whatever its tar header claims.
+MAX_MEMBER_BYTES = 300 * 1024 * 1024
+_SHA256_CHARS = frozenset("0123456789abcdef")
 
 
 @dataclass
@@ -215,6 +220,8 @@ def import_archive(registry: Registry, archive: Path | str, name: str | None = N
     stage.mkdir(parents=True)
     try:
         manifest = None
+        meta: dict | None = None
+        seen: set[str] = set()
         try:
             with tarfile.open(archive, mode="r:gz") as tar:
                 for member in tar:
@@ -227,24 +234,44 @@ def import_archive(registry: Registry, archive: Path | str, name: str | None = N
                             f"archive member {member.name!r} refused: a lora-kit archive holds only "
                             f"{MANIFEST}, {', '.join(STORED_FILES)}"
                         )
+                    if member.name in seen:
+                        raise InvalidAdapter(f"archive member {member.name!r} appears twice")
+                    seen.add(member.name)
                     fh = tar.extractfile(member)
                     assert fh is not None
                     if member.name == MANIFEST:
                         if member.size > _MAX_MANIFEST_BYTES:
                             raise InvalidAdapter(f"{MANIFEST} is implausibly large ({member.size} bytes)")
-                        manifest = json.loads(fh.read())
+                        manifest = json.loads(_read_capped(fh, _MAX_MANIFEST_BYTES, MANIFEST))
+                        meta = _check_manifest(manifest, archive)
                     else:
+                        # Exported archives put the manifest first: its sizes cap the files.
+                        cap = MAX_MEMBER_BYTES
+                        if meta is not None:
+                            cap = min(cap, meta["files"][member.name]["size"])
+                        if member.size > cap:
+                            raise InvalidAdapter(
+                                f"archive member {member.name!r} refused: it holds {member.size} bytes, "
+                                f"more than {'its manifest declares' if meta is not None else 'the limit'} ({cap})"
+                            )
                         with open(stage / member.name, "wb") as out:
-                            shutil.copyfileobj(fh, out, 1 << 20)
-        except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError) as err:
+                            _copy_capped(fh, out, cap, member.name)
+        except InvalidAdapter:
+            raise
+        except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as err:
+            # ValueError: JSON (JSONDecodeError, bad UTF-8) and zlib; RecursionError: a nested manifest.
             raise InvalidAdapter(f"'{archive}' is not a readable lora-kit archive: {err}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT or "adapter" not in manifest:
+        if meta is None:
             raise InvalidAdapter(f"'{archive}' has no valid {MANIFEST} (format {ARCHIVE_FORMAT})")
-        meta = manifest["adapter"]
         for fname in STORED_FILES:
             if not (stage / fname).is_file():
                 raise InvalidAdapter(f"'{archive}' lacks {fname}")
             expected = meta["files"][fname]["sha256"]
+            if (stage / fname).stat().st_size != meta["files"][fname]["size"]:
+                raise InvalidAdapter(
+                    f"'{archive}': {fname} has {(stage / fname).stat().st_size} bytes, the manifest says "
+                    f"{meta['files'][fname]['size']} (corrupted)"
+                )
             got = sha256_file(stage / fname)
             if got != expected:
                 raise InvalidAdapter(
@@ -252,18 +279,68 @@ def import_archive(registry: Registry, archive: Path | str, name: str | None = N
                 )
         lineage = dict(meta.get("lineage") or {})
         lineage["imported_from"] = {
-            "id": meta["id"],
-            "ref": meta["ref"],
+            "id": meta.get("id"),
+            "ref": meta.get("ref"),
             "archive": archive.name,
-            "created_at": meta["created_at"],
+            "created_at": meta.get("created_at"),
         }
         return registry.register(
             stage,
             name or meta["name"],
             base_model=meta.get("base_model"),
-            description=meta.get("description", ""),
-            tags=meta.get("tags", []),
+            description=meta.get("description") or "",
+            tags=meta.get("tags") or [],
             lineage=lineage,
         )
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _read_capped(fh: Any, cap: int, what: str) -> bytes:
+    buf = io.BytesIO()
+    _copy_capped(fh, buf, cap, what)
+    return buf.getvalue()
+
+
+def _copy_capped(fh: Any, out: Any, cap: int, what: str) -> None:
+    """Copy ``fh`` to ``out`` in 1 MiB chunks; InvalidAdapter as soon as it exceeds ``cap`` bytes."""
+    total = 0
+    while chunk := fh.read(1 << 20):
+        total += len(chunk)
+        if total > cap:
+            raise InvalidAdapter(f"archive member {what!r} refused: it holds more than {cap} bytes")
+        out.write(chunk)
+
+
+def _check_manifest(manifest: Any, archive: Path) -> dict:
+    """The manifest's ``adapter`` object, checked field by field; InvalidAdapter naming the bad field."""
+
+    def bad(why: str) -> InvalidAdapter:
+        return InvalidAdapter(f"'{archive}' has a malformed {MANIFEST}: {why}")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
+        raise bad(f'expected a JSON object with "format": {ARCHIVE_FORMAT}')
+    meta = manifest.get("adapter")
+    if not isinstance(meta, dict):
+        raise bad("'adapter' must be an object")
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise bad("'adapter.files' must be an object")
+    for fname in STORED_FILES:
+        entry = files.get(fname)
+        if not isinstance(entry, dict):
+            raise bad(f"'adapter.files' has no entry for {fname}")
+        sha, size = entry.get("sha256"), entry.get("size")
+        if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= _SHA256_CHARS):
+            raise bad(f"'adapter.files.{fname}.sha256' must be 64 hex digits")
+        if type(size) is not int or not 0 <= size <= MAX_MEMBER_BYTES:
+            raise bad(f"'adapter.files.{fname}.size' must be a byte count up to {MAX_MEMBER_BYTES}")
+    for key, kind in (("name", str), ("description", str), ("base_model", str), ("lineage", dict), ("tags", list)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise bad(f"'adapter.{key}' must be a {'string' if kind is str else kind.__name__}")
+    for key in ("id", "ref", "created_at"):
+        if meta.get(key) is not None and not isinstance(meta[key], (str, int)):
+            raise bad(f"'adapter.{key}' must be a string")
+    if not isinstance(meta.get("name"), str):
+        raise bad("'adapter.name' must be a string")
+    return meta

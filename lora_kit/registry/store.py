@@ -38,8 +38,9 @@ from lora_kit.errors import LoraKitError
 from lora_kit.registry import lineage as lineage_mod
 from lora_kit.registry.lineage import sha256_file
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # use fullmatch: "$" accepts a trailing newline
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # fullmatch
+_VERSION_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only (str.isdigit accepts "²"), fits SQLite
 STORED_FILES = ADAPTER_FILES  # exactly what a version stores: the two adapter files
 # Test hook: kill this process with SIGKILL at a named point of ``register`` (crash-safety tests).
 KILL_HOOK_ENV = "LORA_KIT_REGISTRY_TEST_KILL_AT"
@@ -50,7 +51,26 @@ class RegistryError(LoraKitError):
 
 
 class AdapterNotFound(RegistryError):
-    """A reference resolves to no registered adapter version."""
+    """A reference resolves to no registered adapter version.
+
+    ``public`` is the same fact for an HTTP client: no registry path, no other adapter's name.
+    """
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public or message
+
+
+class InvalidReference(RegistryError):
+    """A string that is not an adapter reference at all (not a NAME, NAME@VERSION, NAME:ALIAS or id)."""
+
+    def __init__(self, ref: object):
+        shown = ref if isinstance(ref, str) and len(ref) <= 80 else f"{str(ref)[:80]}..."
+        super().__init__(
+            f"invalid adapter reference {shown!r}: use NAME, NAME@VERSION, NAME:ALIAS or a version id "
+            "(names: 1-64 characters from a-z 0-9 . _ -; versions: a positive number)"
+        )
+        self.ref = ref
 
 
 class InvalidName(RegistryError):
@@ -88,12 +108,36 @@ class AdapterVersion:
 
 def check_name(name: str, what: str = "adapter name") -> str:
     """Return ``name`` if it is a valid adapter name or alias, else raise InvalidName."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
         raise InvalidName(
             f"invalid {what} {name!r}: use 1-64 characters from a-z 0-9 . _ -, starting with a letter or digit "
             "(no spaces, capitals or slashes)"
         )
     return name
+
+
+def _is_name(value: str) -> bool:
+    return bool(NAME_RE.fullmatch(value)) and value not in (".", "..")
+
+
+def parse_reference(ref: object) -> tuple[str, str, int | str | None]:
+    """Split an adapter reference: ("id", ID, None), ("version", NAME, N), ("alias", NAME, ALIAS)
+    or ("latest", NAME, None); InvalidReference for anything else (never ValueError/OverflowError)."""
+    if not isinstance(ref, str) or not ref:
+        raise InvalidReference(ref)
+    if _UUID_RE.fullmatch(ref):
+        return "id", ref, None
+    if "@" in ref:
+        name, _, ver = ref.partition("@")
+        if _is_name(name) and _VERSION_RE.fullmatch(ver):
+            return "version", name, int(ver)
+    elif ":" in ref:
+        name, _, alias = ref.partition(":")
+        if _is_name(name) and _is_name(alias):
+            return "alias", name, alias
+    elif _is_name(ref):
+        return "latest", ref, None
+    raise InvalidReference(ref)
 
 
 def _kill_hook(point: str) -> None:
@@ -277,6 +321,7 @@ class Registry:
         """
         check_name(name)
         tags = _check_tags(tags)
+        self._clean_staging()
         adapter_dir = Path(adapter_dir)
         validation.check_files(adapter_dir)  # refuse pickles before copying anything
         parent_info = None
@@ -367,34 +412,30 @@ class Registry:
     # -- read ----------------------------------------------------------------------------------
 
     def resolve(self, ref: str) -> AdapterVersion:
-        """``NAME`` (latest), ``NAME@3``, ``NAME:alias`` or a version id -> that version."""
-        if not isinstance(ref, str) or not ref:
-            raise AdapterNotFound(f"empty adapter reference {ref!r}")
+        """``NAME`` (latest), ``NAME@3``, ``NAME:alias`` or a version id -> that version.
+
+        Raises InvalidReference for a string of none of these forms, AdapterNotFound otherwise.
+        """
+        kind, name, arg = parse_reference(ref)
         with self._read() as db:
-            if _UUID_RE.match(ref):
+            if kind == "id":
                 row = db.execute("SELECT * FROM versions WHERE id = ?", (ref,)).fetchone()
                 if row:
                     return self._row_to_version(db, row)
-            if "@" in ref:
-                name, _, ver = ref.partition("@")
-                if not ver.isdigit():
-                    raise AdapterNotFound(
-                        f"bad reference {ref!r}: the version after '@' must be a number (e.g. {name}@1)"
-                    )
-                row = db.execute("SELECT * FROM versions WHERE name = ? AND version = ?", (name, int(ver))).fetchone()
+                kind = "latest"  # an id is also a well-formed name
+            if kind == "version":
+                row = db.execute("SELECT * FROM versions WHERE name = ? AND version = ?", (name, arg)).fetchone()
                 if row is None:
-                    self._not_found(db, name, f"no version {ver}")
-            elif ":" in ref:
-                name, _, alias = ref.partition(":")
+                    self._not_found(db, name, f"no version {arg}")
+            elif kind == "alias":
                 row = db.execute(
                     "SELECT v.* FROM versions v JOIN aliases a ON a.name = v.name AND a.version = v.version"
                     " WHERE a.name = ? AND a.alias = ?",
-                    (name, alias),
+                    (name, arg),
                 ).fetchone()
                 if row is None:
-                    self._not_found(db, name, f"no alias '{alias}'")
+                    self._not_found(db, name, f"no alias '{arg}'")
             else:
-                name = ref
                 row = db.execute(
                     "SELECT * FROM versions WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
                 ).fetchone()
@@ -411,7 +452,8 @@ class Registry:
             ]
             raise AdapterNotFound(
                 f"adapter '{name}' has {what}; versions: {', '.join(map(str, versions))}"
-                + (f"; aliases: {', '.join(aliases)}" if aliases else "")
+                + (f"; aliases: {', '.join(aliases)}" if aliases else ""),
+                public=f"adapter '{name}' has {what}",
             )
         names = [r[0] for r in db.execute("SELECT DISTINCT name FROM versions")]
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
@@ -420,7 +462,9 @@ class Registry:
             if close
             else ("; it is empty" if not names else "; `lora-kit adapters list` shows what is there")
         )
-        raise AdapterNotFound(f"no adapter '{name}' in the registry at {self.root}{hint}")
+        raise AdapterNotFound(
+            f"no adapter '{name}' in the registry at {self.root}{hint}", public=f"no adapter '{name}' in the registry"
+        )
 
     def list(self) -> list[AdapterVersion]:
         """All versions, ordered by name then version."""
@@ -464,6 +508,7 @@ class Registry:
     def tag(self, ref: str, alias: str) -> AdapterVersion:
         """Point ``NAME:alias`` at the version ``ref`` resolves to (moving the alias if it exists)."""
         check_name(alias, "alias")
+        self._clean_staging()
         if alias.isdigit():
             raise InvalidName(f"invalid alias {alias!r}: an alias cannot be a number (it would read like a version)")
         av = self.resolve(ref)
@@ -479,6 +524,7 @@ class Registry:
 
     def untag(self, name: str, alias: str) -> None:
         """Remove the alias ``name:alias``."""
+        self._clean_staging()
         with self._write() as db:
             cur = db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
             if cur.rowcount == 0:
@@ -522,12 +568,22 @@ class Registry:
                 if vdir.name not in ids:
                     shutil.rmtree(vdir, ignore_errors=True)
                     removed.append(str(vdir.relative_to(self.root)))
-        for tmp in (self.root / "tmp").iterdir():
-            # Staging dirs are named after their process; those of dead processes are garbage.
-            m = re.match(r"^(?:stage|vdir|import)-(\d+)-", tmp.name)
-            if m and not _pid_alive(int(m.group(1))):
-                shutil.rmtree(tmp, ignore_errors=True)
-                removed.append(str(tmp.relative_to(self.root)))
+        removed.extend(self._clean_staging())
+        return removed
+
+    def _clean_staging(self) -> list[str]:
+        """Remove the staging dirs of dead processes (a ``kill -9`` mid-write); cheap: one listing.
+
+        Run at the start of every registry write, so a crash leaves no garbage past the next write.
+        """
+        removed: list[str] = []
+        with contextlib.suppress(OSError):
+            for tmp in (self.root / "tmp").iterdir():
+                # Staging dirs are named after their process; those of dead processes are garbage.
+                m = re.match(r"(?:stage|vdir|import)-(\d+)-", tmp.name)
+                if m and not _pid_alive(int(m.group(1))):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed.append(str(tmp.relative_to(self.root)))
         return removed
 
     # -- check ---------------------------------------------------------------------------------
@@ -561,7 +617,7 @@ def _pid_alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:
         return True

@@ -49,6 +49,10 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise errors.bad_input(
             f"malformed JSON in the request body: {err.msg} at line {err.lineno} column {err.colno}"
         ) from None
+    except RecursionError:  # e.g. "[" x 100000: the parser gives up, the server must not
+        raise errors.bad_input(
+            "the request body is nested too deeply: send a JSON object with at most a few hundred levels"
+        ) from None
     if not isinstance(value, dict):
         raise errors.bad_input(f"the request body must be a JSON object, not {type(value).__name__}")
     return value

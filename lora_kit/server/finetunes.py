@@ -179,7 +179,11 @@ class FinetuneStore:
                 except (RegistryError, InvalidAdapter) as err:
                     # Drop the refused file so a corrected one can be uploaded.
                     (stage / file_name).unlink(missing_ok=True)
-                    raise errors.bad_input(f"the adapter was refused: {err}", param="file") from err
+                    # The client sees why, never where: no upload or registry path of this server.
+                    why = str(err)
+                    for where in (str(stage), str(self.root), str(getattr(self.registry, "root", stage))):
+                        why = why.replace(where, "<upload>")
+                    raise errors.bad_input(f"the adapter was refused: {why}", param="file") from err
                 meta["ref"] = version.ref
                 for f in REQUIRED_FILES:
                     (stage / f).unlink(missing_ok=True)  # the registry holds its own copy now

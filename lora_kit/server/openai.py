@@ -43,6 +43,8 @@ async def resolve_adapter(state: ServerState, model: str, lora: Optional[str]) -
     try:
         return await state.resolve_lora(model)
     except ApiError as err:
+        if err.code == errors.BAD_INPUT[0] and err.param == "lora":  # the adapter was named by ``model``
+            raise errors.bad_input(f"model: {err.message.removeprefix('lora: ')}", "model") from None
         if err.code != errors.FINETUNE_NOT_FOUND[0]:
             raise
         raise ApiError(
