@@ -32,6 +32,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PEFT_PREFIX = "base_model.model."
 # PEFT's LoraConfig default, used when a config omits lora_alpha (so PEFT and lora-kit agree).
 PEFT_DEFAULT_ALPHA = 8
+# The largest LoRA rank ``lora-kit serve`` loads by default (EngineConfig.max_rank); the registry
+# warns about a higher rank, which needs ``serve --max-rank``.
+MAX_RANK = 256
+# The largest LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA) accepted: trainers use
+# scales of about 0.1 to 100, and ``scale * B`` past this bound overflows half precision.
+MAX_SCALE = 1e4
+# Bytes per element of the safetensors dtypes (its header must agree with its byte ranges).
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
 
 # Config features the batched LoRA forward cannot serve, with the reason shown to the user.
 # The registry accepts such adapters (with a warning: other servers or a merge may use them);
@@ -140,14 +153,53 @@ def parse_config(raw: str | bytes | Path) -> dict[str, Any]:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise InvalidAdapter(f"{CONFIG_FILE}: 'r' (the LoRA rank) must be a positive integer, got {r!r}")
     alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise InvalidAdapter(f"{CONFIG_FILE}: 'lora_alpha' must be a positive number, got {alpha!r}")
+    if not _positive_number(alpha):
+        raise InvalidAdapter(f"{CONFIG_FILE}: 'lora_alpha' must be a positive finite number, got {alpha!r}")
+    for key, check, what in (
+        ("rank_pattern", _positive_int, "positive integer ranks"),
+        ("alpha_pattern", _positive_number, "positive finite alphas"),
+    ):
+        pattern = config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and all(check(v) for v in pattern.values())):
+            raise InvalidAdapter(f"{CONFIG_FILE}: '{key}' must map module patterns to {what}, got {pattern!r}")
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         raise InvalidAdapter(
             f"{CONFIG_FILE}: 'target_modules' must be a list of module names or a regex, got {targets!r}"
         )
     return config
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_number(value: Any) -> bool:
+    # json.loads reads NaN and Infinity: a config may hold them
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def scale_problems(config: Mapping[str, Any], modules: list[str]) -> list[str]:
+    """Modules whose LoRA scale is not finite or above MAX_SCALE (empty: every scale can be served)."""
+    problems = []
+    for module in modules:
+        try:
+            scale = module_scale(config, module)
+        except (OverflowError, ZeroDivisionError, ValueError, TypeError):
+            scale = math.inf
+        if not (math.isfinite(scale) and scale <= MAX_SCALE):
+            problems.append(
+                f"{module}: LoRA scale {scale:.3g} (lora_alpha / r) is not a finite number <= {MAX_SCALE:g}; "
+                f"check lora_alpha in {CONFIG_FILE}"
+            )
+    return problems
+
+
+def rank_warning(rank: int, max_rank: int = MAX_RANK) -> str | None:
+    """The warning for a rank the engine refuses by default (None: it serves it)."""
+    if rank <= max_rank:
+        return None
+    return f"lora-kit serve cannot load it with the default max rank {max_rank}: rank {rank} needs --max-rank {rank}"
 
 
 def unservable_reasons(config: Mapping[str, Any]) -> list[str]:

@@ -1,14 +1,17 @@
 """Validate a PEFT LoRA adapter directory before it enters the registry.
 
-Everything here reads JSON and safetensors *headers* only (no torch, no model load), so
-checking a 7B-sized adapter against a 7B base takes milliseconds. Problems that make an
-adapter unusable raise ``InvalidAdapter``; properties that limit where it can be served
-(whole saved modules, embedding LoRA, DoRA) become warnings on the registered version.
+Everything here reads JSON and safetensors *headers* (no torch, no model load), plus one pass
+over the adapter's own weight bytes (memory-mapped, numpy) for NaN/inf values, so checking an
+adapter against a 7B base stays fast. Problems that make an adapter unusable (an inconsistent
+header, non-finite weights, an absurd scale) raise ``InvalidAdapter``; properties that limit
+where it can be served (whole saved modules, embedding LoRA, DoRA, a rank above the engine's
+default limit) become warnings on the registered version.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 from lora_kit.adapters.format import (
     ADAPTER_FILES,
     CONFIG_FILE,
+    DTYPE_SIZES,
     PEFT_PREFIX,
     WEIGHTS_FILE,
     InvalidAdapter,
@@ -26,6 +30,8 @@ from lora_kit.adapters.format import (
     parse_config,
     parse_tensor_name,
     pickle_files,
+    rank_warning,
+    scale_problems,
     targets_module,
     unservable_reasons,
 )
@@ -61,9 +67,9 @@ class AdapterInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Tensor name -> {"dtype", "shape"} from a safetensors file's header, checking it is well formed.
-
-    Also checks that the data offsets tile the file exactly, which catches truncated files.
+    """Tensor name -> {"dtype", "shape", "offsets"} from a safetensors file's header, checking it
+    is well formed: each tensor's shape x dtype size equals its byte range, and the ranges tile
+    the file's data exactly (which catches truncated files and headers that lie about shapes).
     """
     path = Path(path)
     size = path.stat().st_size
@@ -83,19 +89,76 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         raise InvalidAdapter(f"{path.name}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     tensors: dict[str, dict[str, Any]] = {}
-    end = 0
+    data = size - 8 - n
+    ranges: list[tuple[int, int, str]] = []
     for name, meta in header.items():
         try:
-            dtype, shape, (_start, stop) = meta["dtype"], [int(d) for d in meta["shape"]], meta["data_offsets"]
+            dtype, shape, (start, stop) = meta["dtype"], [int(d) for d in meta["shape"]], meta["data_offsets"]
+            start, stop = _offset(start), _offset(stop)
         except (KeyError, TypeError, ValueError):
             raise InvalidAdapter(f"{path.name}: malformed header entry for tensor '{name}'") from None
-        tensors[name] = {"dtype": dtype, "shape": shape}
-        end = max(end, int(stop))
-    if 8 + n + end != size:
+        if any(d < 0 for d in shape) or stop < start:
+            raise InvalidAdapter(f"{path.name}: tensor '{name}' has a negative shape {shape} or byte range")
+        # (a dtype this table does not know, e.g. a sub-byte one of a base model, is sized by its range only)
+        nbytes = math.prod(shape) * DTYPE_SIZES.get(dtype, 0)
+        if dtype in DTYPE_SIZES and stop - start != nbytes:
+            raise InvalidAdapter(
+                f"{path.name}: tensor '{name}' claims shape {shape} of {dtype} ({nbytes} bytes) but its data "
+                f"offsets [{start}, {stop}] hold {stop - start} bytes (inconsistent safetensors header)"
+            )
+        tensors[name] = {"dtype": dtype, "shape": shape, "offsets": (start, stop)}
+        ranges.append((start, stop, name))
+    end = 0
+    for start, stop, name in sorted(ranges):
+        if start != end:  # safetensors' own rule: the byte ranges tile the data, no gap, no overlap
+            raise InvalidAdapter(f"{path.name}: tensor '{name}' data does not follow the previous tensor's bytes")
+        end = stop
+    if end != data:
         raise InvalidAdapter(
-            f"{path.name}: the header describes {end} data bytes but the file holds {size - 8 - n} (truncated or padded file)"
+            f"{path.name}: the header describes {end} data bytes but the file holds {data} (truncated or padded file)"
         )
     return tensors
+
+
+def _offset(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(value)
+    return value
+
+
+# Per float dtype: the unsigned view and the exponent bits, all set exactly for inf and NaN.
+_EXPONENT = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF << 52)}
+_CHUNK = 1 << 22  # elements checked at a time (bounded temporary memory for big tensors)
+
+
+def nonfinite_tensors(path: Path, tensors: dict[str, dict[str, Any]]) -> list[str]:
+    """Names of the float tensors of a safetensors file (headers from read_safetensors_header)
+    that hold a NaN or an infinity; the bytes are memory-mapped, never loaded whole."""
+    import numpy as np
+
+    path = Path(path)
+    bad: list[str] = []
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+    size = path.stat().st_size
+    if size <= 8 + n:
+        return bad
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    try:
+        for name, meta in sorted(tensors.items()):
+            if meta["dtype"] not in _EXPONENT:
+                continue
+            view, mask = _EXPONENT[meta["dtype"]]
+            start, stop = meta["offsets"]
+            values = data[start:stop].view(np.dtype(view))
+            mask = np.array(mask, dtype=values.dtype)
+            for i in range(0, values.size, _CHUNK):
+                if np.any((values[i : i + _CHUNK] & mask) == mask):
+                    bad.append(name)
+                    break
+    finally:
+        del data
+    return bad
 
 
 def check_files(adapter_dir: Path) -> list[str]:
@@ -129,6 +192,10 @@ def validate_adapter_dir(adapter_dir: Path, base_dir: Path | None = None) -> Ada
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no tensors")
     modules, saved, problems = _group_tensors(tensors)
     problems += _check_modules(modules, config)
+    problems += scale_problems(config, sorted(modules))
+    problems += [
+        f"tensor {name} holds NaN or infinite values" for name in nonfinite_tensors(adapter_dir / WEIGHTS_FILE, tensors)
+    ]
     if problems:
         raise InvalidAdapter("invalid adapter in '{}':\n  - {}".format(adapter_dir, "\n  - ".join(problems[:20])))
     targets = config["target_modules"]
@@ -215,6 +282,9 @@ def _warnings(info: AdapterInfo) -> list[str]:
     if flags["dora"]:
         out.append("uses DoRA (use_dora): vLLM and Cloudflare do not serve DoRA adapters")
     out.extend(f"lora-kit serve cannot load it: {why}" for why in unservable_reasons(config))
+    rank = rank_warning(info.rank)
+    if rank:
+        out.append(rank)
     return out
 
 

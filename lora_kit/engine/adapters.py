@@ -7,10 +7,15 @@ batched forward needs one product less per module.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_kit.adapters.format import (
     CONFIG_FILE,
@@ -22,12 +27,27 @@ from lora_kit.adapters.format import (
     parse_tensor_name,
     unservable_reasons,
 )
-from lora_kit.engine.types import AdapterError, UnknownAdapter
+from lora_kit.engine.types import AdapterError, InvalidAdapterReference, UnknownAdapter
 
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 Resolver = Callable[[str], tuple[str, Path]]
+
+
+class ResolvedAdapter(tuple):
+    """A resolver's answer: ``(key, path)`` as a 2-tuple (so ``key, path = resolve(ref)`` works),
+    plus ``files``: ``{file name: {"sha256", "size"}}`` as the registry recorded them, which the
+    loader checks the directory against; None (a plain 2-tuple, a mapping_resolver): not checked."""
+
+    files: Mapping[str, Mapping[str, Any]] | None
+
+    def __new__(cls, key: str, path: Path, files: Mapping[str, Mapping[str, Any]] | None = None) -> ResolvedAdapter:
+        self = super().__new__(cls, (key, Path(path)))
+        self.files = files
+        return self
 
 
 @dataclass
@@ -44,18 +64,30 @@ class AdapterWeights:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
 
 
-def read_config(path: Path) -> dict:
-    """The adapter's ``adapter_config.json``, checked to be a plain LoRA this engine can serve."""
+def read_config(path: Path, key: str | None = None) -> dict:
+    """The adapter's ``adapter_config.json``, checked to be a plain LoRA this engine can serve.
+
+    Errors name the adapter ``key`` (its reference) when given, never its directory: their
+    messages reach HTTP clients, which must not learn the server's paths.
+    """
+    where = f"adapter '{key}'" if key is not None else str(path)
     if missing_files(path):
-        raise AdapterError(f"{path} is not a PEFT adapter directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise AdapterError(f"{where} is not a PEFT adapter (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
         config = parse_config(path / CONFIG_FILE)
     except InvalidAdapter as err:
-        raise AdapterError(f"{path}: {err}") from None
+        raise AdapterError(f"{where}: {_strip_path(str(err), path)}") from None
     reasons = unservable_reasons(config)
     if reasons:
-        raise AdapterError(f"{path}: {reasons[0]}")
+        raise AdapterError(f"{where}: {reasons[0]}")
     return config
+
+
+def _strip_path(message: str, path: Path) -> str:
+    """``message`` without the adapter directory (file names stay: they are the same everywhere)."""
+    for form in {str(path), str(Path(path).resolve())}:
+        message = message.replace(form + "/", "").replace(form, "the adapter")
+    return message
 
 
 def load_adapter(
@@ -65,25 +97,87 @@ def load_adapter(
     dtype: torch.dtype,
     device: torch.device,
     max_rank: int,
+    files: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> AdapterWeights:
-    """Load and validate an adapter against ``base_shapes`` (module path -> (in, out) of the base)."""
+    """Load and validate an adapter against ``base_shapes`` (module path -> (in, out) of the base).
+
+    ``files`` (from the registry, see :class:`ResolvedAdapter`): the sha256 each file must have;
+    a mismatch (a corrupted or edited file) is an AdapterError naming ``key``, and is logged."""
     path = Path(path)
-    config = read_config(path)
+    if files is not None:
+        verify_files(key, path, files)
+    config = read_config(path, key)
+    where = f"adapter '{key}'"  # errors reach HTTP clients: the reference, never the directory
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, ab in sorted(_read_pairs(path).items()):
+    for module, ab in sorted(_read_pairs(path, where).items()):
         if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{path}: module '{module}' has lora_A without lora_B or the reverse")
+            raise AdapterError(f"{where}: module '{module}' has lora_A without lora_B or the reverse")
         if module not in base_shapes:
             raise AdapterError(
-                f"{path}: the adapter targets '{module}', which is not a linear layer of this base model"
+                f"{where}: the adapter targets '{module}', which is not a linear layer of this base model"
             )
-        _check_shapes(path, module, ab["A"], ab["B"], base_shapes[module], max_rank)
-        modules[module] = _scaled(path, module, ab["A"], ab["B"], module_scale(config, module), dtype, device)
+        _check_shapes(where, module, ab["A"], ab["B"], base_shapes[module], max_rank)
+        modules[module] = _scaled(where, module, ab["A"], ab["B"], module_scale(config, module), dtype, device)
     return AdapterWeights(key=key, path=path, rank=max(a.shape[0] for a, _ in modules.values()), modules=modules)
 
 
-def _read_pairs(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapter's tensors: module path -> {"A": lora_A, "B": lora_B}."""
+_HASHES: OrderedDict[tuple, str] = OrderedDict()  # (file, its stat) -> sha256, most recent last
+_HASHES_MAX = 1024
+_HASHES_LOCK = threading.Lock()
+
+
+def _sha256(file: Path) -> tuple[str, int]:
+    """The sha256 and size of ``file``, cached by its stat (a rewrite changes mtime/ctime: rehashed)."""
+    st = os.stat(file)
+    stamp = (str(file), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _HASHES_LOCK:
+        digest = _HASHES.get(stamp)
+        if digest is not None:
+            _HASHES.move_to_end(stamp)
+            return digest, st.st_size
+    h = hashlib.sha256()
+    with open(file, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _HASHES_LOCK:
+        _HASHES[stamp] = digest
+        while len(_HASHES) > _HASHES_MAX:
+            _HASHES.popitem(last=False)
+    return digest, st.st_size
+
+
+def verify_files(key: str, path: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check the adapter files in ``path`` against the sha256 the registry recorded for them.
+
+    Raises AdapterError naming ``key`` only (the client's reference, never a server path); the
+    path and both digests go to the log."""
+    for fname in (CONFIG_FILE, WEIGHTS_FILE):
+        expected = (files.get(fname) or {}).get("sha256")
+        if not expected:
+            continue
+        try:
+            got, _ = _sha256(path / fname)
+        except OSError as err:
+            log.error("adapter %s: cannot read %s: %s", key, path / fname, err)
+            raise AdapterError(f"adapter '{key}': its stored {fname} cannot be read") from None
+        if got != expected:
+            log.error(
+                "adapter %s: %s does not match the registry (sha256 %s, expected %s); refusing to load it. "
+                "Run `lora-kit adapters verify %s`",
+                key,
+                path / fname,
+                got,
+                expected,
+                key,
+            )
+            raise AdapterError(
+                f"adapter '{key}' is corrupted: its {fname} does not match the sha256 recorded in the registry"
+            )
+
+
+def _read_pairs(path: Path, where: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's tensors: module path -> {"A": lora_A, "B": lora_B}; errors say ``where``."""
     from safetensors import safe_open
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -93,36 +187,36 @@ def _read_pairs(path: Path) -> dict[str, dict[str, torch.Tensor]]:
                 key = parse_tensor_name(name)
                 if key is None or key.kind != "linear":
                     raise AdapterError(
-                        f"{path}: weight '{name}' is not a LoRA A/B matrix of a linear layer "
+                        f"{where}: weight '{name}' is not a LoRA A/B matrix of a linear layer "
                         "(embedding/lm_head/DoRA weights cannot be served)"
                     )
                 pairs.setdefault(key.module, {})[key.part] = f.get_tensor(name)
     except AdapterError:
         raise
     except Exception as err:  # a corrupt or truncated file is this adapter's problem, not the server's
-        raise AdapterError(f"{path}: cannot read {WEIGHTS_FILE}: {err}") from err
+        raise AdapterError(f"{where}: cannot read {WEIGHTS_FILE}: {_strip_path(str(err), path)}") from err
     if not pairs:
-        raise AdapterError(f"{path}: the adapter has no LoRA weights")
+        raise AdapterError(f"{where}: the adapter has no LoRA weights")
     return pairs
 
 
 def _check_shapes(
-    path: Path, module: str, a: torch.Tensor, b: torch.Tensor, base: tuple[int, int], max_rank: int
+    where: str, module: str, a: torch.Tensor, b: torch.Tensor, base: tuple[int, int], max_rank: int
 ) -> None:
     """``a`` (r, in) and ``b`` (out, r) must fit the base layer ``base`` = (in, out), r <= ``max_rank``."""
     fan_in, fan_out = base
     rank = a.shape[0]
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (fan_out, rank):
         raise AdapterError(
-            f"{path}: '{module}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the base layer is "
+            f"{where}: '{module}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the base layer is "
             f"{fan_in} -> {fan_out} (was the adapter trained on another base model?)"
         )
     if rank > max_rank:
-        raise AdapterError(f"{path}: rank {rank} of '{module}' exceeds the engine's max rank {max_rank}")
+        raise AdapterError(f"{where}: rank {rank} of '{module}' exceeds the engine's max rank {max_rank}")
 
 
 def _scaled(
-    path: Path, module: str, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype, device: torch.device
+    where: str, module: str, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``a`` and ``scale * b`` in ``dtype`` on ``device`` (the scale folded in, in float64)."""
     import torch
@@ -132,7 +226,7 @@ def _scaled(
     # A NaN/inf weight turns every logit of a row on this adapter into NaN, which no
     # sampler can decode: refuse it at load time with a clear error, for this adapter only.
     if not (torch.isfinite(a_c).all() and torch.isfinite(b_c).all()):
-        raise AdapterError(f"{path}: '{module}' has NaN or infinite weights (after scaling to {dtype})")
+        raise AdapterError(f"{where}: '{module}' has NaN or infinite weights (after scaling to {dtype})")
     return a_c, b_c
 
 
@@ -145,15 +239,24 @@ def registry_resolver(root: Path | str | None = None) -> Resolver:
 
     def resolve(ref: str) -> tuple[str, Path]:
         from lora_kit import registry
+        from lora_kit.registry import store
 
         if not opened:
             opened.append(registry.Registry(Path(root) if root is not None else None))
         reg = opened[0]
+        # Messages reach HTTP clients: no registry path, no other adapter's name (the CLI,
+        # which calls the registry itself, keeps those hints for the operator).
         try:
             version = reg.resolve(ref)
-            return version.ref, Path(reg.adapter_path(version.ref))
-        except registry.RegistryError as err:  # not found, or not even a well-formed reference
-            raise UnknownAdapter(str(err) or f"unknown adapter '{ref}'") from err
+            return ResolvedAdapter(version.ref, Path(reg.adapter_path(version.ref)), version.files)
+        except store.InvalidReference as err:
+            raise InvalidAdapterReference(str(err)) from err
+        except store.AdapterNotFound as err:
+            raise UnknownAdapter(err.public) from err
+        except registry.RegistryError as err:  # e.g. a stored file is missing
+            raise AdapterError(
+                f"adapter '{ref}' cannot be read from the registry; `lora-kit adapters verify` tells why"
+            ) from err
 
     return resolve
 
@@ -162,6 +265,8 @@ def mapping_resolver(adapters: Mapping[str, Path | str]) -> Resolver:
     """A resolver over a plain ``{name: directory}`` mapping (tests, benchmarks)."""
 
     def resolve(ref: str) -> tuple[str, Path]:
+        if not isinstance(ref, str) or not ref:
+            raise InvalidAdapterReference(f"invalid adapter reference {ref!r}: name one of the served adapters")
         if ref not in adapters:
             raise UnknownAdapter(f"unknown adapter '{ref}'")
         return ref, Path(adapters[ref])

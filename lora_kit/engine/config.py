@@ -26,6 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lora_kit.adapters.format import MAX_RANK
 from lora_kit.models import DEFAULT_MODEL, Quantization
 
 AdapterDtype = Literal["float32", "bfloat16", "float16"]
@@ -53,7 +54,7 @@ class EngineConfig:
     max_batch: int = 16
     """requests decoded together"""
 
-    max_rank: int = 256
+    max_rank: int = MAX_RANK
     """largest LoRA rank accepted; a higher-rank adapter is refused"""
 
     threads: int | None = None

@@ -83,6 +83,7 @@ class Engine:
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.stop_ids = chat.stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self._resolver = adapter_resolver or registry_resolver(registry_root)
+        self._expected_files: dict[str, Any] = {}  # adapter key -> {file: {"sha256", "size"}} from its resolver
         self.backend: Backend = select_backend(self.device, self.dtype, self.adapter_dtype, self.max_rank, backend)
         self._wrap_layers()
         self._build_loop()
@@ -167,15 +168,21 @@ class Engine:
     # -- adapters ------------------------------------------------------------------------
 
     def _load_adapter(self, key: str, path: Path) -> Any:
-        return load_adapter(key, path, self._base_shapes, self.adapter_dtype, self.device, self.max_rank)
+        files = self._expected_files.get(key)  # the registry's sha256 of each file (None: not checked)
+        return load_adapter(key, path, self._base_shapes, self.adapter_dtype, self.device, self.max_rank, files)
 
     def _resolve(self, ref: str) -> tuple[str, Path]:
         try:
-            return self._resolver(ref)
+            resolved = self._resolver(ref)
         except EngineError:
             raise
         except (KeyError, LookupError, FileNotFoundError) as err:
             raise UnknownAdapter(f"unknown adapter '{ref}'") from err
+        key, path = resolved
+        files = getattr(resolved, "files", None)  # a ResolvedAdapter from the registry carries its hashes
+        if files is not None:
+            self._expected_files[key] = files
+        return key, path
 
     def check_adapter(self, ref: str) -> str:
         """Resolve ``ref`` and load it into a slot now; returns the canonical reference.
@@ -213,7 +220,11 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> Sequence:
         """Validate and queue a request without starting the loop; read it with
-        :meth:`stream` or :meth:`result`. Raises InvalidRequest, UnknownAdapter or Overloaded now."""
+        :meth:`stream` or :meth:`result`. Raises InvalidRequest, UnknownAdapter or Overloaded now.
+
+        A request with ``response_format`` or ``tools`` may block while its grammar compiles (up to
+        the time budget of :mod:`lora_kit.engine.constraints`, then GrammarError): an async caller
+        submits from a worker thread."""
         seq = self._sequence(request)
         self._scheduler.submit(seq)
         return seq
