@@ -2,15 +2,19 @@
 
 Cloudflare's own curl examples send JSON without ``Content-Type: application/json`` (curl
 then says form-urlencoded), so the body is parsed as JSON regardless of the header.
-Multipart is parsed here (RFC 7578, no python-multipart dependency) because the upload
-route needs only two parts and exact bytes.
+Multipart is parsed here as a stream (RFC 7578, no python-multipart dependency, which is not
+installed): the upload route writes the file part to disk as it arrives, under a size cap,
+and never holds an adapter file in memory.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Optional
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Optional
 
 from fastapi import Request
 
@@ -63,18 +67,6 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return parse_json_object(await read_body(request, limit))
 
 
-@dataclass
-class Part:
-    """One multipart/form-data part."""
-
-    name: str
-    filename: Optional[str]
-    data: bytes
-
-    def text(self) -> str:
-        return self.data.decode("utf-8", errors="replace")
-
-
 def _header_params(value: str) -> tuple[str, dict[str, str]]:
     main, *rest = value.split(";")
     params: dict[str, str] = {}
@@ -88,33 +80,184 @@ def _header_params(value: str) -> tuple[str, dict[str, str]]:
     return main.strip().lower(), params
 
 
-def parse_multipart(body: bytes, content_type: str) -> dict[str, Part]:
-    """The parts of a ``multipart/form-data`` body by field name; 5006/400 if it is not one."""
-    kind, params = _header_params(content_type or "")
+MULTIPART_HELP = "this route takes multipart/form-data with the fields 'file_name' and 'file'"
+HEADER_LIMIT = 16 * 1024  # the headers of one part
+TEXT_LIMIT = 64 * 1024  # a non-file field (e.g. file_name), kept in memory
+
+
+def malformed(why: str) -> ApiError:
+    return errors.bad_input(f"malformed multipart body: {why}")
+
+
+class MultipartStream:
+    """A push parser for ``multipart/form-data`` (RFC 7578 / RFC 2046 framing).
+
+    :meth:`feed` takes the body chunk by chunk and returns events: ``("start", name, filename)``,
+    ``("data", bytes)``, ``("end",)``. Memory is bounded by one chunk plus the delimiter (and
+    :data:`HEADER_LIMIT` for a part's headers), whatever the size of a part.
+    """
+
+    def __init__(self, boundary: str) -> None:
+        self.delimiter = b"\r\n--" + boundary.encode("latin-1")
+        self.buf = b"\r\n"  # so that a delimiter at the very start of the body matches too
+        self.state = "preamble"
+
+    def feed(self, data: bytes) -> list[tuple[Any, ...]]:
+        self.buf += data
+        events: list[tuple[Any, ...]] = []
+        delim = self.delimiter
+        while True:
+            if self.state == "preamble":
+                at = self.buf.find(delim)
+                if at < 0:
+                    self.buf = self.buf[-(len(delim) - 1) :]
+                    break
+                self.buf = self.buf[at + len(delim) :]
+                self.state = "after-delimiter"
+            elif self.state == "after-delimiter":
+                if len(self.buf) < 2:
+                    break
+                if self.buf.startswith(b"--"):
+                    self.state, self.buf = "done", b""
+                    break
+                end = self.buf.find(b"\r\n")
+                if end < 0:
+                    if len(self.buf) > 1024:
+                        raise malformed("a boundary line does not end")
+                    break
+                if self.buf[:end].strip(b" \t"):
+                    raise malformed("text after a boundary on its line")
+                self.buf = self.buf[end + 2 :]
+                self.state = "headers"
+            elif self.state == "headers":
+                if self.buf.startswith(b"\r\n"):
+                    head, self.buf = b"", self.buf[2:]
+                else:
+                    end = self.buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        if len(self.buf) > HEADER_LIMIT:
+                            raise malformed(f"the headers of a part exceed {HEADER_LIMIT} bytes")
+                        break
+                    head, self.buf = self.buf[:end], self.buf[end + 4 :]
+                headers: dict[str, str] = {}
+                for line in head.decode("utf-8", errors="replace").split("\r\n"):
+                    key, colon, val = line.partition(":")
+                    if colon:
+                        headers[key.strip().lower()] = val.strip()
+                disposition, params = _header_params(headers.get("content-disposition", ""))
+                name = params.get("name") if disposition == "form-data" else None
+                events.append(("start", name, params.get("filename")))
+                self.state = "body"
+            elif self.state == "body":
+                at = self.buf.find(delim)
+                if at >= 0:
+                    if at:
+                        events.append(("data", self.buf[:at]))
+                    events.append(("end",))
+                    self.buf = self.buf[at + len(delim) :]
+                    self.state = "after-delimiter"
+                    continue
+                keep = len(delim) - 1
+                if len(self.buf) > keep:
+                    events.append(("data", self.buf[:-keep]))
+                    self.buf = self.buf[-keep:]
+                break
+            else:  # done: the epilogue is ignored
+                self.buf = b""
+                break
+        return events
+
+    def close(self) -> None:
+        """The body has ended: 5006/400 if it ended inside a part. No boundary at all means no parts."""
+        if self.state not in ("preamble", "done"):
+            raise malformed("the body ends before the closing boundary")
+
+
+@dataclass
+class UploadForm:
+    """A streamed multipart form: the small text fields in memory, the file part on disk."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    path: Optional[Path] = None  # the file part, spooled; the caller moves or deletes it
+    filename: Optional[str] = None  # the file part's own filename=
+    size: int = 0
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+def file_too_large(limit: int, what: str) -> ApiError:
+    return ApiError(errors.TOO_LARGE, f"Request too large: {what} exceeds this server's limit of {limit} bytes")
+
+
+async def receive_upload(
+    request: Request,
+    spool_dir: Path,
+    *,
+    file_limit: Callable[[dict[str, str], Optional[str]], int],
+    body_limit: int,
+    file_field: str = "file",
+) -> UploadForm:
+    """Stream a ``multipart/form-data`` body: the ``file_field`` part to a new file in ``spool_dir``.
+
+    ``file_limit(fields so far, filename)`` caps the file part when it starts; past it, or past
+    ``body_limit`` for the whole body (also checked against Content-Length before reading), the
+    read stops with 3006/413 and the partial file is deleted. Other fields are kept in memory up
+    to :data:`TEXT_LIMIT` bytes each. A later part with the same name replaces an earlier one.
+    """
+    kind, params = _header_params(request.headers.get("content-type", ""))
     boundary = params.get("boundary")
     if kind != "multipart/form-data" or not boundary:
-        raise errors.bad_input("this route takes multipart/form-data with the fields 'file_name' and 'file'")
-    delimiter = b"--" + boundary.encode("latin-1")
-    pieces = body.split(delimiter)
-    parts: dict[str, Part] = {}
-    # pieces[0] is the preamble; the last piece starts with "--" (the close delimiter).
-    for piece in pieces[1:]:
-        if piece.startswith(b"--"):
-            break
-        if piece.startswith(b"\r\n"):
-            piece = piece[2:]
-        head, sep, data = piece.partition(b"\r\n\r\n")
-        if not sep:
-            raise errors.bad_input("malformed multipart body: a part has no header/body separator")
-        if data.endswith(b"\r\n"):
-            data = data[:-2]
-        headers: dict[str, str] = {}
-        for line in head.decode("utf-8", errors="replace").split("\r\n"):
-            key, colon, val = line.partition(":")
-            if colon:
-                headers[key.strip().lower()] = val.strip()
-        disposition, dparams = _header_params(headers.get("content-disposition", ""))
-        if disposition != "form-data" or "name" not in dparams:
-            continue
-        parts[dparams["name"]] = Part(dparams["name"], dparams.get("filename"), data)
-    return parts
+        raise errors.bad_input(MULTIPART_HELP)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > body_limit:
+        raise too_large(body_limit)
+    parser = MultipartStream(boundary)
+    form = UploadForm()
+    sink: Optional[BinaryIO] = None
+    text: Optional[bytearray] = None
+    name: Optional[str] = None
+    limit = 0
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > body_limit:
+                raise too_large(body_limit)
+            for event in parser.feed(chunk):
+                if event[0] == "start":
+                    name = event[1]
+                    if name == file_field:
+                        form.discard()
+                        limit = file_limit(form.fields, event[2])
+                        form.path = spool_dir / f".upload-{uuid.uuid4().hex}.part"
+                        form.filename, form.size = event[2], 0
+                        sink = open(form.path, "xb")  # noqa: SIM115 - closed at the part's end or below
+                    elif name is not None:
+                        text = bytearray()
+                elif event[0] == "data":
+                    if sink is not None:
+                        form.size += len(event[1])
+                        if form.size > limit:
+                            raise file_too_large(limit, f"the field {file_field!r}")
+                        sink.write(event[1])
+                    elif text is not None:
+                        text += event[1]
+                        if len(text) > TEXT_LIMIT:
+                            raise file_too_large(TEXT_LIMIT, f"the field {name!r}")
+                else:  # end of a part
+                    if sink is not None:
+                        sink.close()
+                        sink = None
+                    elif text is not None and name is not None:
+                        form.fields[name] = text.decode("utf-8", errors="replace")
+                    text, name = None, None
+        parser.close()
+    except BaseException:
+        if sink is not None:
+            sink.close()
+        form.discard()
+        raise
+    return form

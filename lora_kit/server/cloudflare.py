@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from lora_kit.server import errors
 from lora_kit.server.auth import require_token
-from lora_kit.server.bodies import parse_multipart, read_body, read_json
+from lora_kit.server.bodies import file_too_large, read_json, receive_upload
 from lora_kit.server.errors import ApiError, envelope
-from lora_kit.server.finetunes import missing_files, public_row
+from lora_kit.server.finetunes import FORM_OVERHEAD_BYTES, asset_limit, check_asset_name, missing_files, public_row
 from lora_kit.server.generation import (
     Completion,
     ResponseShape,
@@ -93,7 +94,16 @@ class RunShape(ResponseShape):
 
 def router(state: ServerState) -> APIRouter:
     """The Cloudflare-compatible routes, all behind the bearer token when one is set."""
-    api = APIRouter(dependencies=[Depends(require_token(state.api_token))])
+    check_token = require_token(state.api_token)
+    api = APIRouter(dependencies=[Depends(check_token)])
+
+    def check_token_then_close(request: Request) -> None:
+        # The upload route's own copy: a refused upload's connection is closed, not drained.
+        try:
+            check_token(request)
+        except ApiError as err:
+            err.headers.setdefault("Connection", "close")
+            raise
 
     @api.post(PREFIX + "/run/{model_name:path}")
     async def run(account_id: str, model_name: str, request: Request) -> Any:
@@ -118,20 +128,52 @@ def router(state: ServerState) -> APIRouter:
         return envelope([])  # no public (Cloudflare-hosted) LoRAs here
 
     async def upload_asset(account_id: str, finetune_id: str, request: Request) -> Any:
-        body = await read_body(request, state.max_upload_bytes)
-        parts = parse_multipart(body, request.headers.get("content-type", ""))
-        file_part = parts.get("file")
-        name_part = parts.get("file_name")
-        file_name = name_part.text().strip() if name_part else (file_part.filename if file_part else None)
-        if file_part is None or not file_name:
-            raise missing_files(finetune_id, ["the multipart fields 'file_name' and 'file'"])
-        meta = state.finetunes.upload(finetune_id, file_name, file_part.data)
-        return envelope(public_row(meta))
+        """Auth (this route's dependency) and the fine-tune id are checked before a byte of the body is
+        read; the file part is then streamed to the fine-tune's staging directory under its cap
+        (:func:`asset_limit`) and moved into place by path. Every refusal closes the connection, so a
+        client still sending is stopped instead of drained."""
+        form = None
+        try:
+            stage = state.finetunes.staging_dir(finetune_id)
+
+            def file_limit(fields: dict[str, str], filename: Optional[str]) -> int:
+                name = fields["file_name"].strip() if "file_name" in fields else filename
+                if name and "file_name" in fields:
+                    check_asset_name(name)  # a wrong name is refused before its file is read
+                return asset_limit(name or "", state.max_upload_bytes)
+
+            form = await receive_upload(
+                request, stage, file_limit=file_limit, body_limit=state.max_upload_bytes + FORM_OVERHEAD_BYTES
+            )
+            file_name = form.fields["file_name"].strip() if "file_name" in form.fields else form.filename
+            if form.path is None or not file_name:
+                raise missing_files(finetune_id, ["the multipart fields 'file_name' and 'file'"])
+            check_asset_name(file_name)
+            limit = asset_limit(file_name, state.max_upload_bytes)
+            if form.size > limit:  # the name came after the file
+                raise file_too_large(limit, file_name)
+            meta = await run_in_threadpool(state.finetunes.upload, finetune_id, file_name, form.path)
+            return envelope(public_row(meta))
+        except ApiError as err:
+            err.headers.setdefault("Connection", "close")
+            raise
+        finally:
+            if form is not None:
+                form.discard()  # moved into place already, or refused
 
     # Cloudflare's docs put trailing slashes on these paths; the SDK and wrangler do not: serve both.
     for suffix in ("", "/"):
         api.add_api_route(PREFIX + "/finetunes" + suffix, create_finetune, methods=["POST"])
         api.add_api_route(PREFIX + "/finetunes" + suffix, list_finetunes, methods=["GET"])
         api.add_api_route(PREFIX + "/finetunes/public" + suffix, list_public_finetunes, methods=["GET"])
-        api.add_api_route(PREFIX + "/finetunes/{finetune_id}/finetune-assets" + suffix, upload_asset, methods=["POST"])
-    return api
+    # The upload route checks the token with its own dependency (before the body is read, as FastAPI
+    # reads no body for a route without body parameters), so it lives outside ``api``.
+    uploads = APIRouter(dependencies=[Depends(check_token_then_close)])
+    for suffix in ("", "/"):
+        uploads.add_api_route(
+            PREFIX + "/finetunes/{finetune_id}/finetune-assets" + suffix, upload_asset, methods=["POST"]
+        )
+    combined = APIRouter()
+    combined.include_router(api)
+    combined.include_router(uploads)
+    return combined

@@ -30,6 +30,29 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# What one asset may weigh. Cloudflare caps an adapter file at 300 MB: the weights get the server's
+# upload limit (``max_upload_bytes``, 300 MiB by default); adapter_config.json is a few hundred
+# bytes of JSON, so 1 MiB is plenty and keeps a mislabelled upload from filling the disk.
+CONFIG_MAX_BYTES = 1024 * 1024
+# Room for the multipart framing and the file_name field around the file, for the body's cap.
+FORM_OVERHEAD_BYTES = 1024 * 1024
+
+
+def check_asset_name(file_name: str) -> None:
+    """5006/400 unless ``file_name`` is one of the adapter's two files."""
+    if file_name not in REQUIRED_FILES:
+        raise errors.bad_input(
+            f"file_name must be one of {', '.join(REQUIRED_FILES)}, not {file_name!r}", param="file_name"
+        )
+
+
+def asset_limit(file_name: str, weights_limit: int) -> int:
+    """The most bytes the asset ``file_name`` may have (see :data:`CONFIG_MAX_BYTES`)."""
+    if file_name == "adapter_config.json":
+        return min(CONFIG_MAX_BYTES, weights_limit)
+    return weights_limit
+
+
 def missing_files(finetune: str, missing: list[str]) -> ApiError:
     """3039/400: the fine-tune lacks required files."""
     return ApiError(
@@ -141,31 +164,40 @@ class FinetuneStore:
         except RegistryError:
             return False
 
-    def upload(self, finetune_id: str, file_name: str, data: bytes) -> dict[str, Any]:
-        """Store one asset; once both are present, register the adapter. Returns the fine-tune."""
-        from lora_kit.registry import RegistryError
-
-        if file_name not in REQUIRED_FILES:
-            raise errors.bad_input(
-                f"file_name must be one of {', '.join(REQUIRED_FILES)}, not {file_name!r}", param="file_name"
-            )
-        with self._lock:
-            meta = self._load(finetune_id)
-            if meta is None:
-                meta = self._registered_as_finetune(finetune_id)
-                if meta is not None:
-                    raise errors.bad_input(
-                        f"finetune {finetune_id!r} is complete; its files cannot be changed (create a new fine-tune)"
-                    )
-                raise ApiError(errors.FINETUNE_NOT_FOUND, f"Finetune {finetune_id} not found")
-            if meta.get("ref"):
+    def _uploadable(self, finetune_id: str) -> dict[str, Any]:
+        """The meta of a fine-tune that can still take files; 3037/404 or 5006/400 (complete) otherwise."""
+        meta = self._load(finetune_id)
+        if meta is None:
+            if self._registered_as_finetune(finetune_id) is not None:
                 raise errors.bad_input(
                     f"finetune {finetune_id!r} is complete; its files cannot be changed (create a new fine-tune)"
                 )
+            raise ApiError(errors.FINETUNE_NOT_FOUND, f"Finetune {finetune_id} not found")
+        if meta.get("ref"):
+            raise errors.bad_input(
+                f"finetune {finetune_id!r} is complete; its files cannot be changed (create a new fine-tune)"
+            )
+        return meta
+
+    def staging_dir(self, finetune_id: str) -> Path:
+        """Where an upload to this fine-tune is spooled: checked (exists, not complete) before any body is read."""
+        with self._lock:
+            self._uploadable(finetune_id)
+        return self.root / finetune_id
+
+    def upload(self, finetune_id: str, file_name: str, source: Path) -> dict[str, Any]:
+        """Store one asset, the file at ``source`` (in :meth:`staging_dir`), moved into place atomically;
+        once both are present, register the adapter. Returns the fine-tune.
+
+        ``source`` is consumed when the asset is stored; on a refusal it is left for the caller to delete.
+        """
+        from lora_kit.registry import RegistryError
+
+        check_asset_name(file_name)
+        with self._lock:
+            meta = self._uploadable(finetune_id)
             stage = self.root / finetune_id
-            tmp = stage / f".{file_name}.part"
-            tmp.write_bytes(data)
-            os.replace(tmp, stage / file_name)
+            os.replace(source, stage / file_name)
             meta["modified_at"] = _now()
             if all((stage / f).is_file() for f in REQUIRED_FILES):
                 try:
