@@ -36,6 +36,7 @@ from lora_kit.engine.types import (
     GenerationOutput,
     GenerationRequest,
     InvalidRequest,
+    ShuttingDown,
     UnknownAdapter,
 )
 
@@ -88,6 +89,7 @@ class Engine:
         self._wrap_layers()
         self._build_loop()
         self._thread: threading.Thread | None = None
+        self._shutting_down = False  # set for good by stop(shutting_down=True)
         self._preload(config.preload)
 
     def _wrap_layers(self) -> None:
@@ -148,15 +150,24 @@ class Engine:
         self._thread = threading.Thread(target=self._loop.run, name="lora-kit-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel every request in flight or waiting, and join the decode loop."""
+    def stop(self, timeout: float = 10.0, *, shutting_down: bool = False) -> None:
+        """Cancel every request in flight or waiting, and join the decode loop.
+
+        ``shutting_down``: stop for good (a server's SIGTERM). Every request whose client still
+        listens ends with :class:`ShuttingDown` instead of a "cancelled" finish, and every later
+        submission raises it; the engine does not start again.
+        """
+        if shutting_down:
+            self._shutting_down = True  # before the stop: a submission from now on hears ShuttingDown
+            self._loop.stop_error = ShuttingDown
         self._scheduler.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)  # the loop cancels what is left as it ends
             self._thread = None
         else:
             self._loop.cancel_all()
-        self._scheduler.resume()  # stopped, not closed: new requests may queue for the next start()
+        if not self._shutting_down:
+            self._scheduler.resume()  # stopped, not closed: new requests may queue for the next start()
 
     def __enter__(self) -> Engine:
         self.start()
@@ -220,13 +231,21 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> Sequence:
         """Validate and queue a request without starting the loop; read it with
-        :meth:`stream` or :meth:`result`. Raises InvalidRequest, UnknownAdapter or Overloaded now.
+        :meth:`stream` or :meth:`result`. Raises InvalidRequest, UnknownAdapter, Overloaded or
+        ShuttingDown now.
 
         A request with ``response_format`` or ``tools`` may block while its grammar compiles (up to
         the time budget of :mod:`lora_kit.engine.constraints`, then GrammarError): an async caller
         submits from a worker thread."""
+        if self._shutting_down:
+            raise ShuttingDown()
         seq = self._sequence(request)
-        self._scheduler.submit(seq)
+        try:
+            self._scheduler.submit(seq)
+        except EngineError:
+            if self._shutting_down:  # the stop came in between: the same answer as above
+                raise ShuttingDown() from None
+            raise
         return seq
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

@@ -21,6 +21,7 @@ error itself is logged under that id (logger ``lora_kit.engine.loop``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -43,6 +44,9 @@ class EngineLoop:
         self.threads = threads
         # Finished requests by reason (stop, length, tool_calls, cancelled, error): for operators.
         self.finished: dict[str, int] = {}
+        # Set before a stop (Engine.stop(shutting_down=True)): what the final cancel_all tells the
+        # requests whose clients still listen, instead of a "cancelled" finish.
+        self.stop_error: Callable[[], BaseException] | None = None
 
     def run(self) -> None:
         """Step until a stop is requested; then cancel whatever is left."""
@@ -59,10 +63,16 @@ class EngineLoop:
         self._admit()
         self._decode()
 
-    def cancel_all(self) -> None:
-        """Finish every running and waiting request as cancelled (the engine stops)."""
+    def cancel_all(self, error: Callable[[], BaseException] | None = None) -> None:
+        """Finish every running and waiting request (the engine stops): as cancelled, or, with
+        ``error`` (default: :attr:`stop_error`), with a fresh ``error()`` for each request whose
+        client still listens (a shutdown: the server answers it with its error, not a short answer)."""
+        error = error or self.stop_error
         for seq in self.scheduler.clear_batch() + self.scheduler.clear_queue():
-            self._finish(seq, "cancelled", emit=True)
+            if error is None or seq.cancelled:
+                self._finish(seq, "cancelled", emit=True)
+            else:
+                self._finish_error(seq, error())
 
     # -- steps ---------------------------------------------------------------------------
 

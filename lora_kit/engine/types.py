@@ -17,6 +17,14 @@ class Overloaded(EngineError):
     """The waiting queue is full; the server answers 429."""
 
 
+class ShuttingDown(EngineError):
+    """The engine is stopping for good (the server got SIGTERM): a request still waiting or running,
+    or one submitted now, ends with this error; the server answers 503 (a stream: an error event)."""
+
+    def __init__(self, message: str = "the server is shutting down; retry the request on another instance") -> None:
+        super().__init__(message)
+
+
 class UnknownAdapter(EngineError):
     """The adapter reference names no adapter (never a silent fall-back to the base)."""
 

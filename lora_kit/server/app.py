@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -108,6 +109,29 @@ class AccessLog:
             )
 
 
+class ShutdownGate:
+    """ASGI middleware: once the server is shutting down (:func:`begin_shutdown`), a new inference
+    request is refused with 3050/503 in its API's error body; requests already running go on."""
+
+    def __init__(self, app: Any, closing: threading.Event) -> None:
+        self.app = app
+        self.closing = closing
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and self.closing.is_set() and route_label(path) in INFERENCE_ROUTES:
+            err = errors.shutting_down()
+            scope.setdefault("state", {})["error_code"] = err.code
+            await error_response(err, path)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """The server is going away (SIGTERM): refuse new inference requests with 3050/503."""
+    app.state.shutting_down.set()
+
+
 def create_app(
     engine: Any,
     registry: Any,
@@ -137,6 +161,7 @@ def create_app(
     )
     app = FastAPI(title="lora-kit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lora_kit = state
+    app.state.shutting_down = threading.Event()
 
     def _fail(request: Request, err: ApiError) -> JSONResponse:
         request.state.error_code = err.code
@@ -176,7 +201,8 @@ def create_app(
 
     app.include_router(cloudflare.router(state))
     app.include_router(openai.router(state))
-    app.add_middleware(AccessLog, metrics=metrics)
+    app.add_middleware(ShutdownGate, closing=app.state.shutting_down)
+    app.add_middleware(AccessLog, metrics=metrics)  # outermost: it logs what the gate refuses too
     return app
 
 

@@ -3,6 +3,8 @@
 Codes and statuses follow the error table of Cloudflare's Workers AI docs (5007/400 no such model,
 3039/400 fine-tune missing files, 3006/413 request too large, 3040/429 out of capacity) and the
 codes its API returns in practice (5006 bad input, 3037 fine-tune not found, 10000 auth, 3001 internal).
+Cloudflare documents no code for a server that is going away; lora-kit's 3050/503 says "shutting down"
+(SIGTERM: new requests, and those still unfinished when the grace period ends).
 Errors always carry a 4xx/5xx status: the official SDK ignores ``success: false`` on a 200.
 """
 
@@ -23,6 +25,7 @@ OVERLOADED = (3040, 429)
 INTERNAL = (3001, 500)
 NO_ROUTE = (7003, 404)
 METHOD_NOT_ALLOWED = (7001, 405)
+SHUTTING_DOWN = (3050, 503)
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -67,6 +70,11 @@ def overloaded(retry_after_s: int = 1) -> ApiError:
         headers={"Retry-After": str(retry_after_s)},
         openai_code="rate_limit_exceeded",
     )
+
+
+def shutting_down(message: str = "The server is shutting down; retry the request on another instance.") -> ApiError:
+    """3050/503: the server got SIGTERM; the request was refused, or cut when the grace period ended."""
+    return ApiError(SHUTTING_DOWN, message, openai_code="server_shutting_down")
 
 
 def envelope(result: Any) -> dict[str, Any]:

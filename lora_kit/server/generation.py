@@ -26,7 +26,7 @@ from lora_kit.engine import (
     UnknownAdapter,
 )
 from lora_kit.engine.constraints import GrammarError
-from lora_kit.engine.types import InvalidAdapterReference, RequestFailed
+from lora_kit.engine.types import InvalidAdapterReference, RequestFailed, ShuttingDown
 from lora_kit.server import errors, sse
 from lora_kit.server.errors import ApiError
 from lora_kit.server.metrics import Metrics
@@ -115,6 +115,8 @@ def engine_error(err: Exception, adapter: Optional[str] = None, request_id: Opti
         return err
     if isinstance(err, Overloaded):
         return errors.overloaded()
+    if isinstance(err, ShuttingDown):
+        return errors.shutting_down()
     if isinstance(err, UnknownAdapter):
         return ApiError(
             errors.FINETUNE_NOT_FOUND,
@@ -291,7 +293,8 @@ class ResponseShape:
         raise NotImplementedError
 
     def failure(self, err: ApiError) -> Any:
-        """The payload of an error once the status is sent; the stream then ends without ``[DONE]``."""
+        """The payload of an error once the status is sent; the stream then ends without ``[DONE]``
+        (but for a shutdown: see :func:`sse_stream`)."""
         raise NotImplementedError
 
 
@@ -299,7 +302,9 @@ async def sse_stream(events: AsyncIterator[GenerationOutput], shape: ResponseSha
     """The SSE body of a primed event stream in ``shape``'s payloads, then ``data: [DONE]``.
 
     An engine failure after the stream has started cannot change the status any more: it is sent
-    in-band (``shape.failure``). Closing this iterator (client gone) cancels the request.
+    in-band (``shape.failure``). A shutdown (3050) is sent in-band too, then ``[DONE]``: the
+    stream ends as the documented contract says, only not with a finish. Closing this iterator
+    (client gone) cancels the request.
     """
     done = Completion()
     try:
@@ -313,7 +318,10 @@ async def sse_stream(events: AsyncIterator[GenerationOutput], shape: ResponseSha
             yield sse.event(payload)
         yield sse.DONE
     except Exception as err:  # noqa: BLE001 - reported in-band; the status is already sent
-        yield sse.event(shape.failure(engine_error(err)))
+        failure = engine_error(err)
+        yield sse.event(shape.failure(failure))
+        if (failure.code, failure.status) == errors.SHUTTING_DOWN:
+            yield sse.DONE
     finally:
         await _close(events)
 

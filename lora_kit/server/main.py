@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -9,7 +10,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 TOKEN_ENV = "LORA_KIT_API_TOKEN"
@@ -38,32 +39,102 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_server(app: Any, host: str, port: int, graceful_timeout: float = 30.0) -> Any:
-    """A uvicorn server for ``app``; our own access log replaces uvicorn's."""
+# After the grace period, the time the request handlers get to write their 3050/503 bodies and
+# SSE error events (and the engine to finish its current step) before uvicorn cancels them.
+SHUTDOWN_SETTLE_S = 10.0
+
+logger = logging.getLogger("lora_kit.server")
+
+
+def uvicorn_server(
+    app: Any,
+    host: str,
+    port: int,
+    graceful_timeout: float = 30.0,
+    *,
+    on_shutdown: Optional[Callable[[], None]] = None,
+    on_grace_end: Optional[Callable[[], None]] = None,
+) -> Any:
+    """A uvicorn server for ``app``; our own access log replaces uvicorn's.
+
+    On shutdown (SIGTERM/SIGINT, ``should_exit``) ``on_shutdown`` runs first (refuse new work),
+    then in-flight requests get ``graceful_timeout`` seconds; ``on_grace_end`` (blocking, run in a
+    worker thread) then fails what is left, and the handlers get :data:`SHUTDOWN_SETTLE_S` to
+    answer before uvicorn cancels them. Without the hooks: plain uvicorn (cancelled at the end of
+    the grace period).
+    """
     import uvicorn
 
+    settle = SHUTDOWN_SETTLE_S if on_grace_end is not None else 0.0
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=int(graceful_timeout),
+        timeout_graceful_shutdown=graceful_timeout + settle,  # typed int; uvicorn only waits on it
         lifespan="off",
     )
-    return uvicorn.Server(config)
+    if on_shutdown is None and on_grace_end is None:
+        return uvicorn.Server(config)
+    return _draining_server_class()(config, graceful_timeout, on_shutdown, on_grace_end)
+
+
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn whose shutdown fails the requests left at the end of the grace period *before*
+        it cancels their handlers, so every client hears an answer (see :func:`uvicorn_server`)."""
+
+        def __init__(
+            self,
+            config: Any,
+            grace: float,
+            on_shutdown: Optional[Callable[[], None]],
+            on_grace_end: Optional[Callable[[], None]],
+        ) -> None:
+            super().__init__(config)
+            self.grace = grace
+            self.on_shutdown = on_shutdown
+            self.on_grace_end = on_grace_end
+
+        async def shutdown(self, sockets: Optional[list[socket.socket]] = None) -> None:
+            if self.on_shutdown is not None:
+                self.on_shutdown()
+            timer = asyncio.ensure_future(self._end_grace())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+        async def _end_grace(self) -> None:
+            await asyncio.sleep(self.grace)
+            if self.on_grace_end is None:
+                return
+            logger.warning(
+                "grace period of %gs over with %d request(s) in flight; failing them with 3050/503",
+                self.grace,
+                len(self.server_state.tasks),
+            )
+            await asyncio.to_thread(self.on_grace_end)
+
+    return DrainingServer
 
 
 def serve(args: Any) -> int:
     """Load the base once, start the engine, serve until SIGTERM/SIGINT, then stop the engine.
 
-    On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish for up
-    to ``--graceful-timeout`` seconds, then cancels them (which cancels them in the engine).
+    On SIGTERM uvicorn stops accepting connections, new inference requests get 3050/503, and
+    in-flight requests may finish for up to ``--graceful-timeout`` seconds. Then the engine stops
+    for good: each request still waiting or running ends with ShuttingDown, which its handler
+    answers as the 3050/503 envelope (a stream: an in-band error event, then ``[DONE]``) before
+    uvicorn closes the connections.
     """
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.engine.threads import dedicate_cpu_threads
     from lora_kit.registry import Registry
-    from lora_kit.server.app import create_app
+    from lora_kit.server.app import begin_shutdown, create_app
 
     dedicate_cpu_threads()  # the decode loop gets the cores; this thread only serves HTTP
     configure_logging(args.log_level)
@@ -74,7 +145,14 @@ def serve(args: Any) -> int:
         app = create_app(engine, Registry(), api_token=token, max_tokens_cap=args.max_tokens_cap)
         sock = bind_socket(args.host, args.port)
         host, port = sock.getsockname()[:2]
-        server = uvicorn_server(app, args.host, port, args.graceful_timeout)
+        server = uvicorn_server(
+            app,
+            args.host,
+            port,
+            args.graceful_timeout,
+            on_shutdown=lambda: begin_shutdown(app),
+            on_grace_end=lambda: engine.stop(SHUTDOWN_SETTLE_S / 2, shutting_down=True),
+        )
         print(
             f"lora-kit: serving {engine.model_name} on http://{host}:{port} "
             f"(Cloudflare: /client/v4/accounts/<id>/ai/run/<model>, OpenAI: /v1; auth {'on' if token else 'off'})",
@@ -84,7 +162,7 @@ def serve(args: Any) -> int:
         with _quiet_stop_signals():
             server.run(sockets=[sock])
     finally:
-        engine.stop(args.graceful_timeout)
+        engine.stop(args.graceful_timeout, shutting_down=True)
     print("lora-kit: server stopped", file=sys.stderr)
     return 0
 
