@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lora_kit.server import cloudflare, errors, openai
+from lora_kit.server import openapi as openapi_doc
 from lora_kit.server.errors import ApiError, error_response
 from lora_kit.server.finetunes import FinetuneStore
 from lora_kit.server.generation import Runner
@@ -46,6 +47,7 @@ def route_label(path: str) -> str:
         "/v1/models": "openai.models",
         "/healthz": "healthz",
         "/metrics": "metrics",
+        "/openapi.json": "openapi",
     }.get(path, "other")
 
 
@@ -159,7 +161,15 @@ def create_app(
         max_upload_bytes=max_upload_bytes,
         max_tokens_cap=max_tokens_cap,
     )
-    app = FastAPI(title="lora-kit", docs_url=None, redoc_url=None, openapi_url=None)
+    # The schema is served open, as /healthz is: it describes the public, documented API (no
+    # adapter names, paths or settings), and clients and tools fetch it before they hold a token.
+    app = FastAPI(
+        title="lora-kit",
+        description="Cloudflare Workers AI-compatible and OpenAI-compatible routes over a multi-LoRA engine.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     app.state.lora_kit = state
     app.state.shutting_down = threading.Event()
 
@@ -201,6 +211,7 @@ def create_app(
 
     app.include_router(cloudflare.router(state))
     app.include_router(openai.router(state))
+    app.openapi = lambda: openapi_doc.build(app, secured=state.api_token is not None)  # type: ignore[method-assign]
     app.add_middleware(ShutdownGate, closing=app.state.shutting_down)
     app.add_middleware(AccessLog, metrics=metrics)  # outermost: it logs what the gate refuses too
     return app

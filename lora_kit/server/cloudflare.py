@@ -21,6 +21,7 @@ from lora_kit.server.generation import (
     model_matches,
     respond,
 )
+from lora_kit.server.openapi import errors_for, json_body, multipart_body
 from lora_kit.server.schemas import FinetuneCreate, MessagesRequest, PromptRequest, parse
 from lora_kit.server.state import ServerState
 
@@ -105,7 +106,9 @@ def router(state: ServerState) -> APIRouter:
             err.headers.setdefault("Connection", "close")
             raise
 
-    @api.post(PREFIX + "/run/{model_name:path}")
+    @api.post(
+        PREFIX + "/run/{model_name:path}", openapi_extra=json_body(PromptRequest, MessagesRequest, api="cloudflare")
+    )
     async def run(account_id: str, model_name: str, request: Request) -> Any:
         check_model(state, model_name)
         req = parse_run_body(await read_json(request, state.max_body_bytes))
@@ -163,15 +166,30 @@ def router(state: ServerState) -> APIRouter:
 
     # Cloudflare's docs put trailing slashes on these paths; the SDK and wrangler do not: serve both.
     for suffix in ("", "/"):
-        api.add_api_route(PREFIX + "/finetunes" + suffix, create_finetune, methods=["POST"])
-        api.add_api_route(PREFIX + "/finetunes" + suffix, list_finetunes, methods=["GET"])
-        api.add_api_route(PREFIX + "/finetunes/public" + suffix, list_public_finetunes, methods=["GET"])
+        api.add_api_route(
+            PREFIX + "/finetunes" + suffix,
+            create_finetune,
+            methods=["POST"],
+            openapi_extra=json_body(FinetuneCreate, api="cloudflare"),
+        )
+        api.add_api_route(
+            PREFIX + "/finetunes" + suffix, list_finetunes, methods=["GET"], responses=errors_for("cloudflare")
+        )
+        api.add_api_route(
+            PREFIX + "/finetunes/public" + suffix,
+            list_public_finetunes,
+            methods=["GET"],
+            responses=errors_for("cloudflare"),
+        )
     # The upload route checks the token with its own dependency (before the body is read, as FastAPI
     # reads no body for a route without body parameters), so it lives outside ``api``.
     uploads = APIRouter(dependencies=[Depends(check_token_then_close)])
     for suffix in ("", "/"):
         uploads.add_api_route(
-            PREFIX + "/finetunes/{finetune_id}/finetune-assets" + suffix, upload_asset, methods=["POST"]
+            PREFIX + "/finetunes/{finetune_id}/finetune-assets" + suffix,
+            upload_asset,
+            methods=["POST"],
+            openapi_extra=multipart_body(),
         )
     combined = APIRouter()
     combined.include_router(api)

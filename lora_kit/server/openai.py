@@ -28,6 +28,7 @@ from lora_kit.server.generation import (
     openai_tool_calls,
     respond,
 )
+from lora_kit.server.openapi import errors_for, json_body
 from lora_kit.server.schemas import ChatCompletionRequest, CompletionRequest, parse
 from lora_kit.server.state import ServerState
 
@@ -174,7 +175,7 @@ def router(state: ServerState) -> APIRouter:
     """The OpenAI-compatible routes, behind the bearer token when one is set."""
     api = APIRouter(prefix="/v1", dependencies=[Depends(require_token(state.api_token))])
 
-    @api.get("/models")
+    @api.get("/models", responses=errors_for("openai"))
     async def list_models() -> Any:
         created = int(time.time())
         data: list[dict[str, Any]] = [
@@ -197,12 +198,12 @@ def router(state: ServerState) -> APIRouter:
             data.append(_adapter_model(v.ref, v, state.served_model))
         return {"object": "list", "data": data}
 
-    @api.post("/chat/completions")
+    @api.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest, api="openai"))
     async def chat_completions(request: Request) -> Any:
         req = parse(ChatCompletionRequest, await read_json(request, state.max_body_bytes))
         return await _generate(state, request, req, CHAT)
 
-    @api.post("/completions")
+    @api.post("/completions", openapi_extra=json_body(CompletionRequest, api="openai"))
     async def completions(request: Request) -> Any:
         req = parse(CompletionRequest, await read_json(request, state.max_body_bytes))
         return await _generate(state, request, req, COMPLETION)

@@ -212,7 +212,7 @@ class Sampling(_Lenient):
     top_p: Optional[float] = Field(default=None, ge=0, le=2)
     top_k: Optional[int] = Field(default=None, ge=1, le=50)
     seed: Optional[int] = Field(default=None, ge=1, le=9999999999)
-    repetition_penalty: Optional[float] = Field(default=None, ge=0, le=2)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0, le=2)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     raw: bool = False
@@ -278,7 +278,7 @@ class OpenAISampling(_Lenient):
     top_p: Optional[float] = Field(default=None, ge=0, le=1)
     top_k: Optional[int] = Field(default=None, ge=1)
     seed: Optional[int] = None
-    repetition_penalty: Optional[float] = Field(default=None, ge=0, le=2)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0, le=2)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     stop: Union[str, list[str], None] = None
