@@ -9,6 +9,7 @@ and never holds an adapter file in memory.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from lora_kit.server import errors
 from lora_kit.server.errors import ApiError
@@ -261,3 +263,33 @@ async def receive_upload(
         form.discard()
         raise
     return form
+
+
+# How much of a refused upload's remaining body is read (and dropped) before the refusal is sent.
+DRAIN_BYTES = 1 << 20
+
+
+async def drain_body(request: Request, limit: int = DRAIN_BYTES, timeout_s: float = 2.0) -> None:
+    """Read and drop what the client is still sending, up to ``limit`` bytes and ``timeout_s``, before
+    a refusal is answered on a closing connection.
+
+    Closing a socket that still holds unread data makes the kernel send a reset, which can destroy
+    the response before the client reads it: a refused small upload would lose its error. A body
+    larger than ``limit`` is cut off anyway (its client may see a reset): the server's memory and
+    time come first.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return
+
+    async def drop() -> None:
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                return
+
+    try:
+        await asyncio.wait_for(drop(), timeout_s)
+    except (asyncio.TimeoutError, RuntimeError, ClientDisconnect):
+        pass  # too slow, already read ("Stream consumed"), or the client left: answer now

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lora_kit.server import errors
 from lora_kit.server.auth import require_token
-from lora_kit.server.bodies import file_too_large, read_json, receive_upload
+from lora_kit.server.bodies import drain_body, file_too_large, read_json, receive_upload
 from lora_kit.server.errors import ApiError, envelope
 from lora_kit.server.finetunes import FORM_OVERHEAD_BYTES, asset_limit, check_asset_name, missing_files, public_row
 from lora_kit.server.generation import (
@@ -98,12 +98,14 @@ def router(state: ServerState) -> APIRouter:
     check_token = require_token(state.api_token)
     api = APIRouter(dependencies=[Depends(check_token)])
 
-    def check_token_then_close(request: Request) -> None:
-        # The upload route's own copy: a refused upload's connection is closed, not drained.
+    async def check_token_then_close(request: Request) -> None:
+        # The upload route's own copy: a refused upload's connection is closed after at most a
+        # small drain (bodies.drain_body), never after reading a large body.
         try:
             check_token(request)
         except ApiError as err:
             err.headers.setdefault("Connection", "close")
+            await drain_body(request)
             raise
 
     @api.post(
@@ -133,8 +135,8 @@ def router(state: ServerState) -> APIRouter:
     async def upload_asset(account_id: str, finetune_id: str, request: Request) -> Any:
         """Auth (this route's dependency) and the fine-tune id are checked before a byte of the body is
         read; the file part is then streamed to the fine-tune's staging directory under its cap
-        (:func:`asset_limit`) and moved into place by path. Every refusal closes the connection, so a
-        client still sending is stopped instead of drained."""
+        (:func:`asset_limit`) and moved into place by path. Every refusal closes the connection after
+        reading at most 1 MiB more (so a small refused upload still gets its answer, see drain_body)."""
         form = None
         try:
             stage = state.finetunes.staging_dir(finetune_id)
@@ -159,6 +161,7 @@ def router(state: ServerState) -> APIRouter:
             return envelope(public_row(meta))
         except ApiError as err:
             err.headers.setdefault("Connection", "close")
+            await drain_body(request)
             raise
         finally:
             if form is not None:
