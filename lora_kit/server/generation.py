@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -270,32 +271,32 @@ class Runner:
         return work.result()
 
 
-class ResponseShape:
+class ResponseShape(ABC):
     """How one API shapes a generation: the whole JSON body, or the payloads of an SSE stream.
 
     :func:`respond` and :func:`sse_stream` drive it; each API fills in its payloads.
     """
 
+    @abstractmethod
     def body(self, done: Completion) -> dict[str, Any]:
         """The JSON body of a response that is not streamed."""
-        raise NotImplementedError
 
     def opening(self) -> list[Any]:
         """Stream payloads before the first token."""
         return []
 
+    @abstractmethod
     def delta(self, text: str) -> Any:
         """The stream payload of one text delta."""
-        raise NotImplementedError
 
+    @abstractmethod
     def closing(self, done: Completion) -> list[Any]:
         """Stream payloads after the last token (finish reason, usage, tool calls), before ``[DONE]``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def failure(self, err: ApiError) -> Any:
         """The payload of an error once the status is sent; the stream then ends without ``[DONE]``
         (but for a shutdown: see :func:`sse_stream`)."""
-        raise NotImplementedError
 
 
 async def sse_stream(events: AsyncIterator[GenerationOutput], shape: ResponseShape) -> AsyncIterator[bytes]:
