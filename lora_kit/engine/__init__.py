@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from lora_kit.engine.engine import Engine
     from lora_kit.engine.types import (
         AdapterError,
+        AdapterWeight,
         EngineError,
         GenerationOutput,
         GenerationRequest,
@@ -48,6 +49,7 @@ _HOMES = {
     **dict.fromkeys(
         [
             "AdapterError",
+            "AdapterWeight",
             "EngineError",
             "GenerationOutput",
             "GenerationRequest",
@@ -62,6 +64,7 @@ _HOMES = {
 
 __all__ = [
     "AdapterError",
+    "AdapterWeight",
     "Engine",
     "EngineConfig",
     "EngineError",

@@ -28,16 +28,19 @@ from lora_kit.engine.output import OutputProcessor
 from lora_kit.engine.runner import ModelRunner
 from lora_kit.engine.sampling import RequestSampler
 from lora_kit.engine.scheduler import Scheduler
-from lora_kit.engine.sequence import Sequence
+from lora_kit.engine.sequence import AdapterUse, Sequence
 from lora_kit.engine.slots import SlotManager
 from lora_kit.engine.threads import engine_threads, run_in_thread
 from lora_kit.engine.types import (
+    AdapterSpec,
     EngineError,
     GenerationOutput,
     GenerationRequest,
     InvalidRequest,
     ShuttingDown,
     UnknownAdapter,
+    adapter_mix,
+    single_ref,
 )
 
 ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,6 +99,7 @@ class Engine:
         """Wrap the base's linear layers for batched LoRA, then let the backend prepare them."""
         self._ctx = LoraContext()
         self._ctx.kernel = self.backend.lora_kernel
+        self._ctx.mix_kernel = self.backend.lora_mix_kernel
         self._layers = wrap_linear_layers(self.model, self._ctx)
         hint = max(8, min(self.config.max_batch, 32))  # the batch size packed layouts are tuned for
         layers = self._layers.values()
@@ -111,6 +115,7 @@ class Engine:
         self._scheduler = Scheduler(
             self._runner.can_acquire,
             self._runner.acquire_slot,
+            self._runner.release_slot,
             self.device,
             self.config.max_batch,
             self.config.max_queue,
@@ -222,12 +227,30 @@ class Engine:
             raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(ids) >= self.max_length:
             raise InvalidRequest(f"the prompt has {len(ids)} tokens; the model's context is {self.max_length}")
-        key, path = self._resolve(request.adapter) if request.adapter else (None, None)
+        adapters = self._adapter_uses(request.adapter)
         constraint = None
         if request.response_format or request.tools:
             constraint = self._grammar_cache().constraint(request.response_format, request.tools, request.tool_choice)
         sampler = RequestSampler(request.params, ids, self.vocab_size, self.device)
-        return Sequence(request=request, adapter_key=key, adapter_path=path, sampler=sampler, constraint=constraint)
+        return Sequence(request=request, adapters=adapters, sampler=sampler, constraint=constraint)
+
+    def _adapter_uses(self, spec: AdapterSpec) -> tuple[AdapterUse, ...]:
+        """The adapters a request names: none, one, or a weighted mix (checked by :func:`adapter_mix`;
+        the same adapter named twice counts once, with the weights added)."""
+        if spec is None or spec == "":
+            return ()
+        ref = single_ref(spec)
+        if ref is not None:
+            return (AdapterUse(*self._resolve(ref)),)
+        mix = adapter_mix(spec)  # type: ignore[arg-type]
+        weights: dict[str, float] = {}
+        paths: dict[str, Path] = {}
+        for entry in mix:
+            key, paths[key] = self._resolve(entry.ref)
+            weights[key] = weights.get(key, 0.0) + entry.scale
+        if len(weights) > self.max_slots:
+            raise InvalidRequest(f"the mix names {len(weights)} adapters; this server holds {self.max_slots} at once")
+        return tuple(AdapterUse(key, paths[key], weight) for key, weight in weights.items())
 
     def submit(self, request: GenerationRequest) -> Sequence:
         """Validate and queue a request without starting the loop; read it with

@@ -180,9 +180,9 @@ class EngineLoop:
         seq.push(err)
 
     def _release(self, seq: Sequence) -> None:
-        if seq.slot is not None:
-            self.runner.release_slot(seq.slot)  # under the model lock: no forward reads a slot being freed
-            seq.slot = None
+        slots, seq.slots = seq.slots, []
+        for slot in slots:
+            self.runner.release_slot(slot)  # under the model lock: no forward reads a slot being freed
 
     def _fail_all(self, stage: str, err: BaseException) -> None:
         """Fail every running request (an error no row is to blame for); logged once, with their ids."""

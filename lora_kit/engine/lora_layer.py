@@ -22,36 +22,62 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-class LoraContext:
-    """What the next forward pass needs to know: each row's slot, shared by all wrapped layers.
+# What one row of a batch runs with: None (the base), a slot (one adapter at its own scale), or
+# a weighted mix: ((slot, weight), ...), each adapter's delta multiplied by its weight.
+RowAdapters = int | tuple[tuple[int, float], ...] | None
 
-    ``slot_index`` is None for a forward without any adapter row (the base runs untouched);
-    otherwise the slot of each row, rows without an adapter pointing at the all-zero slot
-    (torch path); ``row_slots`` is the same with -1 for those rows (the kernel skips them).
-    ``version`` changes whenever the rows or the slots' contents change, so layers may
-    reuse what they derived from them. ``kernel``: the backend's LoRA op (the CPU BGMV kernel,
-    :mod:`lora_kit.engine.backends.bgmv`); None runs torch's products.
+
+class LoraContext:
+    """What the next forward pass needs to know: each row's slot(s), shared by all wrapped layers.
+
+    ``active`` is the set of slots any row uses (empty: the base runs untouched). Rows of single
+    adapters: ``slot_index`` (B,) holds each row's slot, rows without an adapter pointing at the
+    all-zero slot (torch path), and ``row_slots`` (B,) the same with -1 for those rows (the kernel
+    skips them). When any row carries a weighted mix, ``mix_slots`` (B, K) holds every row's slots
+    (-1 padded) and ``mix_scales`` (B, K) fp32 their weights (0 padded), K the most adapters of
+    a row, and ``slot_index``/``row_slots`` are None. ``version`` changes whenever the rows or the
+    slots' contents change, so layers may reuse what they derived from them. ``kernel`` and
+    ``mix_kernel``: the backend's LoRA ops (the CPU BGMV kernel, :mod:`lora_kit.engine.backends.bgmv`);
+    None runs torch's products.
     """
 
     def __init__(self) -> None:
         self.slot_index: torch.Tensor | None = None
         self.row_slots: torch.Tensor | None = None
+        self.mix_slots: torch.Tensor | None = None
+        self.mix_scales: torch.Tensor | None = None
+        self.zero_slot = 0
         self.active: frozenset[int] = frozenset()
         self.single: int | None = None  # the one slot when every row uses the same adapter
         self.version = 0
         self.kernel: Callable[..., None] | None = None
+        self.mix_kernel: Callable[..., None] | None = None
 
-    def set_rows(self, slots: list[int | None], zero_slot: int, device: torch.device) -> None:
-        """Set the slot of each row (None = base model) for the following forwards."""
-        active = frozenset(s for s in slots if s is not None)
+    def set_rows(self, rows: list[RowAdapters], zero_slot: int, device: torch.device) -> None:
+        """Set what each row runs with (see :data:`RowAdapters`) for the following forwards."""
         self.version += 1
+        self.zero_slot = zero_slot
+        self.slot_index, self.row_slots, self.mix_slots, self.mix_scales, self.single = None, None, None, None, None
+        if any(isinstance(r, tuple) for r in rows):
+            self._set_mixes(rows, device)
+            return
+        slots: list[int | None] = rows  # type: ignore[assignment]
+        active = frozenset(s for s in slots if s is not None)
         self.active = active
         if not active:
-            self.slot_index, self.row_slots, self.single = None, None, None
             return
         self.single = next(iter(active)) if len(active) == 1 and None not in slots else None
         self.slot_index = torch.tensor([zero_slot if s is None else s for s in slots], dtype=torch.long, device=device)
         self.row_slots = torch.tensor([-1 if s is None else s for s in slots], dtype=torch.long, device=device)
+
+    def _set_mixes(self, rows: list[RowAdapters], device: torch.device) -> None:
+        pairs = [() if r is None else ((r, 1.0),) if isinstance(r, int) else r for r in rows]
+        width = max(len(p) for p in pairs)
+        slots = [[s for s, _ in p] + [-1] * (width - len(p)) for p in pairs]
+        scales = [[float(w) for _, w in p] + [0.0] * (width - len(p)) for p in pairs]
+        self.active = frozenset(s for p in pairs for s, _ in p)
+        self.mix_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.mix_scales = torch.tensor(scales, dtype=torch.float32, device=device)
 
     def invalidate(self) -> None:
         """The slots' contents changed: what layers derived from them (gathered weights) is stale."""
@@ -87,12 +113,15 @@ class BatchedLoraLinear(nn.Module):
         self.slots_with: set[int] = set()
         self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._own_slots: tuple[int, torch.Tensor] | None = None
+        self._mix_gathered: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         ctx = self.ctx
-        if ctx.slot_index is None or self.lora_A is None or self.slots_with.isdisjoint(ctx.active):
+        if not ctx.active or self.lora_A is None or self.slots_with.isdisjoint(ctx.active):
             return out
+        if ctx.mix_slots is not None:
+            return self._forward_mix(x, out)
         lora_a, lora_b = self.lora_A, self.lora_B
         assert lora_b is not None
         grad = torch.is_grad_enabled()
@@ -118,6 +147,52 @@ class BatchedLoraLinear(nn.Module):
             out.view(rows, -1, self.out_features).baddbmm_(h, b_rows)
             return out
         return out + torch.bmm(h, b_rows).view(out.shape).to(out.dtype)
+
+    def _forward_mix(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Add each row's weighted sum of adapter deltas: ``sum_k w_k * (x @ A[s_k]^T) @ B[s_k]``."""
+        ctx = self.ctx
+        assert self.lora_A is not None and self.lora_B is not None and ctx.mix_scales is not None
+        kernel = ctx.mix_kernel
+        if kernel is not None and not torch.is_grad_enabled() and out.is_contiguous() and x.is_contiguous():
+            kernel(out, x, self.lora_A, self.lora_B, self._kernel_mix_slots(), ctx.mix_scales)
+            return out
+        rows = x.shape[0]
+        a_rows, b_rows, weights = self._mix_weights()  # (B, K*r, in), (B, K*r, out), (B, 1, K*r)
+        lx = x.to(a_rows.dtype).reshape(rows, -1, self.in_features)
+        h = torch.bmm(lx, a_rows.transpose(1, 2)) * weights  # (B, T, K*r)
+        return out + torch.bmm(h, b_rows).view(out.shape).to(out.dtype)
+
+    def _kernel_mix_slots(self) -> torch.Tensor:
+        """The rows' (B, K) slots for the kernel, -1 where that adapter does not target this module."""
+        ctx = self.ctx
+        assert ctx.mix_slots is not None
+        if ctx.active <= self.slots_with:
+            return ctx.mix_slots
+        cached = self._own_slots
+        if cached is None or cached[0] != ctx.version:
+            targets = torch.tensor(sorted(self.slots_with), dtype=torch.long, device=ctx.mix_slots.device)
+            own = torch.where(torch.isin(ctx.mix_slots, targets), ctx.mix_slots, -1)
+            cached = self._own_slots = (ctx.version, own)
+        return cached[1]
+
+    def _mix_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's K adapters side by side along the rank (torch path): A (B, K*r, in), B (B, K*r,
+        out), and the weight of each rank column (B, 1, K*r); gathered once per change of rows.
+        Padding entries point at the all-zero slot with weight 0."""
+        ctx = self.ctx
+        cached = self._mix_gathered
+        if cached is not None and cached[0] == ctx.version:
+            return cached[1], cached[2], cached[3]
+        assert self.lora_A is not None and self.lora_B is not None
+        assert ctx.mix_slots is not None and ctx.mix_scales is not None
+        rows, width = ctx.mix_slots.shape
+        rank = self.lora_A.shape[1]
+        flat = torch.where(ctx.mix_slots < 0, ctx.zero_slot, ctx.mix_slots).reshape(-1)
+        a_rows = self.lora_A.index_select(0, flat).reshape(rows, width * rank, self.in_features)
+        b_rows = self.lora_B.index_select(0, flat).reshape(rows, width * rank, self.out_features)
+        weights = ctx.mix_scales.repeat_interleave(rank, dim=1).to(self.lora_A.dtype).unsqueeze(1)
+        self._mix_gathered = (ctx.version, a_rows, b_rows, weights)
+        return a_rows, b_rows, weights
 
     def _kernel_slots(self) -> torch.Tensor:
         """Each row's slot for the kernel: -1 for rows whose adapter does not target this module."""

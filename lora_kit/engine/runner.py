@@ -103,7 +103,7 @@ class ModelRunner:
         if len(group) > 1:  # with left padding the positions are explicit, as generate() does
             inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         with self._lock:
-            self.ctx.set_rows([s.slot for s in group], self._slots.zero_slot, self.device)
+            self.ctx.set_rows([s.row_adapters() for s in group], self._slots.zero_slot, self.device)
             self._rows_version = None  # ctx holds the group's rows now, not the batch's
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.past_key_values, mask, self.sample(out.logits[:, -1, :].float(), group)
@@ -114,7 +114,7 @@ class ModelRunner:
         rows: list[Sequence] = batch.rows
         with self._lock:
             if self._rows_version != batch.version:  # rows joined or left: re-gather their slots
-                self.ctx.set_rows([s.slot for s in rows], self._slots.zero_slot, self.device)
+                self.ctx.set_rows([s.row_adapters() for s in rows], self._slots.zero_slot, self.device)
                 self._rows_version = batch.version
             out = self.model(**batch.step_inputs(), use_cache=True, logits_to_keep=1)
         tokens = self.sample(out.logits[:, -1, :].float(), rows)

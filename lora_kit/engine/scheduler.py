@@ -40,19 +40,22 @@ class Admission:
 class Scheduler:
     """Owns the waiting queue and the running batch; any thread submits, the loop's thread admits.
 
-    ``can_acquire(key)`` and ``acquire(key, path) -> slot`` are the runner's slot operations.
+    ``can_acquire(key)``, ``acquire(key, path) -> slot`` and ``release(slot)`` are the runner's
+    slot operations.
     """
 
     def __init__(
         self,
         can_acquire: Callable[[str], bool],
         acquire: Callable[[str, Path], int],
+        release: Callable[[int], None],
         device: torch.device,
         max_batch: int,
         max_queue: int,
     ) -> None:
         self._can_acquire = can_acquire
         self._acquire = acquire
+        self._release = release
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch = RunningBatch(device)
@@ -121,22 +124,32 @@ class Scheduler:
             seq = self._next_waiting(out.cancelled)
             if seq is None:
                 break
-            if seq.adapter_key is not None:
-                assert seq.adapter_path is not None
-                try:
-                    seq.slot = self._acquire(seq.adapter_key, seq.adapter_path)
-                except NoFreeSlot:  # taken meanwhile (an adapter check): wait for the next round
-                    with self._cond:
-                        self._waiting.appendleft(seq)
-                    break
-                except EngineError as err:  # this adapter cannot be served: fail this request only
-                    out.failed.append((seq, err))
-                    continue
-                except Exception as err:  # a bug or an I/O error loading it: still this request only
-                    out.crashed.append((seq, err))
-                    continue
+            try:
+                seq.slots = self._acquire_all(seq)
+            except NoFreeSlot:  # taken meanwhile (an adapter check): wait for the next round
+                with self._cond:
+                    self._waiting.appendleft(seq)
+                break
+            except EngineError as err:  # this adapter cannot be served: fail this request only
+                out.failed.append((seq, err))
+                continue
+            except Exception as err:  # a bug or an I/O error loading it: still this request only
+                out.crashed.append((seq, err))
+                continue
             out.joining.append(seq)
         return out
+
+    def _acquire_all(self, seq: Sequence) -> list[int]:
+        """The slots of all of ``seq``'s adapters, held; all or none (a failure releases those taken)."""
+        slots: list[int] = []
+        try:
+            for use in seq.adapters:
+                slots.append(self._acquire(use.key, use.path))
+        except BaseException:
+            for slot in slots:
+                self._release(slot)
+            raise
+        return slots
 
     def join(self, group: list[Sequence], cache: Cache, mask: torch.Tensor, tokens: list[int]) -> None:
         """Prefilled ``group`` joins the batch: its cache, mask (R, L) and first tokens (see RunningBatch.add)."""
@@ -172,7 +185,7 @@ class Scheduler:
 
     def _runnable(self, seq: Sequence) -> bool:
         """Whether waiting ``seq`` can leave the queue now (cancelled, or its adapter can get a slot)."""
-        return seq.cancelled or seq.adapter_key is None or self._can_acquire(seq.adapter_key)
+        return seq.cancelled or all(self._can_acquire(use.key) for use in seq.adapters)
 
     def _next_waiting(self, cancelled: list[Sequence]) -> Sequence | None:
         """The oldest waiting request that can run now (others keep their place); cancelled

@@ -14,9 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_kit.engine.constraints import Constraint
+from lora_kit.engine.lora_layer import RowAdapters
 from lora_kit.engine.output import OutputState
 from lora_kit.engine.sampling import RequestSampler
 from lora_kit.engine.types import GenerationOutput, GenerationRequest
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """One adapter a request runs with: its canonical key, its directory, and its weight in a
+    mix (None: the adapter alone, exactly as it was trained)."""
+
+    key: str
+    path: Path
+    weight: float | None = None
 
 
 @dataclass(eq=False)  # identity: a request is itself, whatever its state
@@ -24,12 +35,11 @@ class Sequence:
     """One request in flight: its inputs, decoding state and output stream."""
 
     request: GenerationRequest
-    adapter_key: str | None
-    adapter_path: Path | None
+    adapters: tuple[AdapterUse, ...]  # () for the base; several for a weighted mix
     sampler: RequestSampler
     constraint: Constraint | None
     events: queue.SimpleQueue[GenerationOutput | BaseException] = field(default_factory=queue.SimpleQueue)
-    slot: int | None = None  # the adapter's slot, held while the request runs
+    slots: list[int] = field(default_factory=list)  # the adapters' slots, held while the request runs
     generated: list[int] = field(default_factory=list)
     output: OutputState = field(default_factory=OutputState)
     cancelled: bool = False  # set by the consumer (any thread); the loop acts on it at the next step
@@ -44,6 +54,14 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.request_id = self.request.request_id or uuid.uuid4().hex
+
+    def row_adapters(self) -> RowAdapters:
+        """What its row of a forward runs with (see :data:`~lora_kit.engine.lora_layer.RowAdapters`)."""
+        if not self.slots:
+            return None
+        if len(self.adapters) == 1 and self.adapters[0].weight is None:
+            return self.slots[0]
+        return tuple((slot, float(use.weight)) for slot, use in zip(self.slots, self.adapters))  # type: ignore[arg-type]
 
     def fail(self, stage: str, err: BaseException) -> None:
         """Mark this request failed at ``stage`` (the first failure wins)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,50 @@ class SamplingParams:
                 raise InvalidRequest(f"{name} must be a finite number")
 
 
+# Weighted mixes (a request's ``adapter`` as a list): llama.cpp's per-request scales, here per row.
+MAX_MIX_ADAPTERS = 4
+MAX_MIX_SCALE = 2.0
+
+
+@dataclass(frozen=True)
+class AdapterWeight:
+    """One entry of a weighted mix: an adapter reference and the factor its LoRA delta is multiplied by."""
+
+    ref: str
+    scale: float = 1.0
+
+
+AdapterSpec = str | Sequence[AdapterWeight] | None
+"""What a request runs with: None (the base), a reference, or a weighted mix of references."""
+
+
+def adapter_mix(spec: Sequence[AdapterWeight]) -> tuple[AdapterWeight, ...]:
+    """The entries of a weighted mix, checked: 1 to ``MAX_MIX_ADAPTERS`` entries, each scale a
+    number in [-``MAX_MIX_SCALE``, ``MAX_MIX_SCALE``]. Raises InvalidRequest."""
+    mix = tuple(spec)
+    if not 1 <= len(mix) <= MAX_MIX_ADAPTERS:
+        raise InvalidRequest(f"a mix names 1 to {MAX_MIX_ADAPTERS} adapters, not {len(mix)}")
+    for entry in mix:
+        if not isinstance(entry, AdapterWeight) or not isinstance(entry.ref, str) or not entry.ref:
+            raise InvalidRequest("each entry of a mix is an adapter reference with a scale")
+        scale = entry.scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise InvalidRequest(f"the scale of {entry.ref!r} must be a number")
+        if abs(scale) > MAX_MIX_SCALE:
+            raise InvalidRequest(f"the scale of {entry.ref!r} must be in [-{MAX_MIX_SCALE:g}, {MAX_MIX_SCALE:g}]")
+    return mix
+
+
+def single_ref(spec: AdapterSpec) -> str | None:
+    """The reference of ``spec`` when it runs one adapter exactly as trained: a reference, or a
+    mix of one entry at scale 1 (the same thing, token for token); None otherwise."""
+    if spec is None or isinstance(spec, str):
+        return spec
+    mix = tuple(spec)
+    one = len(mix) == 1 and isinstance(mix[0], AdapterWeight) and mix[0].scale == 1.0
+    return mix[0].ref if one else None
+
+
 @dataclass
 class GenerationRequest:
     """One completion request: prompt token ids, sampling, and optionally an adapter and constraints.
@@ -102,7 +147,7 @@ class GenerationRequest:
 
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    adapter: str | None = None
+    adapter: AdapterSpec = None  # a reference, or a weighted mix (see adapter_mix)
     response_format: dict | None = None
     tools: list[dict] | None = None
     tool_choice: Any = None

@@ -42,6 +42,9 @@ class Backend(ABC):
     lora_kernel: Callable[..., None] | None = None
     """``op(out, x, lora_a, lora_b, slots)``, adding each row's LoRA in place (see :func:`.bgmv.op`);
     None: :class:`~lora_kit.engine.lora_layer.BatchedLoraLinear` uses torch's products."""
+    lora_mix_kernel: Callable[..., None] | None = None
+    """``op(out, x, lora_a, lora_b, slots, scales)`` for rows that mix several adapters (see
+    :func:`.bgmv.mix_op`); set together with ``lora_kernel``."""
 
     @abstractmethod
     def prepare(self, model: Any, layers: Iterable[Any], batch_hint: int) -> int:
@@ -70,6 +73,7 @@ class CpuBackend(Backend):
 
     def __init__(self, lora_kernel: Callable[..., None] | None) -> None:
         self.lora_kernel = lora_kernel
+        self.lora_mix_kernel = bgmv.mix_op() if lora_kernel is not None else None
 
     def prepare(self, model: Any, layers: Iterable[Any], batch_hint: int) -> int:
         packed = sum(layer.pack(batch_hint) for layer in layers) + int(pack_output_head(model, batch_hint))

@@ -143,3 +143,10 @@ def op() -> Callable[..., None]:
     (S, R, O): fp32 or bf16, contiguous. Callers keep the handle: looking it up costs per call.
     """
     return torch.ops.lora_kit.bgmv_
+
+
+def mix_op() -> Callable[..., None]:
+    """The weighted-mix op, ``mix_op(out, x, lora_a, lora_b, slots, scales)``: as :func:`op`, but
+    ``slots`` and ``scales`` (fp32) are (M, K) and each row adds ``sum_k scales[m, k] * (x[n] @
+    lora_a[s_k].T) @ lora_b[s_k]`` over its K slots (a negative slot adds nothing)."""
+    return torch.ops.lora_kit.bgmv_mix_
