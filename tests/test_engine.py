@@ -498,6 +498,27 @@ def test_lru_eviction_and_pinning(tiny_mistral_dir, word_tokenizer, mistral_adap
         eng.stop()
 
 
+def test_drop_frees_an_idle_slot_now_and_a_busy_one_when_its_requests_end(
+    tiny_mistral_dir, word_tokenizer, mistral_adapters
+):
+    eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=2, preload=["mlp"])
+    try:
+        prompt = prompts(word_tokenizer)[0]
+        assert eng.drop_adapter("mlp") and eng.stats()["resident_adapters"] == []  # pinned, idle: gone now
+        assert not eng.drop_adapter("mlp")  # not resident
+        want = eng.generate_sync(greedy(prompt, "qv", 8)).token_ids
+        eng.stop()
+        seq = eng.submit(greedy(prompt, "qv", 8))  # running on qv when the drop comes
+        eng._loop._admit()  # admitted and prefilled: it holds the slot
+        assert eng.drop_adapter("qv") and eng.stats()["resident_adapters"] == ["qv"]  # still running
+        eng.start()
+        assert eng.result(seq).token_ids == want  # the running request finishes with its adapter
+        assert eng.stats()["resident_adapters"] == []  # ... and then the slot is free
+        assert eng.generate_sync(greedy(prompt, "qv", 8)).token_ids == want  # loaded again on demand
+    finally:
+        eng.stop()
+
+
 def test_failed_prefill_releases_its_slot_under_the_model_lock_and_is_logged(
     tiny_mistral_dir, word_tokenizer, mistral_adapters, monkeypatch, caplog
 ):

@@ -210,6 +210,12 @@ class Engine:
         self._runner.check_adapter(key, path)
         return key
 
+    def drop_adapter(self, key: str) -> bool:
+        """Free the slot of resident adapter ``key`` (canonical, as :meth:`check_adapter` returns
+        it): at once when idle, else when its running requests finish; they finish with it.
+        False when it is not resident. A later request for it loads it again."""
+        return self._runner.drop_adapter(key)
+
     # -- generation ----------------------------------------------------------------------
 
     def _grammar_cache(self) -> GrammarCache:

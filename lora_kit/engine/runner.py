@@ -63,6 +63,11 @@ class ModelRunner:
         with self._lock:
             self._slots.check(key, path)
 
+    def drop_adapter(self, key: str) -> bool:
+        """Free adapter ``key``'s slot once no request runs on it (see SlotManager.drop)."""
+        with self._lock:
+            return self._slots.drop(key)
+
     def pin_adapter(self, key: str, path: Path) -> None:
         """Load adapter ``key`` and never evict it."""
         with self._lock:

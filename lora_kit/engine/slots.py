@@ -41,6 +41,7 @@ class SlotManager:
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
         self._refs: dict[int, int] = {}
         self._pinned: set[int] = set()
+        self._doomed: set[str] = set()  # dropped while running: evicted when their last request ends
         self._free = list(range(max_slots - 1, -1, -1))
 
     # -- queries -------------------------------------------------------------------------
@@ -62,6 +63,7 @@ class SlotManager:
         Raises NoFreeSlot when every slot is busy, AdapterError when the adapter does not fit.
         """
         slot = self._slot_of.get(key)
+        self._doomed.discard(key)  # asked for again (a runtime load after an unload): it stays
         if slot is None:
             weights = self.loader(key, path)  # raises AdapterError before anything is evicted
             slot = self._take_slot()
@@ -87,8 +89,26 @@ class SlotManager:
         count = self._refs.get(slot, 0) - 1
         if count > 0:
             self._refs[slot] = count
+            return
+        self._refs.pop(slot, None)
+        if self._doomed:
+            doomed = [key for key in self._doomed if self._slot_of.get(key) == slot]
+            for key in doomed:
+                self._doomed.discard(key)
+                self.evict(key)
+
+    def drop(self, key: str) -> bool:
+        """Free adapter ``key``'s slot (a runtime unload): now if no request runs on it, else when
+        the last one finishes (running requests keep their adapter). Unpins it. False if not resident."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            return False
+        self._pinned.discard(slot)
+        if self._refs.get(slot):
+            self._doomed.add(key)
         else:
-            self._refs.pop(slot, None)
+            self.evict(key)
+        return True
 
     def pin(self, key: str) -> None:
         """Never evict adapter ``key`` (it must be resident)."""
