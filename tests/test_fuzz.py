@@ -87,6 +87,10 @@ EVERY_ROUTE = {
     ("/v1/models", "get"),
     ("/v1/chat/completions", "post"),
     ("/v1/completions", "post"),
+    ("/v1/load_lora_adapter", "post"),
+    ("/v1/unload_lora_adapter", "post"),
+    ("/v1/lora-kit/adapters", "get"),
+    ("/v1/lora-kit/adapters/{ref}", "get"),
 }
 
 
@@ -132,6 +136,8 @@ def test_openapi_is_a_valid_document_covering_every_route(server, doc):
     }
     assert body("/v1/chat/completions") == {"$ref": ref + "ChatCompletionRequest"}
     assert body("/v1/completions") == {"$ref": ref + "CompletionRequest"}
+    assert body("/v1/load_lora_adapter") == {"$ref": ref + "LoadLoraAdapter"}
+    assert body("/v1/unload_lora_adapter") == {"$ref": ref + "UnloadLoraAdapter"}
     for suffix in ("", "/"):
         assert body(T + "/finetunes" + suffix) == {"$ref": ref + "FinetuneCreate"}
         upload = body(T + "/finetunes/{finetune_id}/finetune-assets" + suffix, "multipart/form-data")
@@ -227,7 +233,9 @@ def object_from(schema: dict, components: dict, depth: int) -> st.SearchStrategy
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 DOMAIN = {  # values the server can serve, for the fields whose schema alone cannot say
     "model": st.just(MODEL),
-    "lora": st.sampled_from(["sentiment", "sentiment@1"]),
+    "lora": st.sampled_from(
+        ["sentiment", "sentiment@1", [{"name": "sentiment", "scale": 0.5}], [{"name": "sentiment@1", "scale": -2}]]
+    ),
     "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}]),
     "tools": st.just([TOOL]),
     "tool_choice": st.sampled_from(["auto", "none"]),
@@ -350,6 +358,10 @@ _RUN_BAD = [
     {"prompt": "x", "lora": "sentiment@99999999999999999999999"},
     {"prompt": "x", "lora": "sentiment@\u00b2"},
     {"prompt": "x", "lora": "../x"},
+    {"prompt": "x", "lora": [{"name": "sentiment", "scale": 1e308}]},
+    {"prompt": "x", "lora": [{"name": "../x", "scale": 0.5}] * 4},
+    {"prompt": "x", "lora": [{"name": "sentiment"}, {"scale": 0.5}]},
+    {"prompt": "x", "lora": [None]},
     b"[" * 100_000,
     b'{"a":' * 100_000,
 ]

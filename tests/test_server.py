@@ -424,6 +424,57 @@ def test_concurrent_mixed_adapters_match_solo(cf, solo):
     assert answers == [solo[lora] for lora in loras]
 
 
+MIX = [{"name": "alpha", "scale": 0.5}, {"name": "beta", "scale": 0.5}]
+
+
+def test_weighted_mix_in_lora_on_both_apis(world, http, cf, oa, solo):
+    from lora_kit import chat
+    from lora_kit.engine import AdapterWeight, GenerationRequest, SamplingParams
+
+    # What the engine answers for the mix of the canonical versions, straight from Python.
+    engine = world["engine"]
+    ids = chat.render(engine.tokenizer, QUESTION, add_generation_prompt=True).input_ids
+    mix = [AdapterWeight("alpha@1", 0.5), AdapterWeight("beta@1", 0.5)]
+    want = engine.generate_sync(GenerationRequest(ids, SamplingParams(max_tokens=6), adapter=mix)).text
+
+    def run(lora):
+        return cf.ai.run(MODEL, account_id=ACCOUNT, messages=QUESTION, max_tokens=6, temperature=0, lora=lora)
+
+    assert run(MIX)["response"] == want
+    assert run([{"name": "alpha", "scale": 1.0}])["response"] == solo["alpha"]  # one at scale 1: the adapter
+    chat_reply = oa.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=6, temperature=0, extra_body={"lora": MIX}
+    )
+    assert chat_reply.choices[0].message.content == want
+    stream = run_raw(http, {"messages": QUESTION, "max_tokens": 6, "temperature": 0, "lora": MIX, "stream": True})
+    assert "".join(p["response"] for p in sse_payloads(stream.text) if isinstance(p, dict)) == want
+    assert (
+        'lora_kit_requests_total{adapter="alpha@1+beta@1",route="cloudflare.run",status="200"}'
+        in http.get("/metrics").text
+    )
+
+
+@pytest.mark.parametrize(
+    "lora, status, says",
+    [
+        ([{"name": "alpha", "scale": 0.2}] * 5, 400, "lora"),
+        ([], 400, "lora"),
+        ([{"name": "alpha", "scale": 2.5}], 400, "lora"),
+        ([{"name": "alpha", "weight": 0.5}], 400, "lora"),
+        ([{"name": "alpha", "scale": 0.5}, {"name": "nope", "scale": 0.5}], 404, "nope"),
+    ],
+)
+def test_weighted_mix_limits(http, oa, lora, status, says):
+    import openai
+
+    resp = run_raw(http, {"prompt": "hi", "max_tokens": 2, "lora": lora})
+    assert resp.status_code == status, resp.text
+    error = resp.json()["errors"][0]
+    assert error["code"] == (3037 if status == 404 else 5006) and says in error["message"]
+    with pytest.raises(openai.NotFoundError if status == 404 else openai.BadRequestError):
+        oa.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, extra_body={"lora": lora})
+
+
 def wait_for(predicate, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -479,6 +530,54 @@ def test_429_when_queue_full_and_disconnect_frees_place(world):
 
 
 # -- auth, limits, operations ---------------------------------------------------------------------
+
+
+def test_runtime_load_and_unload_lora_adapter(world, http, cf):
+    import openai
+
+    registry, engine = world["registry"], world["engine"]
+    gamma = make_adapter(world["root"] / "adapter-gamma", 3)
+    load = {"lora_name": "gamma", "lora_path": str(gamma)}
+    for _ in range(2):  # loading the same files twice adds no version
+        resp = http.post("/v1/load_lora_adapter", json=load)
+        assert resp.status_code == 200 and resp.text == "Success: LoRA adapter 'gamma' added successfully."
+    assert [v.ref for v in registry.list() if v.name == "gamma"] == ["gamma@1"]
+    assert "gamma@1" in engine.stats()["resident_adapters"]  # warmed
+    answer = run(cf, "gamma")
+    # Unloaded: every reference of the name is 3037/404, and its slot is free.
+    resp = http.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"})
+    assert resp.status_code == 200 and "removed" in resp.text
+    assert "gamma@1" not in engine.stats()["resident_adapters"]
+    for ref in ("gamma", "gamma@1"):
+        gone = run_raw(http, {"prompt": "hi", "max_tokens": 2, "lora": ref})
+        assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == 3037, gone.text
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=world["url"] + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="gamma", messages=QUESTION, max_tokens=2
+        )
+    assert "gamma@1" not in engine.stats()["resident_adapters"]  # the refused requests loaded nothing
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 404
+    # Loading by name alone serves the registry's version again, with the same answer.
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
+    assert run(cf, "gamma") == answer
+    for body, status in [
+        ({"lora_name": "delta", "lora_path": "relative/dir"}, 400),
+        ({"lora_name": "delta", "lora_path": str(world["root"] / "missing")}, 400),
+        ({"lora_name": "delta"}, 400),  # not in the registry and no path
+        ({"lora_name": "../x", "lora_path": str(gamma)}, 400),  # not a valid name
+        ({"lora_path": str(gamma)}, 400),
+    ]:
+        resp = http.post("/v1/load_lora_adapter", json=body)
+        assert resp.status_code == status, (body, resp.text)
+        assert str(world["root"]) not in resp.text or body.get("lora_path", "").startswith(str(world["root"]))
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "never"}).status_code == 404
+    with httpx.Client(base_url=world["token_url"], timeout=60) as locked:
+        assert locked.post("/v1/load_lora_adapter", json=load).status_code == 401
+        assert locked.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 401
+
+
+def run(cf, lora):
+    return cf.ai.run(MODEL, account_id=ACCOUNT, messages=QUESTION, max_tokens=6, temperature=0, lora=lora)["response"]
 
 
 def test_auth(world):

@@ -1,6 +1,6 @@
 """The ``lora-kit`` command. Thin: parse arguments, call the library, print.
 
-One module per command group (``models``, ``training``, ``generate``, ``adapters``, ``serve``),
+One module per command group (``models``, ``training``, ``generate``, ``adapters``, ``eval``, ``serve``),
 each registering its parsers. Heavy modules (torch, transformers) are imported inside the
 handlers so that ``lora-kit --help`` starts instantly.
 """
@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from lora_kit import __version__, logs
 from lora_kit.cli import adapters, generate, models, serve, training
+from lora_kit.cli import eval as eval_cmd
 from lora_kit.cli.common import CliError
 from lora_kit.errors import is_user_error
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_parsers(sub)
     generate.add_parser(sub)
     adapters.add_parser(sub)
+    eval_cmd.add_parser(sub)
     serve.add_parser(sub)
     return parser
 

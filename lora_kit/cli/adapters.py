@@ -57,9 +57,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    v = _registry().resolve(args.ref)
-    if args.json:
-        print_json(v.to_dict())
+    registry = _registry()
+    v = registry.resolve(args.ref)
+    evals = registry.evals(v.id)
+    if args.json:  # "evals" only when there are some: without, the same object as a row of `list --json`
+        print_json({**v.to_dict(), **({"evals": [e.to_dict() for e in evals]} if evals else {})})
         return 0
     print(f"{v.ref}  (id {v.id})")
     print(f"  created      {v.created_at}")
@@ -73,6 +75,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  file         {fname}  {meta['size']} bytes  sha256 {meta['sha256']}")
     for w in v.warnings:
         print(f"  warning      {w}")
+    for e in evals:  # every result kept, oldest first: lora-kit eval and the end of training
+        print(
+            f"  eval         {e.created_at[:19].replace('T', ' ')}  {e.metric} {e.score:.1%}"
+            f" (95% CI {e.ci[0]:.1%}-{e.ci[1]:.1%}, n={e.n})  {e.precision}"
+            f"  data {e.data_name or '-'} sha256 {e.data_sha256[:12]}"
+        )
     shown = {k: val for k, val in v.lineage.items() if k != "lora_config"}
     if shown:
         print("  lineage")
@@ -147,10 +155,20 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lora_kit.registry.merge import merge_adapter
+
+    result = merge_adapter(_registry(), args.ref, args.out, dtype=args.dtype, log=lambda m: print(m, file=sys.stderr))
+    for note in result.notes[-1:]:
+        print(note)
+    print(result.path)
+    return 0
+
+
 def add_parser(subparsers: Any) -> None:
     """Register the ``adapters`` command group on the top-level ``subparsers``."""
     p_ad = subparsers.add_parser(
-        "adapters", help="the adapter registry: list, show, add, rm, tag, verify, export, import"
+        "adapters", help="the adapter registry: list, show, add, rm, tag, verify, export, import, merge"
     )
     sub = p_ad.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
     ref_help = "NAME (latest), NAME@VERSION, NAME:ALIAS or a version id"
@@ -159,7 +177,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("show", help="show one adapter version with its lineage")
+    p = sub.add_parser("show", help="show one adapter version with its lineage and eval results")
     p.add_argument("ref", metavar="REF", help=ref_help)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_show)
@@ -193,10 +211,17 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("ref", nargs="?", default=None, metavar="REF", help="one version (default: all)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("export", help="write a version for PEFT, Cloudflare or vLLM, or as a .tar.gz archive")
+    p = sub.add_parser(
+        "export", help="write a version for PEFT, Cloudflare, vLLM or llama.cpp (GGUF), or as a .tar.gz archive"
+    )
     p.add_argument("ref", metavar="REF", help=ref_help)
     p.add_argument("dest", metavar="DEST", help="new directory (or, with --archive, a .tar.gz path or a directory)")
-    p.add_argument("--target", choices=["peft", "cloudflare", "vllm"], default="peft")
+    p.add_argument(
+        "--target",
+        choices=["peft", "cloudflare", "vllm", "gguf"],
+        default="peft",
+        help="gguf: one llama.cpp LoRA file (DEST: the .gguf path or a directory); needs the base on this machine",
+    )
     p.add_argument(
         "--model-type",
         choices=["mistral", "llama", "gemma"],
@@ -210,3 +235,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("archive", metavar="ARCHIVE")
     p.add_argument("--name", default=None, help="register under this name (default: the archived name)")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("merge", help="merge a version into its base: one model directory, no LoRA at run time")
+    p.add_argument("ref", metavar="REF", help=ref_help)
+    p.add_argument("out", metavar="OUT", help="new directory for the merged model (safetensors + tokenizer)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="dtype of the saved weights (default: the base's own)",
+    )
+    p.set_defaults(func=cmd_merge)

@@ -11,6 +11,7 @@ import argparse
 import logging
 
 from lora_kit.engine.config import EngineConfig
+from lora_kit.server.ray_config import ReplicaConfig
 
 log = logging.getLogger(__name__)
 TOKEN_FLAG_WARNING = (
@@ -34,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="serve the base model and registry adapters over Cloudflare Workers AI- and OpenAI-compatible HTTP APIs",
     )
     EngineConfig.add_cli_args(p)
+    ReplicaConfig.add_cli_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument(
@@ -56,6 +58,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=30.0,
         metavar="S",
         help="seconds in-flight requests get on SIGTERM (default: 30)",
+    )
+    p.add_argument(
+        "--no-ui",
+        action="store_true",
+        help="do not serve the playground page at / (the API is unchanged; / then answers 404)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)

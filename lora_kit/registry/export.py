@@ -1,5 +1,5 @@
-"""Export registered adapters for other servers (PEFT, Cloudflare Workers AI, vLLM) and move
-them between registries as ``.tar.gz`` archives.
+"""Export registered adapters for other servers (PEFT, Cloudflare Workers AI, vLLM, llama.cpp's
+GGUF) and move them between registries as ``.tar.gz`` archives.
 
 Cloudflare's rules are those of its Workers AI fine-tune upload ("Bring your own LoRA"):
 ``adapter_config.json`` must carry ``model_type`` (mistral, llama or gemma), the rank is at
@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from lora_kit.adapters.format import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, InvalidAdapter
-from lora_kit.adapters.validation import base_model_type, validate_adapter_dir
+from lora_kit.adapters.validation import AdapterInfo, base_model_type, validate_adapter_dir
+from lora_kit.registry import gguf
 from lora_kit.registry.store import STORED_FILES, AdapterVersion, Registry, RegistryError, local_base_dir, sha256_file
 
-TARGETS = ("peft", "cloudflare", "vllm")
+TARGETS = ("peft", "cloudflare", "vllm", "gguf")
 CLOUDFLARE_MAX_RANK = 32
 CLOUDFLARE_MAX_BYTES = 300 * 1000 * 1000  # "adapter file < 300 MB"; decimal MB is the stricter reading
 CLOUDFLARE_MODEL_TYPES = ("mistral", "llama", "gemma")
@@ -98,6 +99,32 @@ def cloudflare_model_type(av: AdapterVersion, config: dict, override: str | None
     )
 
 
+def cloudflare_problems(info: AdapterInfo, weights_bytes: int) -> list[str]:
+    """Why Cloudflare would refuse this adapter (empty: it takes it); ``weights_bytes`` is the
+    size of its safetensors file."""
+    reasons = []
+    if info.rank > CLOUDFLARE_MAX_RANK:
+        reasons.append(f"rank {info.rank} is over Cloudflare's limit of {CLOUDFLARE_MAX_RANK}")
+    if weights_bytes >= CLOUDFLARE_MAX_BYTES:
+        reasons.append(f"{WEIGHTS_FILE} is {weights_bytes / 1e6:.1f} MB; Cloudflare takes files under 300 MB")
+    extras = [k for k in ("modules_to_save", "embedding", "lm_head", "dora", "bias") if info.flags[k]]
+    if extras:
+        reasons.append(f"it has extra modules/features Cloudflare does not accept: {', '.join(extras)}")
+    return reasons
+
+
+def vllm_problems(info: AdapterInfo) -> list[str]:
+    """Why vLLM would refuse this adapter (empty: it serves it with some ``--max-lora-rank``)."""
+    reasons = []
+    if info.flags["modules_to_save"]:
+        reasons.append("it saves whole modules (modules_to_save), which vLLM refuses")
+    if info.flags["dora"]:
+        reasons.append("it uses DoRA, which vLLM refuses")
+    if info.rank > VLLM_RANKS[-1]:
+        reasons.append(f"rank {info.rank} is over vLLM's largest max_lora_rank {VLLM_RANKS[-1]}")
+    return reasons
+
+
 def export_adapter(
     registry: Registry,
     ref: str,
@@ -109,7 +136,8 @@ def export_adapter(
 
     ``peft`` copies the two stored files; ``cloudflare`` also adds ``model_type`` to the config
     and refuses adapters Cloudflare would reject; ``vllm`` refuses what vLLM refuses and returns
-    the command-line flags that serve it.
+    the command-line flags that serve it; ``gguf`` writes one llama.cpp LoRA file (``dest`` is
+    that file, or an existing directory to put ``NAME-vVERSION.gguf`` in).
     """
     if target not in TARGETS:
         raise RegistryError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -117,20 +145,13 @@ def export_adapter(
     src = registry.adapter_path(av.id)
     dest = Path(dest)
     info = validate_adapter_dir(src)  # headers only: flags and per-module ranks of the stored files
-    flags = info.flags
+    if target == "gguf":
+        return _export_gguf(av, src, info, dest)
     notes: list[str] = []
     files: dict[str, bytes | Path] = {CONFIG_FILE: src / CONFIG_FILE, WEIGHTS_FILE: src / WEIGHTS_FILE}
 
     if target == "cloudflare":
-        reasons = []
-        if info.rank > CLOUDFLARE_MAX_RANK:
-            reasons.append(f"rank {info.rank} is over Cloudflare's limit of {CLOUDFLARE_MAX_RANK}")
-        size = (src / WEIGHTS_FILE).stat().st_size
-        if size >= CLOUDFLARE_MAX_BYTES:
-            reasons.append(f"{WEIGHTS_FILE} is {size / 1e6:.1f} MB; Cloudflare takes files under 300 MB")
-        extras = [k for k in ("modules_to_save", "embedding", "lm_head", "dora", "bias") if flags[k]]
-        if extras:
-            reasons.append(f"it has extra modules/features Cloudflare does not accept: {', '.join(extras)}")
+        reasons = cloudflare_problems(info, (src / WEIGHTS_FILE).stat().st_size)
         if reasons:
             raise RegistryError(f"cannot export {av.ref} for Cloudflare: " + "; ".join(reasons))
         config = json.loads((src / CONFIG_FILE).read_text())
@@ -141,27 +162,48 @@ def export_adapter(
             f"(model_type={config['model_type']})"
         )
     elif target == "vllm":
-        reasons = []
-        if flags["modules_to_save"]:
-            reasons.append("it saves whole modules (modules_to_save), which vLLM refuses")
-        if flags["dora"]:
-            reasons.append("it uses DoRA, which vLLM refuses")
-        if info.rank > VLLM_RANKS[-1]:
-            reasons.append(f"rank {info.rank} is over vLLM's largest max_lora_rank {VLLM_RANKS[-1]}")
+        reasons = vllm_problems(info)
         if reasons:
             raise RegistryError(f"cannot export {av.ref} for vLLM: " + "; ".join(reasons))
-        max_rank = next(r for r in VLLM_RANKS if r >= info.rank)
-        if flags["bias"]:
-            notes.append("the adapter trains biases: start vLLM with --enable-lora-bias")
-        if flags["embedding"]:
-            notes.append("the adapter adapts embeddings: its vocabulary must equal the base's")
-        flags_line = f"--enable-lora --lora-modules {av.name}={dest.resolve()}"
-        if max_rank > VLLM_DEFAULT_MAX_RANK:
-            flags_line += f" --max-lora-rank {max_rank}"
-        notes.append(f"vllm serve {av.base_model or '<base model>'} {flags_line}")
+        notes.extend(_vllm_notes(av, info, dest))
 
     _write_dir(dest, files)
     return ExportResult(path=dest, target=target, notes=notes)
+
+
+def _vllm_notes(av: AdapterVersion, info: AdapterInfo, dest: Path) -> list[str]:
+    """What to know to serve the export with vLLM, ending with the command line."""
+    notes = []
+    max_rank = next(r for r in VLLM_RANKS if r >= info.rank)
+    if info.flags["bias"]:
+        notes.append("the adapter trains biases: start vLLM with --enable-lora-bias")
+    if info.flags["embedding"]:
+        notes.append("the adapter adapts embeddings: its vocabulary must equal the base's")
+    flags_line = f"--enable-lora --lora-modules {av.name}={dest.resolve()}"
+    if max_rank > VLLM_DEFAULT_MAX_RANK:
+        flags_line += f" --max-lora-rank {max_rank}"
+    notes.append(f"vllm serve {av.base_model or '<base model>'} {flags_line}")
+    return notes
+
+
+def _export_gguf(av: AdapterVersion, src: Path, info: AdapterInfo, dest: Path) -> ExportResult:
+    """``export_adapter(..., target="gguf")``: one GGUF LoRA file for llama.cpp."""
+    config = gguf.base_config(av)
+    reasons = gguf.gguf_problems(info, config)
+    if reasons:
+        fix = ""
+        if config is None:
+            fix = f" (download it, e.g. `huggingface-cli download {av.base_model or 'BASE'}`, and retry)"
+        raise gguf.GgufExportError(f"cannot export {av.ref} as GGUF: " + "; ".join(reasons) + fix)
+    if dest.is_dir():
+        dest = dest / f"{av.name}-v{av.version}{gguf.SUFFIX}"
+    if dest.exists():
+        raise RegistryError(f"'{dest}' exists; refusing to overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    gguf.write_gguf(src, config, dest, alpha=info.alpha, name=av.ref, base=av.base_model)
+    base = av.base_model or "the base model"
+    notes = [f"serve with llama.cpp: llama-server -m BASE.gguf --lora {dest}  (BASE.gguf: {base} in GGUF)"]
+    return ExportResult(path=dest, target="gguf", notes=notes)
 
 
 # -- archives ----------------------------------------------------------------------------------

@@ -196,7 +196,49 @@ CREATE TABLE IF NOT EXISTS aliases (
     version INTEGER NOT NULL,
     PRIMARY KEY (name, alias)
 );
+CREATE TABLE IF NOT EXISTS evals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    version_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    score REAL NOT NULL,
+    n INTEGER NOT NULL,
+    ci_low REAL NOT NULL,
+    ci_high REAL NOT NULL,
+    data_sha256 TEXT NOT NULL,
+    data_name TEXT NOT NULL,
+    precision TEXT NOT NULL,
+    details TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evals_by_version ON evals (version_id);
 """
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One evaluation result of a version (``lora-kit eval`` or the end of training).
+
+    ``score`` is the share of ``n`` examples right under ``metric``, ``ci`` its 95% interval;
+    ``data_sha256`` the fingerprint of the data (the file's sha256), ``precision`` how the base
+    was loaded (fp32, bf16, nf4...), ``details`` the rest (field-level scores, max tokens...).
+    """
+
+    ref: str
+    version_id: str
+    created_at: str
+    metric: str
+    score: float
+    n: int
+    ci: tuple[float, float]
+    data_sha256: str
+    data_name: str
+    precision: str
+    details: dict
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ci"] = list(self.ci)
+        return out
 
 
 @dataclass
@@ -547,6 +589,7 @@ class Registry:
                     "move or remove them (`lora-kit adapters untag`) or pass --force"
                 )
             db.execute("DELETE FROM aliases WHERE name = ? AND version = ?", (av.name, av.version))
+            db.execute("DELETE FROM evals WHERE version_id = ?", (av.id,))
             db.execute("DELETE FROM versions WHERE id = ?", (av.id,))
         self.gc()
         return av
@@ -585,6 +628,80 @@ class Registry:
                     shutil.rmtree(tmp, ignore_errors=True)
                     removed.append(str(tmp.relative_to(self.root)))
         return removed
+
+    # -- evaluation results ----------------------------------------------------------------------
+
+    def record_eval(
+        self,
+        ref: str,
+        *,
+        metric: str,
+        score: float,
+        n: int,
+        ci: tuple[float, float],
+        data_sha256: str,
+        precision: str,
+        data_name: str = "",
+        details: dict | None = None,
+    ) -> EvalRecord:
+        """Keep an evaluation result of the version ``ref`` resolves to (every result is kept)."""
+        av = self.resolve(ref)
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM versions WHERE id = ?", (av.id,)).fetchone() is None:
+                raise AdapterNotFound(f"{av.ref} was removed meanwhile")
+            db.execute(
+                "INSERT INTO evals (version_id, created_at, metric, score, n, ci_low, ci_high, data_sha256,"
+                " data_name, precision, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    av.id,
+                    created,
+                    metric,
+                    float(score),
+                    int(n),
+                    float(ci[0]),
+                    float(ci[1]),
+                    data_sha256,
+                    data_name,
+                    precision,
+                    json.dumps(details or {}, sort_keys=True, default=str),
+                ),
+            )
+        return EvalRecord(
+            av.ref,
+            av.id,
+            created,
+            metric,
+            float(score),
+            int(n),
+            (float(ci[0]), float(ci[1])),
+            data_sha256,
+            data_name,
+            precision,
+            dict(details or {}),
+        )
+
+    def evals(self, ref: str) -> list[EvalRecord]:
+        """Every evaluation result of the version ``ref`` resolves to, oldest first."""
+        av = self.resolve(ref)
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM evals WHERE version_id = ? ORDER BY id", (av.id,)).fetchall()
+        return [
+            EvalRecord(
+                av.ref,
+                av.id,
+                r["created_at"],
+                r["metric"],
+                r["score"],
+                r["n"],
+                (r["ci_low"], r["ci_high"]),
+                r["data_sha256"],
+                r["data_name"],
+                r["precision"],
+                json.loads(r["details"]),
+            )
+            for r in rows
+        ]
 
     # -- check ---------------------------------------------------------------------------------
 

@@ -15,12 +15,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lora_kit.server import cloudflare, errors, openai
+from lora_kit.server import cloudflare, errors, openai, registry_api, runtime_adapters, ui
 from lora_kit.server import openapi as openapi_doc
 from lora_kit.server.errors import ApiError, error_response
 from lora_kit.server.finetunes import FinetuneStore
 from lora_kit.server.generation import Runner
 from lora_kit.server.metrics import CONTENT_TYPE, Metrics
+from lora_kit.server.runtime_adapters import RuntimeAdapters
 from lora_kit.server.state import ServerState
 
 access_log = logging.getLogger("lora_kit.access")
@@ -143,11 +144,13 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
     uploads_dir: Optional[Path] = None,
+    serve_ui: bool = True,
 ) -> FastAPI:
     """The HTTP app over a started ``engine`` and a ``registry``.
 
     With ``api_token`` set, every inference and management route needs
     ``Authorization: Bearer <api_token>``; ``/healthz`` and ``/metrics`` stay open.
+    ``serve_ui`` serves the playground page at ``/`` (static, open: every call it makes carries the token).
     """
     metrics = Metrics(stats=engine.stats)
     state = ServerState(
@@ -160,6 +163,7 @@ def create_app(
         max_body_bytes=max_body_bytes,
         max_upload_bytes=max_upload_bytes,
         max_tokens_cap=max_tokens_cap,
+        runtime=RuntimeAdapters(registry, engine),
     )
     # The schema is served open, as /healthz is: it describes the public, documented API (no
     # adapter names, paths or settings), and clients and tools fetch it before they hold a token.
@@ -211,6 +215,10 @@ def create_app(
 
     app.include_router(cloudflare.router(state))
     app.include_router(openai.router(state))
+    app.include_router(runtime_adapters.router(state))
+    app.include_router(registry_api.router(state))
+    if serve_ui:
+        app.include_router(ui.router())
     app.openapi = lambda: openapi_doc.build(app, secured=state.api_token is not None)  # type: ignore[method-assign]
     app.add_middleware(ShutdownGate, closing=app.state.shutting_down)
     app.add_middleware(AccessLog, metrics=metrics)  # outermost: it logs what the gate refuses too

@@ -16,6 +16,7 @@ from lora_kit.server.finetunes import FORM_OVERHEAD_BYTES, asset_limit, check_as
 from lora_kit.server.generation import (
     Completion,
     ResponseShape,
+    adapter_label,
     cloudflare_tool_calls,
     engine_request,
     model_matches,
@@ -115,7 +116,7 @@ def router(state: ServerState) -> APIRouter:
         check_model(state, model_name)
         req = parse_run_body(await read_json(request, state.max_body_bytes))
         adapter = await state.resolve_lora(req.lora)
-        request.state.adapter = adapter
+        request.state.adapter = adapter_label(adapter)
         gen = engine_request(state.engine.tokenizer, req, adapter, state.max_tokens_cap)
         return await respond(state.runner, request, gen, req.stream, RunShape(gen.response_format is not None))
 

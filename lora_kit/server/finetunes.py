@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from lora_kit import paths
 from lora_kit.adapters.format import ADAPTER_FILES, InvalidAdapter
+from lora_kit.registry.targets import version_targets
 from lora_kit.server import errors
 from lora_kit.server.errors import ApiError
 
@@ -227,13 +228,13 @@ class FinetuneStore:
             version = self.registry.resolve(ref)
         except Exception:  # noqa: BLE001
             return None
-        return version_row(version, "")
+        return version_row(version, "", version_targets(self.registry, version))
 
     # -- listing -------------------------------------------------------------------------------
 
     def list(self, served_model: str) -> list[dict[str, Any]]:
         """Every registered adapter version, then every pending upload, as Cloudflare fine-tunes."""
-        rows = [version_row(v, served_model) for v in self.registry.list()]
+        rows = [version_row(v, served_model, version_targets(self.registry, v)) for v in self.registry.list()]
         for meta in self._staged():
             if not meta.get("ref"):
                 rows.append(public_row(meta))
@@ -255,8 +256,9 @@ def public_row(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def version_row(version: Any, served_model: str) -> dict[str, Any]:
-    """A registered adapter version in Cloudflare's ``Finetune`` shape (plus its registry fields)."""
+def version_row(version: Any, served_model: str, export_targets: list[str]) -> dict[str, Any]:
+    """A registered adapter version in Cloudflare's ``Finetune`` shape (plus its registry fields and
+    ``export_targets``, what ``lora-kit adapters export --target`` can write it as)."""
     return {
         "id": version.id,
         "name": version.name,
@@ -271,4 +273,5 @@ def version_row(version: Any, served_model: str) -> dict[str, Any]:
         "rank": version.rank,
         "alpha": version.alpha,
         "target_modules": list(version.target_modules),
+        "export_targets": list(export_targets),
     }

@@ -27,7 +27,7 @@ from lora_kit.engine import (
     UnknownAdapter,
 )
 from lora_kit.engine.constraints import GrammarError
-from lora_kit.engine.types import InvalidAdapterReference, RequestFailed, ShuttingDown
+from lora_kit.engine.types import AdapterSpec, InvalidAdapterReference, RequestFailed, ShuttingDown
 from lora_kit.server import errors, sse
 from lora_kit.server.errors import ApiError
 from lora_kit.server.metrics import Metrics
@@ -59,11 +59,11 @@ class ServerRequest(GenerationRequest):
     tokenizing a body of megabytes takes seconds, which the event loop must not wait for."""
 
     render: Optional[Callable[[], list[int]]] = field(default=None, repr=False, compare=False)
+    # The engine replica that served it (Ray Serve; see ray_app), sent as a response header.
+    served_by: Optional[str] = field(default=None, compare=False)
 
 
-def engine_request(
-    tokenizer: Any, req: GenerationBody, adapter: Optional[str], max_tokens_cap: int
-) -> GenerationRequest:
+def engine_request(tokenizer: Any, req: GenerationBody, adapter: AdapterSpec, max_tokens_cap: int) -> GenerationRequest:
     """The engine request for a validated body of either API; 5006/400 for what the engine cannot take.
 
     Checked in this order: ``response_format``, the sampling settings, then the prompt's rendering,
@@ -104,6 +104,14 @@ def prompt_ids(tokenizer: Any, req: GenerationBody, tools: Optional[list[dict]])
         return chat.render_prompt(tokenizer, req.prompt_text(), raw=True)
     except chat.ChatError as err:
         raise errors.bad_input(f"{req.PROMPT_FIELD}: {err}", req.PROMPT_FIELD) from err
+
+
+def adapter_label(spec: AdapterSpec) -> Optional[str]:
+    """How metrics and the access log name what a request ran with: its reference, or a mix's
+    references joined by ``+`` (no scales: one series per set of adapters, not per weighting)."""
+    if spec is None or isinstance(spec, str):
+        return spec
+    return "+".join(entry.ref for entry in spec)
 
 
 def engine_error(err: Exception, adapter: Optional[str] = None, request_id: Optional[str] = None) -> ApiError:
@@ -210,16 +218,17 @@ class Runner:
         except GrammarError as err:
             raise errors.bad_input(str(err), err.field) from err
         except Exception as err:  # noqa: BLE001
-            raise engine_error(err, request.adapter, request.request_id) from err
+            raise engine_error(err, adapter_label(request.adapter), request.request_id) from err
         try:
             first = await events.__anext__()
         except StopAsyncIteration:
             first = None
         except Exception as err:  # noqa: BLE001
             await _close(events)
-            raise engine_error(err, request.adapter, request.request_id) from err
-        self.metrics.record_first_token(request.adapter, time.monotonic() - started)
-        return self._follow(first, events, request.adapter)
+            raise engine_error(err, adapter_label(request.adapter), request.request_id) from err
+        label = adapter_label(request.adapter)
+        self.metrics.record_first_token(label, time.monotonic() - started)
+        return self._follow(first, events, label)
 
     async def _follow(
         self, first: Optional[GenerationOutput], events: AsyncIterator[GenerationOutput], adapter: Optional[str]
@@ -250,7 +259,7 @@ class Runner:
             except ApiError:
                 raise
             except Exception as err:  # noqa: BLE001
-                raise engine_error(err, request.adapter, request.request_id) from err
+                raise engine_error(err, adapter_label(request.adapter), request.request_id) from err
             finally:
                 await _close(events)
             return done
@@ -334,10 +343,16 @@ async def respond(
     if gen.request_id is None:  # the engine logs under the id of the access log and X-Request-Id
         gen.request_id = getattr(request.state, "request_id", None)
     if stream:
-        events = await runner.stream(gen)
-        return StreamingResponse(sse_stream(events, shape), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        events = await runner.stream(gen)  # primed: the first event (and the replica) is known
+        headers = sse.HEADERS | _served_by(gen)
+        return StreamingResponse(sse_stream(events, shape), media_type=sse.MEDIA_TYPE, headers=headers)
     done = await runner.complete(gen, disconnect_waiter(request))
-    return JSONResponse(shape.body(done))
+    return JSONResponse(shape.body(done), headers=_served_by(gen))
+
+
+def _served_by(gen: GenerationRequest) -> dict[str, str]:
+    replica = getattr(gen, "served_by", None)
+    return {"X-Lora-Kit-Replica": replica} if replica else {}
 
 
 async def _close(events: Any) -> None:

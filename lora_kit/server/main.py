@@ -135,14 +135,21 @@ def serve(args: Any) -> int:
     from lora_kit.engine.threads import dedicate_cpu_threads
     from lora_kit.registry import Registry
     from lora_kit.server.app import begin_shutdown, create_app
+    from lora_kit.server.ray_config import ReplicaConfig
 
-    dedicate_cpu_threads()  # the decode loop gets the cores; this thread only serves HTTP
     configure_logging(args.log_level)
     token = args.api_token or os.environ.get(TOKEN_ENV) or None
+    replicas = ReplicaConfig.from_cli_args(args)
+    if replicas.replicas:
+        from lora_kit.server.ray_app import serve_replicated
+
+        return serve_replicated(args, replicas, token)
+    dedicate_cpu_threads()  # the decode loop gets the cores; this thread only serves HTTP
     engine = Engine(EngineConfig.from_cli_args(args))
     engine.start()
     try:
-        app = create_app(engine, Registry(), api_token=token, max_tokens_cap=args.max_tokens_cap)
+        serve_ui = not getattr(args, "no_ui", False)
+        app = create_app(engine, Registry(), api_token=token, max_tokens_cap=args.max_tokens_cap, serve_ui=serve_ui)
         sock = bind_socket(args.host, args.port)
         host, port = sock.getsockname()[:2]
         server = uvicorn_server(
@@ -155,7 +162,8 @@ def serve(args: Any) -> int:
         )
         print(
             f"lora-kit: serving {engine.model_name} on http://{host}:{port} "
-            f"(Cloudflare: /client/v4/accounts/<id>/ai/run/<model>, OpenAI: /v1; auth {'on' if token else 'off'})",
+            f"(Cloudflare: /client/v4/accounts/<id>/ai/run/<model>, OpenAI: /v1; auth {'on' if token else 'off'}"
+            f"{f'; playground: http://{host}:{port}/' if serve_ui else ''})",
             file=sys.stderr,
             flush=True,
         )

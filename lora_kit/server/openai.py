@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from lora_kit.engine.types import AdapterSpec
 from lora_kit.server import errors
 from lora_kit.server.auth import require_token
 from lora_kit.server.bodies import read_json
@@ -23,17 +24,18 @@ from lora_kit.server.errors import ApiError
 from lora_kit.server.generation import (
     Completion,
     ResponseShape,
+    adapter_label,
     engine_request,
     model_matches,
     openai_tool_calls,
     respond,
 )
 from lora_kit.server.openapi import errors_for, json_body
-from lora_kit.server.schemas import ChatCompletionRequest, CompletionRequest, parse
+from lora_kit.server.schemas import ChatCompletionRequest, CompletionRequest, LoraWeight, parse
 from lora_kit.server.state import ServerState
 
 
-async def resolve_adapter(state: ServerState, model: str, lora: Optional[str]) -> Optional[str]:
+async def resolve_adapter(state: ServerState, model: str, lora: Union[str, list[LoraWeight], None]) -> AdapterSpec:
     """The adapter a request names through ``model`` or ``lora``; 404 ``model_not_found`` if none fits."""
     if model_matches(model, state.served_model):
         return await state.resolve_lora(lora)
@@ -166,7 +168,7 @@ async def _generate(
     state: ServerState, request: Request, req: Union[ChatCompletionRequest, CompletionRequest], endpoint: Endpoint
 ) -> Response:
     adapter = await resolve_adapter(state, req.model, req.lora)
-    request.state.adapter = adapter
+    request.state.adapter = adapter_label(adapter)
     gen = engine_request(state.engine.tokenizer, req, adapter, state.max_tokens_cap)
     return await respond(state.runner, request, gen, req.stream, OpenAIShape(endpoint, req.model, req.include_usage()))
 
@@ -177,6 +179,8 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/models", responses=errors_for("openai"))
     async def list_models() -> Any:
+        from lora_kit.registry.targets import version_targets
+
         created = int(time.time())
         data: list[dict[str, Any]] = [
             {
@@ -193,9 +197,11 @@ def router(state: ServerState) -> APIRouter:
         for v in versions:
             latest[v.name] = v  # list() is ordered by name, then version
         for v in versions:
+            # what the version can be exported to (cached by content: cheap on every listing)
+            targets = {"export_targets": version_targets(state.registry, v)}
             if latest[v.name] is v:
-                data.append(_adapter_model(v.name, v, state.served_model))
-            data.append(_adapter_model(v.ref, v, state.served_model))
+                data.append({**_adapter_model(v.name, v, state.served_model), **targets})
+            data.append({**_adapter_model(v.ref, v, state.served_model), **targets})
         return {"object": "list", "data": data}
 
     @api.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest, api="openai"))

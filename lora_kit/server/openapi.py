@@ -19,8 +19,10 @@ from lora_kit.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     FinetuneCreate,
+    LoadLoraAdapter,
     MessagesRequest,
     PromptRequest,
+    UnloadLoraAdapter,
 )
 
 REF = "#/components/schemas/{model}"
@@ -30,6 +32,8 @@ BODY_MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     CompletionRequest,
     FinetuneCreate,
+    LoadLoraAdapter,
+    UnloadLoraAdapter,
 )
 
 CLOUDFLARE_ERROR = {
@@ -71,7 +75,7 @@ OPENAI_ERROR = {
 ERROR_STATUSES = {  # lora_kit.server.errors
     "400": "5006 invalid input (names the field), 5007 no such model, 3039 missing fine-tune files",
     "401": "10000 missing or wrong bearer token",
-    "404": "3037 no such fine-tune, 7003 no such route",
+    "404": "3037 no such fine-tune or adapter, 7003 no such route",
     "405": "7001 method not allowed",
     "413": "3006 body or file too large",
     "429": "3040 queue full (Retry-After)",

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lora_kit.engine import SamplingParams
 from lora_kit.engine.constraints import MAX_SCHEMA_BYTES
+from lora_kit.engine.types import MAX_MIX_ADAPTERS, MAX_MIX_SCALE
 from lora_kit.server import errors
 
 MAX_TEXT = 131072  # maxLength of `prompt` and of a message's `content` in the v0.1 schema
@@ -36,6 +37,26 @@ def _strict_bool(value: Any) -> Any:
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class LoraWeight(BaseModel):
+    """One adapter of a weighted mix: ``{"name": "a", "scale": 0.7}`` (unknown keys refused: a typo
+    such as ``weight`` must not silently mean scale 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    scale: float = Field(default=1.0, ge=-MAX_MIX_SCALE, le=MAX_MIX_SCALE, allow_inf_nan=False)
+
+
+# ``lora``: an adapter reference, or a weighted mix of up to MAX_MIX_ADAPTERS adapters whose
+# LoRA deltas are added, each times its scale (llama.cpp's per-request scales; see README).
+LoraField = Optional[
+    Union[
+        Annotated[str, Field(min_length=1)],
+        Annotated[list[LoraWeight], Field(min_length=1, max_length=MAX_MIX_ADAPTERS)],
+    ]
+]
 
 
 class ContentPart(_Lenient):
@@ -217,7 +238,7 @@ class Sampling(_Lenient):
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     raw: bool = False
     stream: bool = False
-    lora: Optional[str] = Field(default=None, min_length=1)
+    lora: LoraField = None
     response_format: Optional[ResponseFormat] = None
     # Not in Cloudflare's schema (vLLM's extension): keep generating past end-of-sequence
     # until max_tokens, for load tests and benchmarks with fixed output lengths.
@@ -292,7 +313,7 @@ class OpenAISampling(_Lenient):
         return _strict_bool(value)
 
     stream_options: Optional[dict[str, Any]] = None
-    lora: Optional[str] = Field(default=None, min_length=1)
+    lora: LoraField = None
     response_format: Optional[ResponseFormat] = None
 
     def stop_list(self) -> list[str]:
@@ -376,3 +397,21 @@ def parse(model: type[Body], body: dict[str, Any]) -> Body:
         return model.model_validate(body)
     except ValidationError as err:
         raise errors.bad_input(describe_validation_error(err)) from None
+
+
+# -- the runtime adapter API (vLLM's bodies; see lora_kit.server.runtime_adapters) --
+
+
+class LoadLoraAdapter(BaseModel):
+    """vLLM's body (``lora_int_id`` and other vLLM keys are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: Optional[str] = Field(default=None, min_length=1, max_length=4096)
+
+
+class UnloadLoraAdapter(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1, max_length=128)

@@ -96,7 +96,8 @@ class TrainSection(_Section):
 
 
 class EvalSection(_Section):
-    task_metric: Literal["exact_match", "none"] = "exact_match"
+    # Measured through the serving engine (lora_kit.evaluation.metrics: the same names as `lora-kit eval`).
+    task_metric: Literal["exact_match", "json_fields", "contains", "none"] = "exact_match"
     max_examples: int = Field(30, ge=0)
     max_new_tokens: int = Field(32, ge=1)
     compare_base: bool = True

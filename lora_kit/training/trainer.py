@@ -31,7 +31,19 @@ from typing import Any
 import torch
 
 from lora_kit import models, paths
+from lora_kit.engine.adapters import mapping_resolver
 from lora_kit.errors import LoraKitError
+from lora_kit.evaluation.cases import EvalCase, case_of, file_sha256
+from lora_kit.evaluation.metrics import EvalError, check_references
+from lora_kit.evaluation.runner import (
+    BASE_REF,
+    EvalReport,
+    precision_of,
+    record,
+    release_memory,
+    serving_precision,
+)
+from lora_kit.evaluation.runner import evaluate as evaluate_refs
 from lora_kit.training import checkpoint, data, evaluate, metrics, packing
 from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
 
@@ -195,6 +207,7 @@ class Trainer:
             data.build(tok, self.eval_records, recipe.data, "eval") if self.eval_records else ([], None)
         )
         self._check_audit()
+        self._check_task_eval_data()
         self.rows = packing.rows_for(train_examples, recipe.data.max_seq_len, recipe.data.packing)
         micro_per_epoch = math.ceil(len(self.rows) / (tcfg.micro_batch_size * self.world))
         steps_per_epoch = math.ceil(micro_per_epoch / tcfg.gradient_accumulation_steps)
@@ -422,14 +435,16 @@ class Trainer:
         adapter_dir = self.run_dir / "adapter"
         ref = None
         if self.main:
-            self._task_eval(run_metrics)
             if "eval_loss" in run_metrics:
                 self._say(f"eval loss: {run_metrics['eval_loss']:.4f}   train loss: {self.last_loss:.4f}")
-            run_metrics["wall_s"] = round(time.time() - self.t_start, 1)
             self.metrics_logger.close()
             metrics.plot_losses(self.run_dir)
             export_adapter(self.peft_model, self.tokenizer, self.recipe, adapter_dir)
+            reports = self._task_eval(adapter_dir, run_metrics)
+            run_metrics["wall_s"] = round(time.time() - self.t_start, 1)
             ref = self._record(adapter_dir, run_metrics)
+            if ref is not None:
+                self._record_evals(ref, reports)
         self.accelerator.wait_for_everyone()
         if self.world > 1:
             torch.distributed.destroy_process_group()
@@ -448,6 +463,14 @@ class Trainer:
         if ev is not None:
             run_metrics["eval_loss"] = ev
             self.metrics_logger.log({"step": self.total_steps, "eval_loss": round(ev, 6)})
+        # A compact train-loss curve [[step, loss], ...] (<= 200 points, the last step kept) goes
+        # into the lineage, so a registry viewer draws it without the run directory.
+        log_path = self.run_dir / metrics.METRICS_FILE
+        if self.main and log_path.exists():
+            rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            points = [[r["step"], round(float(r["loss"]), 6)] for r in rows if "loss" in r]
+            stride = max(1, math.ceil((len(points) - 1) / 199))
+            run_metrics["loss_curve"] = points[:-1][::stride] + points[-1:]
         return run_metrics
 
     def _log_checksum(self) -> None:
@@ -458,31 +481,96 @@ class Trainer:
         weights = b"".join(v.detach().cpu().float().numpy().tobytes() for _, v in sorted(state.items()))
         logger.info("[rank %d] adapter checksum %s", self.rank, hashlib.sha256(weights).hexdigest())
 
-    def _task_eval(self, run_metrics: dict[str, Any]) -> None:
-        """Held-out exact match of the adapter (and of the base, to compare), into ``run_metrics``."""
+    def _task_eval(self, adapter_dir: Path, run_metrics: dict[str, Any]) -> list[EvalReport]:
+        """The held-out task metric of the exported adapter (and of the base, to compare), through the
+        serving engine at the server's default precision, and at the training precision when it
+        differs; into ``run_metrics``. Returns one report per precision (serving first)."""
         ecfg = self.recipe.eval
-        if not (self.eval_records and ecfg.task_metric == "exact_match" and ecfg.max_examples):
-            return
-        convs = [data.to_messages(r, self.recipe.data, i) for i, r in enumerate(self.eval_records[: ecfg.max_examples])]
-
-        def exact_match(use_adapter: bool) -> dict[str, Any]:
-            return evaluate.exact_match(
-                self.peft_model, self.tokenizer, convs, ecfg.max_new_tokens, self.device, use_adapter=use_adapter
+        if not (self.eval_records and ecfg.task_metric != "none" and ecfg.max_examples):
+            return []
+        cases = self._task_cases()
+        refs = [ADAPTER_REF, BASE_REF] if ecfg.compare_base else [ADAPTER_REF]
+        served, trained = serving_precision(), precision_of(self.recipe.model.quantization, self.compute_dtype)
+        data_sha256, data_name = self._eval_data_fingerprint()
+        # The training model is gone (see _release_training_model): each precision loads the base
+        # afresh, as a server would, and frees it before the next one.
+        self._release_training_model()
+        reports = []
+        for precision in dict.fromkeys([served, trained]):
+            report = evaluate_refs(
+                self.recipe.model.base,
+                refs,
+                cases,
+                metric=ecfg.task_metric,
+                precision=precision,
+                max_tokens=ecfg.max_new_tokens,
+                adapter_resolver=mapping_resolver({ADAPTER_REF: adapter_dir}),
             )
+            report.data_sha256, report.data_name = data_sha256, data_name
+            self._say_eval(report, "as served" if precision == served else "as trained")
+            reports.append(report)
+        run_metrics.update(task_eval_metrics(reports, served, trained))
+        answers = {r.precision: r.to_dict(limit=None) for r in reports}  # every answer, for a look afterwards
+        (self.run_dir / "task_eval.json").write_text(json.dumps(answers, indent=2))
+        return reports
 
-        adapter_em = exact_match(True)
-        run_metrics["eval_exact_match"] = adapter_em["exact_match"]
-        header = f"held-out exact match ({adapter_em['n']} examples): "
-        if ecfg.compare_base:
-            base_em = exact_match(False)
-            run_metrics["base_exact_match"] = base_em["exact_match"]
-            self._say(header + f"base {base_em['exact_match']:.1%}  ->  adapter {adapter_em['exact_match']:.1%}")
-            for s in base_em["samples"][:2]:
-                self._say(f"  base    : {s['got']!r}   (expected {s['expected']!r})")
+    def _check_task_eval_data(self) -> None:
+        """Refuse, before training, held-out replies the task metric cannot score (json_fields: not JSON)."""
+        ecfg = self.recipe.eval
+        if not (self.eval_records and ecfg.task_metric != "none" and ecfg.max_examples):
+            return
+        try:
+            check_references(ecfg.task_metric, [c.reference for c in self._task_cases()])
+        except EvalError as err:
+            raise TrainError(f"eval.task_metric {ecfg.task_metric}: {err}") from None
+
+    def _task_cases(self) -> list[EvalCase]:
+        """The held-out examples the task metric is measured on (the first ``eval.max_examples``)."""
+        records = self.eval_records[: self.recipe.eval.max_examples]
+        return [case_of(data.to_messages(r, self.recipe.data, i), f"eval example {i}") for i, r in enumerate(records)]
+
+    def _release_training_model(self) -> None:
+        """Drop the training model, optimizer and their accelerate references before the eval engine
+        loads the base: a 7B base on a GPU cannot be held twice (NF4 for training plus bf16 for
+        serving). Reusing the training weights is no option: they are PEFT-wrapped and quantized
+        as trained, not as served. The adapter is already exported; nothing after this needs them."""
+        self.accelerator.free_memory()
+        self.model = self.peft_model = self.optimizer = self.scheduler = self.params = None  # type: ignore[assignment]
+        release_memory()
+
+    def _eval_data_fingerprint(self) -> tuple[str, str]:
+        """(sha256, name) of the held-out data: the eval file's bytes when it is one local file (what
+        ``lora-kit eval --data FILE`` records), else the canonical JSON of the held-out records."""
+        source = self.recipe.data.eval
+        if isinstance(source, str) and Path(source).expanduser().is_file():
+            return file_sha256(Path(source).expanduser()), source
+        return data.fingerprint(self.eval_records), "held-out split" if source is None else str(source)
+
+    def _say_eval(self, report: EvalReport, how: str) -> None:
+        """The comparison line (base -> adapter) of one precision, and two sample answers."""
+        adapter = report.result(ADAPTER_REF)
+        header = f"held-out {report.metric.replace('_', ' ')} ({adapter.result.n} examples): "
+        low, high = adapter.result.ci
+        detail = f"  (95% CI {low:.1%}-{high:.1%}; {report.precision}, {how})"
+        if adapter.result.field_score is not None:
+            detail += f"; fields {adapter.result.field_score:.1%}"
+        if len(report.results) > 1:
+            base = report.result(BASE_REF)
+            self._say(header + f"base {base.result.score:.1%}  ->  adapter {adapter.result.score:.1%}" + detail)
+            for answer, case in list(zip(base.answers, report.cases))[:2]:
+                self._say(f"  base    : {answer!r}   (expected {case.reference!r})")
         else:
-            self._say(header + f"adapter {adapter_em['exact_match']:.1%}")
-        for s in adapter_em["samples"][:2]:
-            self._say(f"  adapter : {s['got']!r}   (expected {s['expected']!r})")
+            self._say(header + f"adapter {adapter.result.score:.1%}" + detail)
+        for answer, case in list(zip(adapter.answers, report.cases))[:2]:
+            self._say(f"  adapter : {answer!r}   (expected {case.reference!r})")
+
+    def _record_evals(self, ref: str, reports: list[EvalReport]) -> None:
+        """Keep the adapter's eval results in the registry with the version, per precision."""
+        from lora_kit.registry import Registry
+
+        registry = Registry()
+        for report in reports:
+            record(registry, report, as_ref={ADAPTER_REF: ref})
 
     def _record(self, adapter_dir: Path, run_metrics: dict[str, Any]) -> str | None:
         """lineage.json, the registration (NAME@VERSION or None), done.json; then drop the checkpoints."""
@@ -508,6 +596,32 @@ class Trainer:
             "metrics": run_metrics,
             "run_dir": str(self.run_dir),
         }
+
+
+ADAPTER_REF = "adapter"  # the freshly exported adapter, by its name in the eval's mapping resolver
+
+
+def task_eval_metrics(reports: list[EvalReport], served: str, trained: str) -> dict[str, Any]:
+    """The run metrics of the task eval: ``eval_<metric>`` / ``base_<metric>`` at the serving
+    precision (what users get), and ``task_eval``: every precision's results, named."""
+    metric = reports[0].metric
+    out: dict[str, Any] = {
+        "task_eval": {
+            "metric": metric,
+            "n": len(reports[0].cases),
+            "data": reports[0].data_name,
+            "data_sha256": reports[0].data_sha256,
+            "max_tokens": reports[0].max_tokens,
+            "serving_precision": served,
+            "training_precision": trained,
+            "results": {r.precision: {res.ref: res.result.to_dict() for res in r.results} for r in reports},
+        }
+    }
+    serving = reports[0]
+    out[f"eval_{metric}"] = serving.result(ADAPTER_REF).result.score
+    if len(serving.results) > 1:
+        out[f"base_{metric}"] = serving.result(BASE_REF).result.score
+    return out
 
 
 def train(recipe: Recipe, resume: bool | None = None, log: Callable[[str], None] | None = None) -> TrainResult:

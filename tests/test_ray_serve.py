@@ -1,0 +1,206 @@
+"""``lora-kit serve --replicas 2``: a gateway and two engine replicas on a real local Ray.
+
+The CLI runs in its own process (its own Ray), with the embedded model, two random PEFT
+adapters and a bearer token; this test joins that Ray only to read the adapter directory and
+to kill a replica. References come from a single-process engine over the same registry.
+Each replica runs with one torch thread (``--replica-cpus 1``), so two fit on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[dev]')")
+
+from test_server import ACCOUNT, MODEL, QUESTION, RUN, make_adapter, sse_payloads  # noqa: E402
+
+TOKEN = "ray-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MIX = [{"name": "alpha", "scale": 0.5}, {"name": "beta", "scale": 0.5}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def reference_answers(registry_root) -> dict:
+    """Greedy answers (6 tokens) of a single-process engine over the same registry."""
+    from lora_kit import chat
+    from lora_kit.engine import AdapterWeight, Engine, EngineConfig, GenerationRequest, SamplingParams
+
+    engine = Engine(EngineConfig(MODEL, max_slots=4), registry_root=registry_root)
+    ids = chat.render(engine.tokenizer, QUESTION, add_generation_prompt=True).input_ids
+    mix = [AdapterWeight("alpha@1", 0.5), AdapterWeight("beta@1", 0.5)]
+    try:
+        return {
+            lora if isinstance(lora, str) or lora is None else "mix": engine.generate_sync(
+                GenerationRequest(ids, SamplingParams(max_tokens=6), adapter=lora)
+            ).text
+            for lora in (None, "alpha", "beta", mix)
+        }
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from lora_kit import paths
+    from lora_kit.registry import Registry
+
+    root = tmp_path_factory.mktemp("ray")
+    home = root / "home"
+    home.mkdir()
+    (home / "models").symlink_to(paths.models_dir())
+    (home / "kernels").symlink_to(paths.kernels_dir())
+    registry = Registry(home / "registry")
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        registry.register(make_adapter(root / name, seed), name, base_model=MODEL)
+    want = reference_answers(registry.root)
+    port = free_port()
+    env = {**os.environ, "LORA_KIT_HOME": str(home), "LORA_KIT_API_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
+    command = ["serve", "--replicas", "2", "--replica-cpus", "1", "--slots", "4", "--port", str(port)]
+    log = (root / "serve.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_kit", *command],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: "serving" in (root / "serve.log").read_text() or proc.poll() is not None, 300)
+        assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
+        import ray
+
+        ray.init(address="auto", namespace="lora-kit", log_to_driver=False)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=120) as http:
+            yield {"url": url, "http": http, "want": want, "root": root, "registry": registry, "proc": proc}
+        ray.shutdown()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, (root / "serve.log").read_text()[-3000:]
+        assert "server stopped" in (root / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def ask(http, lora, **extra):
+    body = {"messages": QUESTION, "max_tokens": 6, "temperature": 0, **({"lora": lora} if lora else {}), **extra}
+    return http.post(RUN + MODEL, json=body)
+
+
+def replica_reports() -> dict:
+    import ray
+
+    from lora_kit.server.ray_app import directory_actor
+
+    return ray.get(directory_actor().replicas.remote())
+
+
+def test_answers_equal_the_single_process_and_adapters_stick_to_a_replica(cluster):
+    http, want = cluster["http"], cluster["want"]
+    for lora in ("alpha", "beta"):
+        assert ask(http, lora).status_code == 200  # loads it on some replica
+    wait_for(lambda: len(replica_reports()) == 2, 60)  # both replicas report to the directory
+    seen: dict[str, set] = {"alpha": set(), "beta": set()}
+    for _ in range(20):  # Ray's router learns where each adapter lives within seconds
+        last = {lora: ask(http, lora).headers["x-lora-kit-replica"] for lora in seen}
+        if all(seen[lora] == {last[lora]} for lora in seen):
+            break
+        seen = {lora: {last[lora]} for lora in seen}
+        time.sleep(1)
+    for _ in range(3):
+        for lora in ("alpha", "beta"):
+            resp = ask(http, lora)
+            assert resp.json()["result"]["response"] == want[lora]
+            assert {resp.headers["x-lora-kit-replica"]} == seen[lora]  # affinity holds
+    base = ask(http, None)
+    assert base.json()["result"]["response"] == want[None] and base.headers["x-lora-kit-replica"]
+    assert ask(http, MIX).json()["result"]["response"] == want["mix"]
+    resident = [set(r["stats"]["resident_adapters"]) for r in replica_reports().values()]
+    assert any("alpha@1" in r for r in resident) and any("beta@1" in r for r in resident)
+    metrics = http.get("/metrics").text
+    assert 'lora_kit_requests_total{adapter="alpha@1",route="cloudflare.run",status="200"}' in metrics
+
+
+def test_sdks_stream_through_the_gateway_and_unknown_adapters_are_404(cluster):
+    import cloudflare
+    from openai import OpenAI
+
+    cf = cloudflare.Cloudflare(api_token=TOKEN, base_url=cluster["url"] + "/client/v4", max_retries=0)
+    with pytest.raises(cloudflare.NotFoundError) as err:
+        cf.ai.run(MODEL, account_id=ACCOUNT, messages=QUESTION, max_tokens=4, lora="nope")
+    assert err.value.body["errors"][0]["code"] == 3037
+    with cf.ai.with_streaming_response.run(
+        MODEL, account_id=ACCOUNT, messages=QUESTION, max_tokens=6, temperature=0, lora="beta", stream=True
+    ) as resp:
+        events = sse_payloads(resp.read().decode())
+    assert "".join(e["response"] for e in events if isinstance(e, dict)) == cluster["want"]["beta"]
+    oa = OpenAI(base_url=cluster["url"] + "/v1", api_key=TOKEN, max_retries=0)
+    chunks = oa.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=6, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == cluster["want"]["alpha"]
+
+
+def test_runtime_load_and_unload_reach_every_replica(cluster):
+    http = cluster["http"]
+    gamma = make_adapter(cluster["root"] / "gamma", 3)
+    body = {"lora_name": "gamma", "lora_path": str(gamma)}
+    with httpx.Client(base_url=cluster["url"], timeout=60) as anonymous:
+        assert anonymous.post("/v1/load_lora_adapter", json=body).status_code == 401
+        assert anonymous.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 401
+    assert http.post("/v1/load_lora_adapter", json=body).status_code == 200
+    answers = {ask(http, "gamma").json()["result"]["response"] for _ in range(2)}
+    assert len(answers) == 1 and [v.ref for v in cluster["registry"].list() if v.name == "gamma"] == ["gamma@1"]
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
+    gone = ask(http, "gamma")
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == 3037
+    for report in replica_reports().values():  # every replica has freed the slot
+        assert "gamma@1" not in report["stats"]["resident_adapters"]
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
+    assert ask(http, "gamma").json()["result"]["response"] in answers
+
+
+def test_a_killed_replica_fails_its_requests_and_others_carry_on(cluster):
+    import ray
+
+    http = cluster["http"]
+    body = {"messages": QUESTION, "max_tokens": 4000, "ignore_eos": True, "temperature": 0, "lora": "beta"}
+    lines: list[str] = []
+    with http.stream("POST", RUN + MODEL, json={**body, "stream": True}) as stream:
+        replica = stream.headers["x-lora-kit-replica"]
+        events = stream.iter_lines()
+        while len([line for line in lines if line]) < 3:
+            lines.append(next(events))
+        named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + replica)]
+        assert len(named) == 1, named
+        ray.kill(ray.get_actor(named[0]["name"], namespace=named[0]["namespace"]), no_restart=True)
+        reader = threading.Thread(target=lambda: lines.extend(events))
+        reader.start()
+        reader.join(60)
+        assert not reader.is_alive(), "the stream hung after its replica died"
+    error = sse_payloads("\n".join(lines) + "\n")[-1]
+    assert error["errors"][0]["code"] == 3001 and "request id" in error["errors"][0]["message"]
+    for lora in ("beta", "alpha", None):  # the next requests go to a live replica
+        resp = ask(http, lora)
+        assert resp.status_code == 200 and resp.json()["result"]["response"] == cluster["want"][lora]
