@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 _configured = False
 
@@ -23,6 +24,23 @@ class _OptionalKernelNotice(logging.Filter):
         return "gemm_4bit_forward from kernels-community" not in record.getMessage()
 
 
+class StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to ``sys.stderr`` as it is when a record is emitted, not as it
+    was when the handler was made: in-process callers (tests, embedding apps) swap and close
+    ``sys.stderr``, and a handler bound to a closed stream fails on every later record."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # logging.StreamHandler.__init__ assigns it
+        pass
+
+
 def configure(level: str = "info") -> None:
     """Send ``lora_kit.*`` records at ``level`` and above to stderr as plain lines (idempotent)."""
     global _configured
@@ -31,7 +49,7 @@ def configure(level: str = "info") -> None:
     if _configured:
         return
     _configured = True
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
     root.propagate = False

@@ -13,12 +13,14 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
+from lora_kit.logs import StderrHandler
+
 TOKEN_ENV = "LORA_KIT_API_TOKEN"
 
 
 def configure_logging(level: str = "info") -> None:
     """Access log lines (JSON), server and engine messages on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()  # the current sys.stderr at each record (tests swap and close it)
     handler.setFormatter(logging.Formatter("%(message)s"))
     for name in ("lora_kit.access", "lora_kit.server", "lora_kit.engine"):
         log = logging.getLogger(name)
