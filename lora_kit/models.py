@@ -178,8 +178,15 @@ def load_tokenizer(spec: str, log: Callable[[str], None] | None = None) -> PreTr
         raise ModelError(f"could not load the tokenizer of '{spec}': {err}") from err
 
 
-def quantization_config(quantization: Quantization, double_quant: bool, compute_dtype: torch.dtype) -> Any:
-    """A bitsandbytes 4-bit config, or None for full precision."""
+def quantization_config(
+    quantization: Quantization, double_quant: bool, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None
+) -> Any:
+    """A bitsandbytes 4-bit config, or None for full precision.
+
+    ``quant_storage`` is the dtype the packed 4-bit weights are stored as (default uint8). FSDP
+    needs a float dtype, the same as every other parameter's, so the packed weights shard and
+    all-gather like any tensor (bitsandbytes' ``bnb_4bit_quant_storage``).
+    """
     if quantization == "none":
         return None
     if quantization not in ("nf4", "fp4"):
@@ -191,6 +198,7 @@ def quantization_config(quantization: Quantization, double_quant: bool, compute_
         bnb_4bit_quant_type=quantization,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 
@@ -202,11 +210,12 @@ def load_model(
     device: torch.device | None = None,
     log: Callable[[str], None] | None = None,
     attn_implementation: str | None = None,
+    quant_storage: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM: 4-bit (NF4/FP4, bitsandbytes) or full precision, on ``device``.
 
     ``attn_implementation`` ("sdpa", "eager", ...) picks the attention kernel; None or "auto"
-    leaves transformers' default for the architecture.
+    leaves transformers' default for the architecture. ``quant_storage``: see :func:`quantization_config`.
     """
     from transformers import AutoModelForCausalLM
 
@@ -216,7 +225,7 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": compute_dtype, "trust_remote_code": False}
     if attn_implementation not in (None, "auto"):
         kwargs["attn_implementation"] = attn_implementation
-    qconfig = quantization_config(quantization, double_quant, compute_dtype)
+    qconfig = quantization_config(quantization, double_quant, compute_dtype, quant_storage)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device}

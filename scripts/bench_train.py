@@ -7,12 +7,22 @@ loading excluded). The final eval loss of every adapter is measured by the same
 function (assistant tokens only, on the held-out file), so the numbers compare.
 
     python scripts/bench_train.py [--recipe recipes/demo-sentiment.yaml] [--epochs 1]
+
+With ``--strategy ddp fsdp --nproc 2`` it compares instead lora-kit on one process with lora-kit
+on ``--nproc`` processes (torchrun + gloo on the CPU, NCCL on GPUs) under each strategy: tokens/s
+(all ranks together) and the peak RSS of every rank, ``--max-steps`` optimizer steps each, the
+same global batch per step (the micro batch per rank is divided by the process count).
+
+    python scripts/bench_train.py --strategy ddp fsdp --nproc 2 [--max-steps 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,11 +126,66 @@ def run_trl(r, tokenizer, packing: bool) -> dict:
         }
 
 
+def run_launched(recipe: str, strategy: str, nproc: int, max_steps: int, micro_batch: int, port: int) -> dict:
+    """One `lora-kit train` in a subprocess (torchrun for several processes); tokens/s and per-rank peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        launcher = [sys.executable, "-m", "lora_kit"]
+        if nproc > 1:
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+            launcher = [*torchrun, "--master_port", str(port), "-m", "lora_kit"]
+        overrides = [
+            f"train.distributed={strategy}",
+            f"train.max_steps={max_steps}",
+            f"train.micro_batch_size={micro_batch}",
+            "train.optimizer=adamw",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+            "eval.task_metric=none",
+            "output.register_adapter=false",
+        ]
+        cmd = [*launcher, "train", recipe, "--run-dir", tmp, *[a for o in overrides for a in ("--set", o)]]
+        env = {**os.environ, "LORA_KIT_HOME": os.environ.get("LORA_KIT_HOME", str(Path(tmp) / "home"))}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        if out.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+        done = json.loads((Path(tmp) / "done.json").read_text())["metrics"]
+        rss = {int(r): float(mb) for r, mb in re.findall(r"\[rank (\d+)\] peak RSS ([\d.]+) MB", out.stderr)}
+        return {"tokens_per_s": done["tokens_per_s"], "train_loss": done["train_loss"], "peak_rss_mb": rss}
+
+
+def main_distributed(args: argparse.Namespace) -> None:
+    """Single process vs ``args.nproc`` processes under each of ``args.strategy``, same global batch."""
+    base = recipe_mod.load(args.recipe)
+    global_mb = base.train.micro_batch_size
+    if global_mb % args.nproc:
+        sys.exit(f"the recipe's micro batch {global_mb} does not divide over {args.nproc} processes")
+    rows = {"single process": run_launched(args.recipe, "none", 1, args.max_steps, global_mb, 29700)}
+    for i, strategy in enumerate(args.strategy):
+        name = f"{strategy}, {args.nproc} processes"
+        rows[name] = run_launched(args.recipe, strategy, args.nproc, args.max_steps, global_mb // args.nproc, 29701 + i)
+    print(
+        f"\nbase {base.model.base} ({base.model.quantization}), r={base.lora.r}, global micro batch {global_mb}, "
+        f"max_seq_len {base.data.max_seq_len}, {args.max_steps} steps, {os.cpu_count()} CPU cores"
+    )
+    print("| run | tokens/s (all ranks) | peak RSS per rank (MB) | final train loss |")
+    print("|---|---:|---|---:|")
+    for name, res in rows.items():
+        rss = ", ".join(f"{mb:.0f}" for _, mb in sorted(res["peak_rss_mb"].items()))
+        print(f"| {name} | {res['tokens_per_s']:.1f} | {rss} | {res['train_loss']:.4f} |")
+    print(json.dumps(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "demo-sentiment.yaml"))
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--strategy", nargs="+", choices=["ddp", "fsdp"], help="compare multi-process lora-kit instead")
+    ap.add_argument("--nproc", type=int, default=2, help="processes for --strategy")
+    ap.add_argument("--max-steps", type=int, default=20, help="optimizer steps per run for --strategy")
     args = ap.parse_args()
+    if args.strategy:
+        main_distributed(args)
+        return
     torch.set_num_threads(torch.get_num_threads())
     base = recipe_mod.load(args.recipe, [f"train.epochs={args.epochs}"])
     tokenizer = models.load_tokenizer(base.model.base)

@@ -31,7 +31,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from lora_kit.training import recipe as recipe_mod
 
     recipe = recipe_mod.load(args.recipe, args.set, name=args.name)
-    report = plan.plan(recipe, device=args.device)
+    report = plan.plan(recipe, device=args.device, strategy=args.strategy, world_size=args.world_size)
     if args.json:
         print_json(report)
     else:
@@ -61,5 +61,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="plan for this device (default: this machine's)"
+    )
+    p.add_argument("--world-size", type=int, default=1, help="processes (GPUs) to plan for; memory is per rank")
+    p.add_argument(
+        "--strategy",
+        choices=["none", "ddp", "fsdp"],
+        default=None,
+        help="how the processes share the work (default: the recipe's train.distributed, else ddp for several)",
     )
     p.set_defaults(func=cmd_plan)

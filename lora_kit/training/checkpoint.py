@@ -133,6 +133,69 @@ def save(
     return final
 
 
+# -- sharded (FSDP) checkpoints: one directory per rank, the rest as above -----------------------
+# A sharded checkpoint is written in three steps, with a barrier between them (the trainer's):
+# rank 0 creates the temp directory (begin_sharded), every rank writes its shard (save_shard),
+# rank 0 adds the shared files and renames it into place (commit_sharded). A kill at any point
+# leaves the previous complete checkpoint as the latest.
+
+
+def sharded_tmp(run_dir: Path, step: int) -> Path:
+    """The temp directory of sharded checkpoint ``step`` (a fixed name: every rank must find it)."""
+    return run_dir / "checkpoints" / f".step-{step:07d}-shards"
+
+
+def begin_sharded(tmp: Path) -> None:
+    """Rank 0: an empty temp directory for the shards (a leftover from a killed run is dropped)."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+
+def _rank_dir(path: Path, rank: int) -> Path:
+    return path / f"rank-{rank:05d}"
+
+
+def save_shard(
+    tmp: Path, rank: int, adapter_shard: dict[str, torch.Tensor], optimizer_shard: dict[str, Any], rng: dict[str, Any]
+) -> None:
+    """This rank's local shards of the LoRA weights and optimizer state, and its RNG state."""
+    out = _rank_dir(tmp, rank)
+    out.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter_shard.items()}, str(out / "adapter.safetensors"))
+    save_state(out, "optimizer", optimizer_shard)
+    save_state(out, "rng", rng)
+
+
+def commit_sharded(
+    tmp: Path, run_dir: Path, step: int, scheduler_state: dict[str, Any], meta: dict[str, Any], keep: int = 2
+) -> Path:
+    """Rank 0, after every rank saved its shard: the schedule and metadata, then the atomic rename."""
+    (tmp / "scheduler.json").write_text(json.dumps(scheduler_state))
+    (tmp / COMPLETE).write_text(json.dumps({**meta, "step": step}))
+    final = run_dir / "checkpoints" / f"step-{step:07d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_complete(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_shard(path: Path, rank: int) -> dict[str, Any]:
+    """What rank ``rank`` needs to resume from sharded checkpoint ``path`` (same keys as :func:`load`,
+    with this rank's shards and its own RNG state), on the CPU: the trainer copies each shard into
+    its parameter's (or optimizer state's) device."""
+    shard = _rank_dir(path, rank)
+    return {
+        "meta": json.loads((path / COMPLETE).read_text()),
+        "adapter": load_file(str(shard / "adapter.safetensors"), device="cpu"),
+        "optimizer": load_state(shard, "optimizer"),
+        "scheduler": json.loads((path / "scheduler.json").read_text()),
+        "rng": load_state(shard, "rng"),
+    }
+
+
 def list_complete(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (half-written temp dirs are ignored)."""
     root = run_dir / "checkpoints"

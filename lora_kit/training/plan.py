@@ -14,7 +14,7 @@ from typing import Any
 
 from lora_kit import models
 from lora_kit.training import data, packing
-from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
+from lora_kit.training.recipe import LINEAR_TARGETS, Recipe, RecipeError
 
 GiB = 1024**3
 
@@ -68,28 +68,39 @@ def module_dims(shape: dict[str, Any]) -> dict[str, tuple[int, int]]:
     }
 
 
-def estimate(
-    recipe: Recipe, shape: dict[str, Any], seq_len: int, cuda: bool, supervised_share: float = 1.0
-) -> list[tuple[str, float, str]]:
-    """Peak-memory terms as (name, bytes, formula).
+def _linear_params(shape: dict[str, Any]) -> int:
+    """Weights of the quantizable linear layers (every projection of every decoder layer)."""
+    return shape["num_hidden_layers"] * sum(a * b for a, b in module_dims(shape).values())
 
-    ``supervised_share`` (from the data audit) sizes the logits: the loss computes them only
-    at positions whose next token is supervised in some row of the micro-batch.
-    """
+
+def _other_params(shape: dict[str, Any]) -> tuple[int, int]:
+    """(embeddings + lm_head + final norm, the decoder layers' norms): kept unquantized."""
     L, h, V = shape["num_hidden_layers"], shape["hidden_size"], shape["vocab_size"]
-    heads, inter = shape["num_attention_heads"], shape["intermediate_size"]
+    return V * h * (1 if shape["tie_word_embeddings"] else 2) + h, L * 2 * h
+
+
+def _lora_params(recipe: Recipe, shape: dict[str, Any]) -> int:
     dims = module_dims(shape)
-    linear = L * sum(a * b for a, b in dims.values())
-    other = V * h * (1 if shape["tie_word_embeddings"] else 2) + L * 2 * h + h
-    compute_bytes = 2 if cuda else 4  # bf16 on CUDA, fp32 on the CPU
-    B, T = recipe.train.micro_batch_size, seq_len
+    targets = LINEAR_TARGETS if recipe.lora.target_modules == "all-linear" else list(recipe.lora.target_modules)
+    return shape["num_hidden_layers"] * sum(recipe.lora.r * (dims[t][0] + dims[t][1]) for t in targets if t in dims)
+
+
+def _quant_bits(recipe: Recipe) -> float:
+    """Bits per quantized weight: 4 + the block constants (absmax per 64 weights, double-quantized or fp32)."""
+    return 4 + (8 / 64 + 32 / (64 * 256) if recipe.model.double_quant else 32 / 64)
+
+
+def _replicated_weight_terms(recipe: Recipe, shape: dict[str, Any], compute_bytes: int) -> list[tuple[str, float, str]]:
+    """Weights, LoRA weights + grads and optimizer state of a full replica (one process, or a ddp rank)."""
+    linear, (root, norms) = _linear_params(shape), _other_params(shape)
+    other = root + norms
     terms: list[tuple[str, float, str]] = []
     if recipe.model.quantization == "none":
         terms.append(
             ("base weights", (linear + other) * compute_bytes, f"{linear + other:,} params x {compute_bytes} B")
         )
     else:
-        bits = 4 + (8 / 64 + 32 / (64 * 256) if recipe.model.double_quant else 32 / 64)
+        bits = _quant_bits(recipe)
         terms.append(
             (
                 "4-bit linear weights",
@@ -99,11 +110,74 @@ def estimate(
         )
         # prepare_model_for_kbit_training upcasts the non-quantized parts to fp32.
         terms.append(("embeddings, lm_head, norms (fp32)", other * 4, f"{other:,} params x 4 B"))
-    targets = LINEAR_TARGETS if recipe.lora.target_modules == "all-linear" else list(recipe.lora.target_modules)
-    lora = L * sum(recipe.lora.r * (dims[t][0] + dims[t][1]) for t in targets if t in dims)
+    lora = _lora_params(recipe, shape)
     opt_bytes = 2 if recipe.train.optimizer == "paged_adamw_8bit" else 8
     terms.append(("LoRA weights + grads (fp32)", lora * 8, f"{lora:,} params x (4 + 4) B"))
     terms.append(("optimizer states", lora * opt_bytes, f"{lora:,} params x {opt_bytes} B ({recipe.train.optimizer})"))
+    return terms
+
+
+def _sharded_weight_terms(
+    recipe: Recipe, shape: dict[str, Any], compute_bytes: int, world: int
+) -> list[tuple[str, float, str]]:
+    """One fsdp rank (training/fsdp.py: every decoder layer one FSDP unit, the root another).
+
+    Sharded 1/world: the packed 4-bit weights, the layer norms, LoRA weights, grads and AdamW
+    state. Not sharded: the 4-bit block constants (bitsandbytes keeps them on the module, on every
+    rank), and the root unit (embeddings, lm_head, final norm), which FSDP2 keeps gathered from
+    forward to backward. Gathered for the step: two decoder layers (the running one, the prefetched).
+    """
+    L, (root, norms), lora = shape["num_hidden_layers"], _other_params(shape), _lora_params(recipe, shape)
+    linear, n = _linear_params(shape), world
+    other_bytes = compute_bytes if recipe.model.quantization == "none" else 4  # kbit preparation upcasts to fp32
+    terms: list[tuple[str, float, str]] = []
+    if recipe.model.quantization == "none":
+        terms.append(("base linear weights (1/N)", linear * compute_bytes / n, f"{linear:,} x {compute_bytes} B / {n}"))
+        layer_bytes = linear / L * compute_bytes
+    else:
+        extra = _quant_bits(recipe) - 4
+        terms.append(("4-bit linear weights (1/N)", linear * 4 / 8 / n, f"{linear:,} params x 4 bits / {n}"))
+        terms.append(("4-bit block constants (replicated)", linear * extra / 8, f"{linear:,} x {extra:.3f} bits"))
+        layer_bytes = linear / L * 4 / 8
+    terms.append(("embeddings, lm_head (root unit, gathered)", root * other_bytes, f"{root:,} x {other_bytes} B"))
+    terms.append(("layer norms (1/N)", norms * other_bytes / n, f"{norms:,} x {other_bytes} B / {n}"))
+    layer_bytes += (lora / L + 2 * shape["hidden_size"]) * 4
+    terms.append(
+        ("2 decoder layers gathered", 2 * layer_bytes * (n - 1) / n, f"2 x {layer_bytes:,.0f} B x {n - 1}/{n}")
+    )
+    opt_bytes = 8  # adamw (fsdp refuses paged_adamw_8bit)
+    terms.append(("LoRA weights + grads (fp32, 1/N)", lora * 8 / n, f"{lora:,} params x (4 + 4) B / {n}"))
+    terms.append(("optimizer states (1/N)", lora * opt_bytes / n, f"{lora:,} params x {opt_bytes} B / {n}"))
+    return terms
+
+
+def estimate(
+    recipe: Recipe,
+    shape: dict[str, Any],
+    seq_len: int,
+    cuda: bool,
+    supervised_share: float = 1.0,
+    strategy: str = "none",
+    world_size: int = 1,
+) -> list[tuple[str, float, str]]:
+    """Peak-memory terms of one process (rank) as (name, bytes, formula).
+
+    ``supervised_share`` (from the data audit) sizes the logits: the loss computes them only
+    at positions whose next token is supervised in some row of the micro-batch. ``strategy``
+    (none, ddp, fsdp) and ``world_size`` size the weights: each ddp rank holds a full replica,
+    each fsdp rank 1/world of the base, LoRA weights, gradients and optimizer state.
+    """
+    L, h, V = shape["num_hidden_layers"], shape["hidden_size"], shape["vocab_size"]
+    heads, inter = shape["num_attention_heads"], shape["intermediate_size"]
+    compute_bytes = 2 if cuda else 4  # bf16 on CUDA, fp32 on the CPU
+    B, T = recipe.train.micro_batch_size, seq_len
+    if strategy == "fsdp":
+        terms = _sharded_weight_terms(recipe, shape, compute_bytes, world_size)
+    else:
+        terms = _replicated_weight_terms(recipe, shape, compute_bytes)
+        if strategy == "ddp" and world_size > 1:
+            lora = _lora_params(recipe, shape)
+            terms.append(("DDP gradient buckets (fp32)", lora * 4, f"{lora:,} params x 4 B (all-reduce copy)"))
     act = compute_bytes
     # Saved per layer for backward (inputs of the 7 projections, their LoRA dropout copies,
     # norms, residuals, the SwiGLU intermediates): ~ (16 h + 5 i) values per token.
@@ -148,12 +222,19 @@ def estimate(
     return terms
 
 
-def plan(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
-    """Token counts and the memory estimate of a recipe, for ``device`` (default: this machine's)."""
+def plan(recipe: Recipe, device: str | None = None, strategy: str | None = None, world_size: int = 1) -> dict[str, Any]:
+    """Token counts and the per-rank memory estimate of a recipe, for ``device`` (default: this
+    machine's), ``world_size`` processes and ``strategy`` (default: the recipe's train.distributed,
+    else ddp for several processes); with several processes, the ddp and fsdp totals side by side."""
     import torch
 
     cuda = torch.cuda.is_available() if device is None else device == "cuda"
-    report: dict[str, Any] = {"base": recipe.model.base, "device": "cuda" if cuda else "cpu"}
+    strategy = _plan_strategy(recipe, strategy, world_size)
+    report: dict[str, Any] = {
+        "base": recipe.model.base,
+        "device": "cuda" if cuda else "cpu",
+        "distributed": {"strategy": strategy, "world_size": world_size},
+    }
     seq_len = recipe.data.max_seq_len
     share = 1.0
     try:
@@ -161,7 +242,7 @@ def plan(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
         train_records, eval_records = data.load_splits(recipe.data, recipe.train.seed)
         examples, audit = data.build(tokenizer, train_records, recipe.data, "train")
         rows = packing.rows_for(examples, recipe.data.max_seq_len, recipe.data.packing)
-        micro = math.ceil(len(rows) / recipe.train.micro_batch_size)
+        micro = math.ceil(len(rows) / (recipe.train.micro_batch_size * world_size))
         steps_per_epoch = math.ceil(micro / recipe.train.gradient_accumulation_steps)
         steps = recipe.train.max_steps or steps_per_epoch * recipe.train.epochs
         if not recipe.data.packing:
@@ -182,13 +263,18 @@ def plan(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
     except (models.ModelError, data.DataError, OSError) as err:
         report["data"] = {"error": str(err)}
     shape = model_shape(recipe.model.base)
-    terms = estimate(recipe, shape, seq_len, cuda, share)
+    terms = estimate(recipe, shape, seq_len, cuda, share, strategy, world_size)
     total = sum(b for _, b, _ in terms)
     report["memory"] = {
         "terms": [{"name": n, "bytes": int(b), "formula": f} for n, b, f in terms],
         "total_bytes": int(total),
         "seq_len": seq_len,
     }
+    if world_size > 1:  # what the other strategy would need per rank, to choose
+        report["memory"]["per_rank_bytes"] = {
+            s: int(sum(b for _, b, _ in estimate(recipe, shape, seq_len, cuda, share, s, world_size)))
+            for s in ("ddp", "fsdp")
+        }
     if cuda and torch.cuda.is_available():
         free, capacity = torch.cuda.mem_get_info()
         report["memory"]["device_bytes"] = int(capacity)
@@ -203,9 +289,26 @@ def plan(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
     return report
 
 
+def _plan_strategy(recipe: Recipe, strategy: str | None, world_size: int) -> str:
+    """The strategy planned for, refusing what the trainer would refuse."""
+    if world_size < 1:
+        raise RecipeError(f"--world-size must be 1 or more, not {world_size}")
+    strategy = strategy or recipe.train.distributed or ("ddp" if world_size > 1 else "none")
+    if strategy == "fsdp" and world_size < 2:
+        raise RecipeError("fsdp shards across processes: plan it with --world-size 2 or more")
+    if strategy == "fsdp" and recipe.train.optimizer == "paged_adamw_8bit":
+        raise RecipeError("fsdp cannot checkpoint paged_adamw_8bit's state: plan with --set train.optimizer=adamw")
+    if strategy == "none" and world_size > 1:
+        raise RecipeError("strategy none runs one process: plan it with --world-size 1, or --strategy ddp/fsdp")
+    return strategy
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The plan as a human-readable table."""
+    dist = report.get("distributed", {"strategy": "none", "world_size": 1})
     lines = [f"plan for base '{report['base']}' on {report['device']}"]
+    if dist["world_size"] > 1:
+        lines[0] += f", {dist['strategy']} over {dist['world_size']} processes (memory per rank)"
     d = report["data"]
     if "error" in d:
         lines.append(f"data: could not count tokens: {d['error']}")
@@ -220,7 +323,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"estimated peak memory (sequence length {m['seq_len']}):")
     for t in m["terms"]:
         lines.append(f"  {t['bytes'] / GiB:8.3f} GiB  {t['name']:<36} {t['formula']}")
-    lines.append(f"  {m['total_bytes'] / GiB:8.3f} GiB  total")
+    lines.append(f"  {m['total_bytes'] / GiB:8.3f} GiB  total" + (" per rank" if dist["world_size"] > 1 else ""))
+    if "per_rank_bytes" in m:
+        per_rank = ", ".join(f"{s} {b / GiB:.3f} GiB" for s, b in m["per_rank_bytes"].items())
+        lines.append(f"per rank at {dist['world_size']} processes: {per_rank}")
     if m["device_bytes"] is None:
         for gib in (16, 24, 40, 80):
             lines.append(f"a {gib} GiB GPU: {'fits' if m['total_bytes'] < gib * GiB * 0.95 else 'does NOT fit'}")

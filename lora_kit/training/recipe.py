@@ -93,6 +93,10 @@ class TrainSection(_Section):
     eval_every: int = Field(0, ge=0)  # steps; 0 = only at the end
     checkpoint_every: int = Field(0, ge=0)  # steps; 0 = no intermediate checkpoints
     log_every: int = Field(1, ge=1)
+    # How processes share the work: none (one process), ddp (a full replica per process) or fsdp
+    # (base, LoRA weights and optimizer state sharded across processes; see training/fsdp.py).
+    # Unset: ddp when launched with more than one process, else none.
+    distributed: Literal["none", "ddp", "fsdp"] | None = None
 
 
 class EvalSection(_Section):

@@ -6,7 +6,9 @@ and its audit, model, optimizer, checkpoint state), ``fit()`` is only the loop (
 ``_train_step`` per optimizer step, eval and checkpoints between steps), and ``finalize()``
 evaluates, exports, records lineage and registers. ``train()`` runs the three.
 
-Runs unchanged under ``torchrun``/``accelerate launch`` (DDP); only rank 0 writes files.
+Runs unchanged under ``torchrun``/``accelerate launch``: DDP, or with ``train.distributed: fsdp``
+FSDP2 applied by ``training/fsdp.py`` (each rank then writes its checkpoint shard); only rank 0
+writes the other files.
 Progress lines go to the ``lora_kit.training.trainer`` logger (the CLI shows them on stderr).
 """
 
@@ -44,7 +46,7 @@ from lora_kit.evaluation.runner import (
     serving_precision,
 )
 from lora_kit.evaluation.runner import evaluate as evaluate_refs
-from lora_kit.training import checkpoint, data, evaluate, metrics, packing
+from lora_kit.training import checkpoint, data, evaluate, fsdp, metrics, packing
 from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
 
 logger = logging.getLogger(__name__)
@@ -159,6 +161,12 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            raise TrainError(
+                "this launch asks for accelerate's own FSDP (distributed_type: FSDP), which lora-kit does not use: "
+                "launch with recipes/accelerate/fsdp-2gpu.yaml (distributed_type: MULTI_GPU) and set "
+                "train.distributed: fsdp; lora-kit shards the model itself"
+            )
         self.cuda = torch.cuda.is_available()
         self.compute_dtype = _compute_dtype(self.recipe, models.default_device())
         bf16 = self.cuda and self.compute_dtype == torch.bfloat16
@@ -166,8 +174,32 @@ class Trainer:
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.device = self.accelerator.device
+        self.strategy = self._strategy()
         self.run_dir = run_dir_for(self.recipe)
         set_seed(self.recipe.train.seed)
+
+    def _strategy(self) -> str:
+        """none, ddp or fsdp: ``train.distributed`` (unset: ddp when launched with several processes),
+        checked against the launch before any model loads."""
+        tcfg = self.recipe.train
+        strategy = tcfg.distributed or ("ddp" if self.world > 1 else "none")
+        if strategy == "fsdp" and tcfg.optimizer == "paged_adamw_8bit":
+            raise TrainError(
+                "train.distributed fsdp cannot shard or checkpoint paged_adamw_8bit's state (bitsandbytes keeps it "
+                "outside the sharded parameters); set train.optimizer: adamw, whose state FSDP shards across processes"
+            )
+        if strategy == "fsdp" and self.world < 2:
+            raise TrainError(
+                "train.distributed fsdp needs more than one process: launch with `torchrun --nproc_per_node N "
+                "-m lora_kit train ...` or `accelerate launch --config_file recipes/accelerate/fsdp-2gpu.yaml "
+                "-m lora_kit train ...`, or set train.distributed: none for one process"
+            )
+        if strategy == "none" and self.world > 1:
+            raise TrainError(
+                f"train.distributed none, but {self.world} processes were launched (each would train alone): "
+                "launch one process, or set train.distributed: ddp or fsdp"
+            )
+        return strategy
 
     def _resume_point(self) -> Path | None:
         """The checkpoint to resume from, or None to start fresh; refuses a changed recipe."""
@@ -182,6 +214,7 @@ class Trainer:
                 raise TrainError(
                     f"the recipe changed since the checkpoint in {self.run_dir}; use --fresh or another output.run_dir"
                 )
+            check_resume_layout(ckpt_path, self.strategy, self.world)
         return ckpt_path
 
     def _setup_run_dir(self) -> None:
@@ -243,6 +276,8 @@ class Trainer:
             self.compute_dtype,
             self.device,
             attn_implementation=mcfg.attn_implementation,
+            # FSDP shards the packed 4-bit weights only when they are stored as the compute dtype.
+            quant_storage=self.compute_dtype if self.strategy == "fsdp" else None,
         )
         model = self._prepare_base(model)
         lora_config = LoraConfig(
@@ -256,9 +291,24 @@ class Trainer:
         )
         torch.manual_seed(tcfg.seed)  # LoRA weights are initialised from the seed, identically on every rank
         self.model = get_peft_model(model, lora_config)
+        if self.strategy == "fsdp":
+            fsdp.shard(self.model, self.device)
+            self._log_shard()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in self.params)
         self._info(f"trainable LoRA parameters: {self.n_trainable:,}")
+
+    def _log_shard(self) -> None:
+        """Every rank logs the share of the 4-bit base and of the LoRA parameters it holds (FSDP)."""
+        sizes = fsdp.shard_sizes(self.model)
+        logger.info(
+            "[rank %d] fsdp shard: %d of %d 4-bit base bytes, %d of %d LoRA parameters",
+            self.rank,
+            sizes["base_4bit_bytes_local"],
+            sizes["base_4bit_bytes_total"],
+            sizes["lora_params_local"],
+            sizes["lora_params_total"],
+        )
 
     def _prepare_base(self, model: Any) -> Any:
         """Gradient checkpointing, and (4-bit) PEFT's k-bit preparation, on the loaded base."""
@@ -297,6 +347,9 @@ class Trainer:
         self.scheduler = get_scheduler(
             tcfg.scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=self.total_steps
         )
+        if self.strategy == "fsdp":  # sharded by training/fsdp.py: accelerate must not wrap it in DDP
+            self.optimizer, self.peft_model = optimizer, self.model
+            return
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.peft_model = self.accelerator.unwrap_model(self.model)
 
@@ -307,11 +360,18 @@ class Trainer:
         self.start_step = 0
         if self.ckpt_path is None:
             return
-        state = checkpoint.load(self.ckpt_path, self.device)
-        set_peft_model_state_dict(self.peft_model, state["adapter"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.strategy == "fsdp":  # this rank's shards (check_resume_layout: same world size)
+            state = checkpoint.load_shard(self.ckpt_path, self.rank)
+            fsdp.load_local_lora_state(self.model, state["adapter"])
+            self.optimizer.load_state_dict(fsdp.sharded_optimizer_state(self.optimizer, state["optimizer"]))
+            rng = state["rng"]
+        else:
+            state = checkpoint.load(self.ckpt_path, self.device)
+            set_peft_model_state_dict(self.peft_model, state["adapter"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            rng = state["rng"][self.rank]
         self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"][self.rank])
+        checkpoint.set_rng_state(rng)
         self.start_step = state["meta"]["step"]
         self._info(f"resumed from {self.ckpt_path.name} (step {self.start_step})")
 
@@ -354,7 +414,11 @@ class Trainer:
         step_loss, n_local, step_tokens = self._accumulate([packing.collate(rows, self.pad_id) for rows in micro])
         grad_norm = None
         if tcfg.max_grad_norm:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.params, tcfg.max_grad_norm))
+            grad_norm = (
+                fsdp.clip_grad_norm_(self.params, tcfg.max_grad_norm)
+                if self.strategy == "fsdp"
+                else float(self.accelerator.clip_grad_norm_(self.params, tcfg.max_grad_norm))
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -387,7 +451,10 @@ class Trainer:
         for i, batch in enumerate(collated):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             sync = i == len(collated) - 1
-            no_sync = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+            if self.strategy == "fsdp":
+                no_sync = fsdp.gradient_sync(self.model, sync)
+            else:
+                no_sync = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
             with no_sync, self.accelerator.autocast():
                 loss, _ = packing.loss_sum(self.model, batch)
                 self.accelerator.backward(loss / max(n_local, 1))
@@ -409,6 +476,9 @@ class Trainer:
         """Adapter, optimizer, schedule and every rank's RNG state (rank 0 writes)."""
         from peft import get_peft_model_state_dict
 
+        if self.strategy == "fsdp":
+            self._save_sharded_checkpoint(step)
+            return
         rngs = [checkpoint.rng_state()]
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
@@ -426,12 +496,32 @@ class Trainer:
             )
         self.accelerator.wait_for_everyone()
 
+    def _save_sharded_checkpoint(self, step: int) -> None:
+        """FSDP: every rank writes its shards of the LoRA weights and optimizer state and its RNG
+        state; rank 0 the schedule and metadata (strategy, world size: a resume must match them)."""
+        tmp = checkpoint.sharded_tmp(self.run_dir, step)
+        if self.main:
+            checkpoint.begin_sharded(tmp)
+        self.accelerator.wait_for_everyone()
+        optimizer_shard = fsdp.local_state(self.optimizer.state_dict())
+        checkpoint.save_shard(
+            tmp, self.rank, fsdp.local_lora_state(self.model), optimizer_shard, checkpoint.rng_state()
+        )
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            meta = {"recipe_hash": self.recipe.content_hash(), "strategy": "fsdp", "world_size": self.world}
+            checkpoint.commit_sharded(tmp, self.run_dir, step, self.scheduler.state_dict(), meta)
+        self.accelerator.wait_for_everyone()
+
     # -- finalize --------------------------------------------------------------------------------
 
     def finalize(self) -> TrainResult:
         """Final eval; then, on the main process, the task metric, export, lineage and registration."""
         run_metrics = self._final_metrics()
-        self._log_checksum()
+        # FSDP: the LoRA weights gathered from every rank (a collective), for rank 0 to export.
+        full_state = fsdp.full_lora_state(self.model) if self.strategy == "fsdp" else None
+        self._log_checksum(full_state)
+        logger.info("[rank %d] peak RSS %.1f MB", self.rank, self.peak_rss_mb)
         adapter_dir = self.run_dir / "adapter"
         ref = None
         if self.main:
@@ -439,7 +529,7 @@ class Trainer:
                 self._say(f"eval loss: {run_metrics['eval_loss']:.4f}   train loss: {self.last_loss:.4f}")
             self.metrics_logger.close()
             metrics.plot_losses(self.run_dir)
-            export_adapter(self.peft_model, self.tokenizer, self.recipe, adapter_dir)
+            export_adapter(self.peft_model, self.tokenizer, self.recipe, adapter_dir, state_dict=full_state)
             reports = self._task_eval(adapter_dir, run_metrics)
             run_metrics["wall_s"] = round(time.time() - self.t_start, 1)
             ref = self._record(adapter_dir, run_metrics)
@@ -473,11 +563,12 @@ class Trainer:
             run_metrics["loss_curve"] = points[:-1][::stride] + points[-1:]
         return run_metrics
 
-    def _log_checksum(self) -> None:
-        """Every rank logs a hash of its LoRA weights: under DDP they must all be equal."""
+    def _log_checksum(self, full_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Every rank logs a hash of its LoRA weights: under DDP they must all be equal (FSDP: of
+        ``full_state``, the weights gathered from the shards)."""
         from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.peft_model)
+        state = get_peft_model_state_dict(self.peft_model, state_dict=full_state)
         weights = b"".join(v.detach().cpu().float().numpy().tobytes() for _, v in sorted(state.items()))
         logger.info("[rank %d] adapter checksum %s", self.rank, hashlib.sha256(weights).hexdigest())
 
@@ -595,6 +686,7 @@ class Trainer:
             "data_audit": self.audit.to_dict(),
             "metrics": run_metrics,
             "run_dir": str(self.run_dir),
+            "distributed": {"strategy": self.strategy, "world_size": self.world},
         }
 
 
@@ -629,11 +721,20 @@ def train(recipe: Recipe, resume: bool | None = None, log: Callable[[str], None]
     return Trainer(recipe, resume=resume, log=log).run()
 
 
-def export_adapter(peft_model: Any, tokenizer: Any, recipe: Recipe, adapter_dir: Path) -> Path:
-    """Write the PEFT adapter (config + safetensors) and the chat template it was trained with."""
+def export_adapter(
+    peft_model: Any,
+    tokenizer: Any,
+    recipe: Recipe,
+    adapter_dir: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the PEFT adapter (config + safetensors) and the chat template it was trained with.
+
+    ``state_dict``: the full LoRA weights by parameter name when the model's own are sharded (FSDP).
+    """
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
-    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True, state_dict=state_dict)
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
     # The spec the user gave (hub id, path or embedded name), not a cache path.
@@ -671,3 +772,22 @@ def register(adapter_dir: Path, recipe: Recipe, facts: dict[str, Any]) -> str:
         lineage=facts,
     )
     return version.ref
+
+
+def check_resume_layout(ckpt_path: Path, strategy: str, world: int) -> None:
+    """Refuse to resume a sharded (FSDP) checkpoint on another world size or strategy, or a
+    replicated (none/ddp) one under FSDP: each rank's shard fits only the layout that wrote it."""
+    saved = json.loads((ckpt_path / checkpoint.COMPLETE).read_text())
+    saved_strategy = saved.get("strategy", "none/ddp")  # replicated checkpoints predate the key
+    if strategy != "fsdp" and saved_strategy != "fsdp":
+        return
+    if saved_strategy != strategy:
+        raise TrainError(
+            f"{ckpt_path} was written by a {saved_strategy} run, this run is {strategy}: resume with "
+            f"train.distributed: {saved_strategy.split('/')[-1]}, or start over with --fresh"
+        )
+    if saved["world_size"] != world:
+        raise TrainError(
+            f"{ckpt_path} holds FSDP shards of {saved['world_size']} processes, this run has {world}: resume "
+            f"with {saved['world_size']} processes (--nproc_per_node / --num_processes), or start over with --fresh"
+        )
