@@ -201,7 +201,9 @@ class EngineReplicaBase:
         from ray import serve
 
         from lora_kit.engine import Engine
+        from lora_kit.engine.threads import dedicate_cpu_threads
 
+        dedicate_cpu_threads()  # as `lora-kit serve` does: the decode loop owns the only OpenMP pool
         self.engine = Engine(EngineConfig(**config), registry_root=registry_root)
         self.engine.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -234,6 +236,7 @@ class EngineReplicaBase:
 
         yield {"replica": self.replica}
         request_id = payload.get("request_id")
+        _single_threaded()  # Serve's event-loop thread submits (small torch ops): no OpenMP pool of its own
         try:
             key = serve.get_multiplexed_model_id()
             if key:
@@ -249,6 +252,20 @@ class EngineReplicaBase:
         thread = self.engine._thread
         if thread is not None and not thread.is_alive():
             raise RuntimeError("the engine's decode loop is not running")
+
+
+_pinned = threading.local()
+
+
+def _single_threaded() -> None:
+    """Keep the calling thread at one torch thread (once per thread), as ``lora-kit serve`` keeps its
+    HTTP thread: a second OpenMP pool in the process makes the decode loop's parallel regions wait
+    for sleeping workers (see :mod:`lora_kit.engine.threads`)."""
+    if not getattr(_pinned, "done", False):
+        import torch
+
+        torch.set_num_threads(1)
+        _pinned.done = True
 
 
 def engine_deployment(engine_config: EngineConfig, replicas: ReplicaConfig) -> Any:
