@@ -164,16 +164,8 @@ class BatchedLoraLinear(nn.Module):
 
     def _kernel_mix_slots(self) -> torch.Tensor:
         """The rows' (B, K) slots for the kernel, -1 where that adapter does not target this module."""
-        ctx = self.ctx
-        assert ctx.mix_slots is not None
-        if ctx.active <= self.slots_with:
-            return ctx.mix_slots
-        cached = self._own_slots
-        if cached is None or cached[0] != ctx.version:
-            targets = torch.tensor(sorted(self.slots_with), dtype=torch.long, device=ctx.mix_slots.device)
-            own = torch.where(torch.isin(ctx.mix_slots, targets), ctx.mix_slots, -1)
-            cached = self._own_slots = (ctx.version, own)
-        return cached[1]
+        assert self.ctx.mix_slots is not None
+        return self._own_slots_of(self.ctx.mix_slots)
 
     def _mix_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's K adapters side by side along the rank (torch path): A (B, K*r, in), B (B, K*r,
@@ -196,15 +188,19 @@ class BatchedLoraLinear(nn.Module):
 
     def _kernel_slots(self) -> torch.Tensor:
         """Each row's slot for the kernel: -1 for rows whose adapter does not target this module."""
+        assert self.ctx.row_slots is not None
+        return self._own_slots_of(self.ctx.row_slots)
+
+    def _own_slots_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """``slots`` with -1 for the adapters that do not target this module (they read nothing);
+        derived once per change of the rows."""
         ctx = self.ctx
-        assert ctx.row_slots is not None
         if ctx.active <= self.slots_with:
-            return ctx.row_slots
+            return slots
         cached = self._own_slots
         if cached is None or cached[0] != ctx.version:
-            targets = torch.tensor(sorted(self.slots_with), dtype=torch.long, device=ctx.row_slots.device)
-            own = torch.where(torch.isin(ctx.row_slots, targets), ctx.row_slots, -1)
-            cached = self._own_slots = (ctx.version, own)
+            targets = torch.tensor(sorted(self.slots_with), dtype=torch.long, device=slots.device)
+            cached = self._own_slots = (ctx.version, torch.where(torch.isin(slots, targets), slots, -1))
         return cached[1]
 
     def _rows_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,7 +124,13 @@ def save(
     save_state(tmp, "rng", rng_states)
     (tmp / "scheduler.json").write_text(json.dumps(scheduler_state))
     (tmp / COMPLETE).write_text(json.dumps({**meta, "step": step}))
-    final = root / f"step-{step:07d}"
+    return _install(tmp, run_dir, step, keep)
+
+
+def _install(tmp: Path, run_dir: Path, step: int, keep: int) -> Path:
+    """Rename the finished checkpoint ``tmp`` into place (atomic: a kill leaves the previous one
+    the latest), then keep only the ``keep`` newest."""
+    final = run_dir / "checkpoints" / f"step-{step:07d}"
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -173,13 +179,7 @@ def commit_sharded(
     """Rank 0, after every rank saved its shard: the schedule and metadata, then the atomic rename."""
     (tmp / "scheduler.json").write_text(json.dumps(scheduler_state))
     (tmp / COMPLETE).write_text(json.dumps({**meta, "step": step}))
-    final = run_dir / "checkpoints" / f"step-{step:07d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_complete(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return _install(tmp, run_dir, step, keep)
 
 
 def load_shard(path: Path, rank: int) -> dict[str, Any]:
