@@ -101,9 +101,11 @@ def mistral_adapters(tmp_path_factory, tiny_mistral_dir):
 
 
 def mistral_engine(tiny_mistral_dir, word_tokenizer, adapters, backend=None, **settings) -> Engine:
-    """An engine over a fresh tiny Mistral; ``settings`` are EngineConfig fields."""
+    """An engine over a fresh tiny Mistral; ``settings`` are EngineConfig fields (weights in exact
+    fp32 unless they say otherwise: these tests compare with PEFT token for token)."""
     from transformers import AutoModelForCausalLM
 
+    settings.setdefault("weight_dtype", "float32")
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
     return Engine(
         EngineConfig(model="tiny-mistral", **settings),
@@ -591,7 +593,12 @@ def embedded_setup(tmp_path_factory, embedded_model):
         "smol-b": make_adapter(base_dir, root / "b", ["o_proj", "up_proj", "k_proj"], 4, 4, False, seed=12),
     }
     model = models.load_model("smollm2-135m-instruct")
-    eng = Engine(model=model, tokenizer=embedded_model[1], adapter_resolver=mapping_resolver(adapters))
+    eng = Engine(  # exact fp32 weights: compared with PEFT token for token
+        EngineConfig(weight_dtype="float32"),
+        model=model,
+        tokenizer=embedded_model[1],
+        adapter_resolver=mapping_resolver(adapters),
+    )
     yield base_dir, adapters, eng
     eng.stop()
 
@@ -673,7 +680,10 @@ def test_registry_references_resolve_to_canonical_versions(
 
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
     eng = Engine(
-        EngineConfig(model="tiny-mistral"), model=model, tokenizer=word_tokenizer, registry_root=tmp_path / "registry"
+        EngineConfig(model="tiny-mistral", weight_dtype="float32"),
+        model=model,
+        tokenizer=word_tokenizer,
+        registry_root=tmp_path / "registry",
     )
     try:
         assert eng.check_adapter("helper") == "helper@2"

@@ -159,8 +159,8 @@ def test_cli_eval_at_fp32_equals_the_servers_answers(world, monkeypatch, capsys)
     assert report["data_sha256"] == cases_mod.file_sha256(world["data"])
 
     model = models.load_model(world["model"], "none", compute_dtype=__import__("torch").float32)
-    engine = Engine(EngineConfig(MODEL), model=model, tokenizer=models.load_tokenizer(world["model"]),
-                    registry_root=world["registry"].root)  # fmt: skip
+    engine = Engine(EngineConfig(MODEL, weight_dtype="float32"), model=model,  # "fp32": exact, as the eval's
+                    tokenizer=models.load_tokenizer(world["model"]), registry_root=world["registry"].root)  # fmt: skip
     engine.start()
     try:
         with TestClient(create_app(engine, world["registry"], uploads_dir=world["root"] / "uploads")) as client:
@@ -242,8 +242,9 @@ def sentiment_base(tmp_path_factory):
 
 
 def test_training_reports_what_lora_kit_eval_measures(tmp_path, sentiment_base, monkeypatch, capsys):
-    """The run's score at the serving precision (fp32 on the CPU) and at its training precision (nf4)
-    equal `lora-kit eval` of the registered version on the same file, answer for answer."""
+    """The run's score at the serving precision (fp32 on the CPU, bf16w where it multiplies bf16
+    natively) and at its training precision (nf4) equal `lora-kit eval` of the registered version
+    on the same file, answer for answer."""
     from lora_kit import cli
     from lora_kit.registry import Registry
     from lora_kit.training import recipe as recipe_mod
@@ -257,14 +258,16 @@ def test_training_reports_what_lora_kit_eval_measures(tmp_path, sentiment_base, 
     lines: list[str] = []
     result = train(r, log=lines.append)
     task = result.metrics["task_eval"]
-    assert (task["serving_precision"], task["training_precision"], task["n"]) == ("fp32", "nf4", 6)
+    served = runner.serving_precision()
+    assert served in ("fp32", "bf16w")
+    assert (task["serving_precision"], task["training_precision"], task["n"]) == (served, "nf4", 6)
     assert task["data_sha256"] == cases_mod.file_sha256(ROOT / "data" / "sentiment" / "eval.jsonl")
-    assert result.metrics["eval_exact_match"] == task["results"]["fp32"]["adapter"]["score"]
+    assert result.metrics["eval_exact_match"] == task["results"][served]["adapter"]["score"]
     text = "\n".join(lines)
-    assert "fp32, as served" in text and "nf4, as trained" in text
+    assert f"{served}, as served" in text and "nf4, as trained" in text
     ran = json.loads((result.run_dir / "task_eval.json").read_text())
 
-    for precision in ("fp32", "nf4"):
+    for precision in (served, "nf4"):
         argv = ["eval", result.ref, "base", "--data", "data/sentiment/eval.jsonl", "--max-examples", "6"]
         assert cli.main([*argv, "--max-tokens", "4", "--precision", precision, "--json"]) == 0
         measured = json.loads(capsys.readouterr().out)
@@ -273,7 +276,7 @@ def test_training_reports_what_lora_kit_eval_measures(tmp_path, sentiment_base, 
         for by_cli, by_training in zip(measured["results"], ran[precision]["results"], strict=True):
             assert by_cli["answers"] == by_training["answers"]
     kept = Registry().evals(result.ref)
-    assert [e.precision for e in kept] == ["fp32", "nf4", "fp32", "nf4"]  # training's two, then the CLI's
+    assert [e.precision for e in kept] == [served, "nf4", served, "nf4"]  # training's two, then the CLI's
     assert kept[0].score == kept[2].score and kept[1].score == kept[3].score
     assert len({e.data_sha256 for e in kept}) == 1
     lineage = Registry().resolve(result.ref).lineage

@@ -30,6 +30,7 @@ from lora_kit.adapters.format import MAX_RANK
 from lora_kit.models import DEFAULT_MODEL, Quantization
 
 AdapterDtype = Literal["float32", "bfloat16", "float16"]
+WeightDtype = Literal["auto", "float32", "bfloat16"]
 
 
 @dataclass
@@ -63,12 +64,15 @@ class EngineConfig:
     adapter_dtype: AdapterDtype | None = None
     """dtype adapters are held in (default: the model's; bfloat16 halves the bytes an adapter row reads per step, rounding its weights to bf16)"""
 
+    weight_dtype: WeightDtype = "auto"
+    """dtype the base model's dense weights are held in on the CPU: bfloat16 halves the bytes a decode step reads (weights, and each product's input and output, rounded to bf16; norms, attention, residuals and LoRA stay fp32); float32 is exact (results equal transformers'/PEFT's); auto: bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else float32"""
+
     def __post_init__(self) -> None:
         # A torch dtype or "torch.bfloat16" names the same choice; this module does not import torch.
         if self.adapter_dtype is not None:
             self.adapter_dtype = str(self.adapter_dtype).removeprefix("torch.")  # type: ignore[assignment]
         self.preload = tuple(self.preload)
-        for name in ("quantization", "adapter_dtype"):
+        for name in ("quantization", "adapter_dtype", "weight_dtype"):
             allowed = _choices(_field_types(type(self))[name])
             value = getattr(self, name)
             if value is not None and value not in allowed:

@@ -88,7 +88,9 @@ class Engine:
         self.stop_ids = chat.stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self._resolver = adapter_resolver or registry_resolver(registry_root)
         self._expected_files: dict[str, Any] = {}  # adapter key -> {file: {"sha256", "size"}} from its resolver
-        self.backend: Backend = select_backend(self.device, self.dtype, self.adapter_dtype, self.max_rank, backend)
+        self.backend: Backend = select_backend(
+            self.device, self.dtype, self.adapter_dtype, self.max_rank, backend, config.weight_dtype
+        )
         self._wrap_layers()
         self._build_loop()
         self._thread: threading.Thread | None = None

@@ -7,8 +7,11 @@ before the decode loop starts, case by case, so each batch mixes the REFs' adapt
 base) as a busy server's batches do. The REF ``base`` is the base model without an adapter.
 
 A precision names how the base model is loaded: ``fp32``/``bf16``/``fp16`` (full precision in
-that dtype) or ``nf4``/``fp4`` (4-bit bitsandbytes, in the machine's default compute dtype, with
-double quantization, as ``lora-kit serve --quantization nf4`` loads it).
+that dtype; ``fp32`` is exact, its dense weights never narrowed), ``bf16w`` (fp32 compute with
+the dense weights held in bf16: what ``lora-kit serve`` does by default on a CPU that multiplies
+bf16 natively, see ``EngineConfig.weight_dtype``) or ``nf4``/``fp4`` (4-bit bitsandbytes, in the
+machine's default compute dtype, with double quantization, as ``lora-kit serve --quantization
+nf4`` loads it).
 """
 
 from __future__ import annotations
@@ -41,13 +44,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BASE_REF = "base"  # the base model without an adapter (an adapter named "base" is still base@N)
-# precision -> (EngineConfig.quantization, compute dtype name; None: the machine's default)
-PRECISIONS: dict[str, tuple[str, str | None]] = {
-    "fp32": ("none", "float32"),
-    "bf16": ("none", "bfloat16"),
-    "fp16": ("none", "float16"),
-    "nf4": ("nf4", None),
-    "fp4": ("fp4", None),
+# precision -> (EngineConfig.quantization, compute dtype name (None: the machine's default),
+# EngineConfig.weight_dtype)
+PRECISIONS: dict[str, tuple[str, str | None, str]] = {
+    "fp32": ("none", "float32", "float32"),
+    "bf16w": ("none", "float32", "bfloat16"),
+    "bf16": ("none", "bfloat16", "auto"),
+    "fp16": ("none", "float16", "auto"),
+    "nf4": ("nf4", None, "auto"),
+    "fp4": ("fp4", None, "auto"),
 }
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -63,7 +68,12 @@ def precision_of(quantization: str, compute_dtype: Any = None) -> str:
 
 def serving_precision() -> str:
     """The precision ``lora-kit serve`` loads the base in with no flags, on this machine."""
-    return precision_of(EngineConfig().quantization)
+    precision = precision_of(EngineConfig().quantization)
+    if precision == "fp32" and models.default_device().type == "cpu":
+        from lora_kit.engine.backends.packed_linear import native_bf16
+
+        return "bf16w" if native_bf16() else "fp32"  # EngineConfig.weight_dtype "auto"
+    return precision
 
 
 def check_precision(precision: str) -> str:
@@ -87,13 +97,14 @@ def load_engine(
 
     from lora_kit.engine import Engine
 
-    quantization, dtype = PRECISIONS[check_precision(precision)]
+    quantization, dtype, weight_dtype = PRECISIONS[check_precision(precision)]
     compute_dtype = getattr(torch, dtype) if dtype else None
     model = models.load_model(model_spec, quantization, compute_dtype=compute_dtype)  # type: ignore[arg-type]
     defaults = EngineConfig()
     config = EngineConfig(
         model=model_spec,
         quantization=quantization,  # type: ignore[arg-type]
+        weight_dtype=weight_dtype,  # type: ignore[arg-type]
         max_slots=max(defaults.max_slots, adapters),
         max_queue=max(defaults.max_queue, requests),
     )

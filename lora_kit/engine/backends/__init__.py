@@ -4,7 +4,8 @@ The backend is chosen by platform, not by a user flag (as vLLM picks its kernels
 
 - ``cpu``, for a model on the CPU: dense fp32/bf16 base weights and the output head are
   repacked for oneDNN (:mod:`.packed_linear`: ~1.8x faster decoding, results equal to
-  transformers' up to float rounding), and the rows' LoRA products are added by the BGMV
+  transformers' up to float rounding) -- in bf16 under an fp32 model when the engine's
+  ``weight_dtype`` says so (``auto``: where the CPU multiplies bf16 natively), and the rows' LoRA products are added by the BGMV
   kernel (:mod:`.bgmv`, ``csrc/bgmv.cpp``, built once per machine) when the model computes in
   fp32, adapters are fp32 or bf16 and ranks are at most ``bgmv.MAX_RANK``. Otherwise, or where
   the kernel cannot be built (no C++ compiler), torch's products add them.
@@ -21,6 +22,7 @@ environment); neither is a CLI flag.
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -28,10 +30,16 @@ from typing import Any
 
 import torch
 
-from lora_kit.engine.backends import bgmv
-from lora_kit.engine.backends.packed_linear import copy_unpacked_weights, pack_output_head
+from lora_kit.engine.backends import bgmv, memory
+from lora_kit.engine.backends.packed_linear import (
+    copy_unpacked_weights,
+    narrow_input_embeddings,
+    native_bf16,
+    pack_output_head,
+)
 
 ENV = "LORA_KIT_ENGINE_BACKEND"
+logger = logging.getLogger(__name__)
 CHOICES = ("auto", "cpu", "torch")
 
 
@@ -50,6 +58,9 @@ class Backend(ABC):
     def prepare(self, model: Any, layers: Iterable[Any], batch_hint: int) -> int:
         """Ready the base weights of ``model`` (its wrapped ``layers``) before serving, for
         batches of about ``batch_hint`` rows; returns how many layers were repacked."""
+
+    weight_dtype: torch.dtype | None = None
+    """The dtype the base's dense weights are packed in; None: left as loaded."""
 
     @property
     def lora_path(self) -> str:
@@ -71,14 +82,30 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, lora_kernel: Callable[..., None] | None) -> None:
+    def __init__(self, lora_kernel: Callable[..., None] | None, weight_dtype: torch.dtype | None = None) -> None:
         self.lora_kernel = lora_kernel
         self.lora_mix_kernel = bgmv.mix_op() if lora_kernel is not None else None
+        self.weight_dtype = weight_dtype
 
     def prepare(self, model: Any, layers: Iterable[Any], batch_hint: int) -> int:
-        packed = sum(layer.pack(batch_hint) for layer in layers) + int(pack_output_head(model, batch_hint))
+        """Pack every dense layer and the output head, releasing each dense weight's checkpoint
+        pages as its packed copy is made, then the checkpoint itself (see :mod:`.memory`)."""
+        dtype = self.weight_dtype
+        mappings = memory.file_mappings()
+        packed = released = 0
+        for layer in layers:
+            dense = layer.base.weight
+            if layer.pack(batch_hint, dtype):
+                packed += 1
+                released += memory.drop_file_pages(dense, mappings)
+            del dense
+        packed += int(pack_output_head(model, batch_hint, dtype))
+        if packed and dtype == torch.bfloat16:
+            narrow_input_embeddings(model, dtype)
         if packed:
-            copy_unpacked_weights(model)
+            copy_unpacked_weights(model, mappings)
+        memory.trim_heap()
+        logger.debug("packed %d layers in %s, released %d MiB of checkpoint pages", packed, dtype, released >> 20)
         return packed
 
 
@@ -88,10 +115,14 @@ def select_backend(
     adapter_dtype: torch.dtype,
     max_rank: int,
     choice: str | None = None,
+    weight_dtype: str = "auto",
 ) -> Backend:
     """The backend for a model on ``device``: ``choice``, else ``$LORA_KIT_ENGINE_BACKEND``, else by platform.
 
-    Building the BGMV kernel (the first time on a machine) happens here, for the CPU backend.
+    ``weight_dtype`` (``auto``, ``float32``, ``bfloat16``) is the CPU backend's packing dtype
+    for an fp32 model's dense weights (see :class:`~lora_kit.engine.config.EngineConfig`); the
+    torch backend leaves the weights as loaded. Building the BGMV kernel (the first time on a
+    machine) happens here, for the CPU backend.
     """
     choice = (choice or os.environ.get(ENV) or "auto").strip().lower()
     if choice not in CHOICES:
@@ -102,7 +133,16 @@ def select_backend(
         return TorchBackend()
     if device.type != "cpu":
         raise ValueError(f"the cpu backend serves models on the CPU, not on {device.type}")
-    return CpuBackend(_cpu_kernel(compute_dtype, adapter_dtype, max_rank))
+    return CpuBackend(_cpu_kernel(compute_dtype, adapter_dtype, max_rank), _packing_dtype(compute_dtype, weight_dtype))
+
+
+def _packing_dtype(compute_dtype: torch.dtype, weight_dtype: str) -> torch.dtype:
+    """The dtype the CPU backend packs dense weights in (only an fp32 model's can be narrowed)."""
+    if compute_dtype != torch.float32 or weight_dtype == "float32":
+        return compute_dtype
+    if weight_dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def _cpu_kernel(compute_dtype: torch.dtype, adapter_dtype: torch.dtype, max_rank: int) -> Callable[..., None] | None:

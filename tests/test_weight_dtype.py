@@ -1,0 +1,132 @@
+"""Base weights held in bf16 under an fp32 model (EngineConfig.weight_dtype): the packed layer's
+products against a reference with the same roundings, the ``auto`` choice, and the embedded
+model's greedy answers against the exact fp32 engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lora_kit import chat
+from lora_kit.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, mapping_resolver
+from lora_kit.engine.backends.packed_linear import PackedLinear, can_pack, native_bf16
+
+needs_bf16_pack = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="oneDNN cannot pack bf16 weights on this CPU",
+)
+
+
+@needs_bf16_pack
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_bf16_packed_linear_equals_a_product_with_the_same_roundings(rows):
+    """y = bf16(bf16(x) @ bf16(W)^T + bf16(b)): oneDNN sums the bf16 products in fp32 and rounds
+    the result to bf16 (the products' dtype), widened back to fp32 for the model; W held in bf16."""
+    gen = torch.Generator().manual_seed(rows)
+    layer = nn.Linear(96, 40, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(40, 96, generator=gen))
+        layer.bias.copy_(torch.randn(40, generator=gen))
+    x = torch.randn(rows, 96, generator=gen)
+    packed = PackedLinear(layer, batch_hint=8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = packed(x)
+    rounded = x.bfloat16().double() @ layer.weight.bfloat16().double().T + layer.bias.bfloat16().double()
+    assert got.dtype == torch.float32 and got.shape == (rows, 40)
+    assert torch.equal(got, got.bfloat16().float())  # the output is bf16, widened
+    # within one bf16 rounding of the exact sum of the rounded terms (2^-8 relative)
+    torch.testing.assert_close(got.double(), rounded, atol=1e-3, rtol=2**-8)
+    assert packed.weight.dtype == torch.bfloat16
+    exact = x.double() @ layer.weight.double().T + layer.bias.double()
+    assert (got.double() - exact).abs().max() > 1e-3  # the roundings did happen: this is not the fp32 path
+    fp32 = PackedLinear(layer, batch_hint=8)
+    with torch.inference_mode():
+        torch.testing.assert_close(fp32(x).double(), exact, atol=1e-4, rtol=1e-5)
+
+
+def test_weight_dtype_is_validated_and_is_a_serve_flag():
+    with pytest.raises(ValueError, match="weight_dtype must be one of auto, float32, bfloat16"):
+        EngineConfig(weight_dtype="int8")
+    from lora_kit.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--weight-dtype", "float32"])
+    assert EngineConfig.from_cli_args(args).weight_dtype == "float32"
+    assert EngineConfig().weight_dtype == "auto"
+
+
+@pytest.mark.parametrize("setting", ["auto", "float32", "bfloat16"])
+def test_engine_packs_the_dense_weights_in_the_chosen_dtype(setting, tiny_mistral_dir, word_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    if setting == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN cannot pack bf16 weights on this CPU")
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
+    eng = Engine(
+        EngineConfig(model="tiny-mistral", weight_dtype=setting),
+        model=model,
+        tokenizer=word_tokenizer,
+        adapter_resolver=mapping_resolver({}),
+        backend="cpu",
+    )
+    want = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(setting)
+    want = want or (torch.bfloat16 if native_bf16() else torch.float32)
+    packed = [m for m in eng.model.modules() if isinstance(m, PackedLinear)]
+    assert eng.backend.weight_dtype == want
+    assert packed and {m.weight.dtype for m in packed} == {want}
+    embed = eng.model.get_input_embeddings()
+    assert embed.weight.dtype == want  # the table is narrowed with the weights...
+    assert embed(torch.tensor([[1, 2]])).dtype == torch.float32  # ...but the activations stay fp32
+    assert not any(can_pack(m) for m in eng.model.modules())  # every dense layer was packed
+
+
+@needs_bf16_pack
+def test_bf16_weights_keep_the_embedded_models_greedy_answers(embedded_model):
+    """The real 135M model: bf16 weights give the fp32 engine's first token on every prompt and
+    the same 8-token answer on most (a near-tie may flip a later token; both are the model's)."""
+    from lora_kit import models
+
+    tokenizer = embedded_model[1]
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?", "Say hello."]
+    prompts = [chat.render_prompt(tokenizer, q) for q in questions]
+    answers = {}
+    for setting in ("float32", "bfloat16"):
+        model = models.load_model("smollm2-135m-instruct")
+        eng = Engine(EngineConfig(weight_dtype=setting), model=model, tokenizer=tokenizer)
+        try:
+            params = SamplingParams(max_tokens=8, ignore_eos=True)
+            answers[setting] = [eng.generate_sync(GenerationRequest(p, params)).token_ids for p in prompts]
+        finally:
+            eng.stop()
+    exact, bf16 = answers["float32"], answers["bfloat16"]
+    assert [a[0] for a in bf16] == [a[0] for a in exact]
+    assert sum(a == b for a, b in zip(bf16, exact)) >= 3
+
+
+def test_dropping_a_mapped_tensors_pages_loses_nothing(tmp_path):
+    """MADV_DONTNEED on a private read-only file mapping: the pages leave memory and reading
+    them again faults the file's bytes back in; memory of its own is never touched."""
+    import mmap
+
+    from lora_kit.engine.backends import memory
+
+    values = torch.arange(4 * mmap.PAGESIZE, dtype=torch.int32)
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(values.numpy().tobytes())
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer warns that the buffer is read-only
+        view = torch.frombuffer(mapped, dtype=torch.int32)
+    assert int(view.sum()) == int(values.sum())  # every page read in
+    mappings = memory.file_mappings()
+    assert any(start <= view.data_ptr() < end for start, end in mappings)
+    released = memory.drop_file_pages(view, mappings)
+    assert released >= 3 * mmap.PAGESIZE  # whole pages only
+    assert torch.equal(view, values)  # read back from the file
+    own = values.clone()
+    assert memory.drop_file_pages(own, mappings) == 0 and torch.equal(own, values)
+    del view
+    mapped.close()
