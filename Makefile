@@ -14,7 +14,7 @@ STAMP := $(VENV)/.lora-kit-installed
 MODEL := $(LORA_KIT_HOME)/models/smollm2-135m-instruct/.prepared
 KERNEL := $(VENV)/.lora-kit-kernel
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench gpu-check clean
 
 setup: $(STAMP) $(MODEL) $(KERNEL)
 
@@ -48,6 +48,16 @@ bench: setup
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,bench]"
 	$(BIN)/python scripts/bench_engine.py
 	$(BIN)/python scripts/bench_train.py
+
+# The GPU check (scripts/gpu_check.py: train, resume, engine parity, serve, bench on CUDA in < 8
+# minutes; its docstring lists the exit codes). The probe runs first, with the system python, so a
+# machine without an NVIDIA GPU stops at once (exit 2) before anything is set up; then a sub-make
+# sets up a CUDA build of torch (TORCH = torch) and every check runs.
+gpu-check: TORCH = torch
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --probe-only
+	$(MAKE) --no-print-directory setup TORCH="$(TORCH)"
+	$(BIN)/python scripts/gpu_check.py
 
 demo: setup
 	$(BIN)/python scripts/demo.py

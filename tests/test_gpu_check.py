@@ -1,0 +1,153 @@
+"""`make gpu-check` (scripts/gpu_check.py): the no-CUDA exit, and the whole sequence on the CPU.
+
+The GPU run itself needs a GPU; here the same checks run end to end with the CPU settings
+(``--device cpu --quick``: fp32, AdamW, 10 steps, a few tokens), so the script cannot rot unnoticed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+
+
+def load_script():
+    """The script as a module, without putting scripts/ on sys.path for the whole session."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = load_script()
+
+NO_CUDA_LINE = "gpu-check: no CUDA device here; run it on a machine with an NVIDIA GPU"
+needs_no_gpu = pytest.mark.skipif(gpu_check.nvidia_gpu_visible(), reason="an NVIDIA GPU is visible here")
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("flags", [[], ["--probe-only"]])
+def test_without_cuda_it_exits_2_with_one_line(flags, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *flags, "--work", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 == gpu_check.EXIT_NO_CUDA
+    assert proc.stderr == NO_CUDA_LINE + "\n"
+    assert proc.stdout == ""
+    assert not (tmp_path / "work").exists()  # nothing was set up
+
+
+@needs_no_gpu
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_gpu_check_without_cuda_stops_before_any_set_up(tmp_path):
+    venv = tmp_path / "venv"  # the Makefile's venv for this run: it must not be created
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "gpu-check", f"VENV={venv}"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 2  # make's own status for a failed recipe (the script's 2)
+    assert proc.stderr.splitlines()[0] == NO_CUDA_LINE
+    commands = proc.stdout.splitlines()  # make echoes each command it runs: only the probe ran
+    assert len(commands) == 1 and commands[0].endswith(" scripts/gpu_check.py --probe-only"), commands
+    assert not venv.exists()
+
+
+@needs_no_gpu
+def test_without_cuda_nothing_heavy_is_imported():
+    code = (
+        f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import gpu_check; rc = gpu_check.main([]); "
+        "print(rc, sorted(m for m in ('torch', 'transformers', 'lora_kit', 'cloudflare') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "2 []\n", proc.stderr
+
+
+def test_a_work_directory_it_did_not_make_is_refused_untouched(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "precious.txt").write_text("keep me")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert (
+        proc.stderr
+        == f"gpu-check: --work {tmp_path} is not empty and was not made by gpu-check; give a new directory\n"
+    )
+    assert (tmp_path / "runs" / "precious.txt").read_text() == "keep me"
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, killed but not yet reaped, counts as ended)."""
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_check_past_its_timeout_is_killed_with_its_children(tmp_path):
+    # A child that starts a grandchild, both sleeping: the timeout kills the whole process group.
+    pid_file = tmp_path / "grandchild.pid"
+    sleeper = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
+    done = gpu_check.run_process([sys.executable, "-c", sleeper], 5, tmp_path / "log")
+    assert done.rc is None
+    assert gpu_check.why_failed(done, 5) == "timed out after 5 s"
+    assert "-- exit None --" in (tmp_path / "log").read_text()
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # killed at once; reaped by init a moment later
+        if not alive(grandchild):
+            break
+        time.sleep(0.1)
+    assert not alive(grandchild)
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """{check: [what, result, key number, seconds]} from the summary table."""
+    rows = [line.strip("|").split(" | ") for line in stdout.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}  # rows[0]: the header
+
+
+def test_cpu_quick_run_passes_every_check(tmp_path):
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--work", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    rows = table_rows(proc.stdout)
+    assert {name: row[1] for name, row in rows.items()} == {
+        name: "PASS" for name in ("prepare", "train", "resume", "parity", "serve", "bench")
+    }, proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0
+    assert "6/6 checks passed" in proc.stdout
+    assert rows["prepare"][2] == "tiny Mistral + 3 adapters; gpu-check@1 registered"
+    assert rows["resume"][2].startswith("resumed at step 4; max loss diff vs the uninterrupted run 0.0e+00")
+    assert rows["parity"][2].startswith("fp32 batch of 4: tokens equal, 4 distinct, max logit diff")
+    assert "nf4: tokens equal" in rows["parity"][2]
+    assert rows["serve"][2].startswith("6 tokens with lora in ")
+    assert rows["serve"][2].endswith("base answered; unknown lora -> 404")
+    assert rows["bench"][2].startswith("8 req / 8 adapters: ")
+    # every check left its log; the training runs their metrics
+    assert sorted(p.name for p in (work / "logs").iterdir()) == [
+        "bench.log", "parity.log", "prepare.log", "serve.log", "train-cut-resumed.log", "train-cut.log",
+        "train-full.log",
+    ]  # fmt: skip
+    assert len(gpu_check.step_losses(work / "runs" / "full")) == 10
+    assert "\n-- exit -9 --\n" in (work / "logs" / "train-cut.log").read_text()  # a real SIGKILL
