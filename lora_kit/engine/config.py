@@ -62,7 +62,7 @@ class EngineConfig:
     """CPU threads of the decode loop (default: the cores torch sees)"""
 
     adapter_dtype: AdapterDtype | None = None
-    """dtype adapters are held in (default: the model's; bfloat16 halves the bytes an adapter row reads per step, rounding its weights to bf16)"""
+    """dtype adapters are held in (default: the model's, or bfloat16 when the base's weights are held in bf16; bfloat16 halves the bytes an adapter row reads per step, rounding its weights to bf16)"""
 
     weight_dtype: WeightDtype = "auto"
     """dtype the base model's dense weights are held in on the CPU: bfloat16 halves the bytes a decode step reads (weights, and each product's input and output, rounded to bf16; norms, attention, residuals and LoRA stay fp32); float32 is exact (results equal transformers'/PEFT's); auto: bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else float32"""

@@ -91,6 +91,10 @@ class Engine:
         self.backend: Backend = select_backend(
             self.device, self.dtype, self.adapter_dtype, self.max_rank, backend, config.weight_dtype
         )
+        if config.adapter_dtype is None and self.backend.weight_dtype == torch.bfloat16:
+            # The base's weights are rounded to bf16 already: the adapters' are too, halving the
+            # bytes each adapter row reads per step (the kernel widens them to fp32 as it reads).
+            self.adapter_dtype = torch.bfloat16
         self._wrap_layers()
         self._build_loop()
         self._thread: threading.Thread | None = None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lora_kit.engine.constraints import GrammarCache
+from lora_kit.engine.decode_step import LeanDecoder
 from lora_kit.engine.lora_layer import LoraContext
 from lora_kit.engine.sampling import sample_rows
 from lora_kit.engine.slots import SlotManager
@@ -45,6 +46,7 @@ class ModelRunner:
         self._grammar = grammar
         self._lock = threading.RLock()
         self._rows_version: int | None = None  # the batch version ``ctx`` holds the rows of
+        self._lean = LeanDecoder.for_model(model)  # decode steps without transformers' machinery
 
     # -- adapter slots, under the model lock (any thread) --------------------------------
 
@@ -121,10 +123,19 @@ class ModelRunner:
             if self._rows_version != batch.version:  # rows joined or left: re-gather their slots
                 self.ctx.set_rows([s.row_adapters() for s in rows], self._slots.zero_slot, self.device)
                 self._rows_version = batch.version
-            out = self.model(**batch.step_inputs(), use_cache=True, logits_to_keep=1)
-        tokens = self.sample(out.logits[:, -1, :].float(), rows)
-        batch.advance(out.past_key_values, tokens)
+            logits, cache = self._step(batch.step_inputs())
+        tokens = self.sample(logits.float(), rows)
+        batch.advance(cache, tokens)
         return tokens
+
+    def _step(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, Cache]:
+        """The last position's logits (B, V) and the updated cache of one decode step."""
+        mask = inputs["attention_mask"]
+        if self._lean is not None and self._lean.fits(mask.shape[1]):
+            cache = inputs["past_key_values"]
+            return self._lean(inputs["input_ids"], mask, inputs["position_ids"], cache), cache
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :], out.past_key_values
 
     def sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
         """Each row's next token from ``logits`` (B, V) fp32, masked by its grammar if it has

@@ -1,0 +1,78 @@
+"""The lean decode step (engine/decode_step.py) gives exactly the full forward's logits and cache,
+on the tiny Mistral (GQA, sliding window) and the embedded Llama-family model, with and without
+left padding, and refuses what it does not reproduce."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lora_kit.engine.decode_step import LeanDecoder
+from lora_kit.engine.kv_cache import growing_cache, layer_kv
+
+
+def prefill(model, prompts: list[list[int]]):
+    """Left-padded prompts through the full forward: (cache, mask (B, L), next tokens (B,), positions (B,))."""
+    from transformers import DynamicCache
+
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=DynamicCache(), use_cache=True
+    )
+    cache = growing_cache(layer_kv(out.past_key_values))
+    return cache, mask, out.logits[:, -1].argmax(-1), positions[:, -1] + 1
+
+
+def decode_both(model, prompts: list[list[int]], steps: int) -> None:
+    """``steps`` greedy decode steps, full forward and lean step side by side: equal at every step."""
+    lean = LeanDecoder.for_model(model)
+    assert lean is not None
+    cache, mask, tokens, positions = prefill(model, prompts)
+    lean_cache = copy.deepcopy(cache)
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        inputs = {"input_ids": tokens.view(-1, 1), "attention_mask": mask, "position_ids": positions.view(-1, 1)}
+        full = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        got = lean(inputs["input_ids"], mask, inputs["position_ids"], lean_cache)
+        assert torch.equal(got, full.logits[:, -1, :])
+        for (k1, v1), (k2, v2) in zip(layer_kv(full.past_key_values), layer_kv(lean_cache)):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        cache, tokens, positions = full.past_key_values, got.argmax(-1), positions + 1
+
+
+@pytest.mark.parametrize(
+    "prompts", [[[5, 9, 2, 7]], [[5, 9, 2, 7, 3, 3], [8, 1], [4, 4, 4]]], ids=["one-row", "padded"]
+)
+def test_lean_step_equals_the_full_forward_on_the_tiny_mistral(tiny_mistral_dir, prompts):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        decode_both(model, prompts, steps=6)
+
+
+def test_lean_step_equals_the_full_forward_on_the_embedded_model(embedded_model):
+    model, tokenizer = embedded_model
+    prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("One, two,")]
+    with torch.inference_mode():
+        decode_both(model, prompts, steps=4)
+        decode_both(model, prompts[:1], steps=4)
+
+
+def test_lean_step_keeps_the_full_forward_where_it_would_differ(tiny_mistral_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
+    lean = LeanDecoder.for_model(model)
+    assert lean is not None and lean.fits(512) and not lean.fits(513)  # the sliding window
+    model.config._attn_implementation = "eager"
+    assert LeanDecoder.for_model(model) is None
+    assert LeanDecoder.for_model(torch.nn.Linear(2, 2)) is None
