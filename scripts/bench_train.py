@@ -6,7 +6,7 @@ counts the real (non-padding) tokens of the epoch over the training wall time (m
 loading excluded). The final eval loss of every adapter is measured by the same
 function (assistant tokens only, on the held-out file), so the numbers compare.
 
-    python scripts/bench_train.py [--recipe recipes/demo-sentiment.yaml] [--epochs 1]
+    python scripts/bench_train.py [--recipe recipes/demo-sentiment.yaml] [--epochs 1] [--runs trl lora-kit]
 
 With ``--strategy ddp fsdp --nproc 2`` it compares instead lora-kit on one process with lora-kit
 on ``--nproc`` processes (torchrun + gloo on the CPU, NCCL on GPUs) under each strategy: tokens/s
@@ -182,6 +182,14 @@ def main() -> None:
     ap.add_argument("--strategy", nargs="+", choices=["ddp", "fsdp"], help="compare multi-process lora-kit instead")
     ap.add_argument("--nproc", type=int, default=2, help="processes for --strategy")
     ap.add_argument("--max-steps", type=int, default=20, help="optimizer steps per run for --strategy")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        choices=["trl", "trl-packed", "lora-kit-unpacked", "lora-kit"],
+        default=["trl", "trl-packed", "lora-kit-unpacked", "lora-kit"],
+        help="which trainers to run (default: all four)",
+    )
+    ap.add_argument("--set", action="append", default=[], help="a recipe override for the lora-kit runs only")
     args = ap.parse_args()
     if args.strategy:
         main_distributed(args)
@@ -189,15 +197,21 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     base = recipe_mod.load(args.recipe, [f"train.epochs={args.epochs}"])
     tokenizer = models.load_tokenizer(base.model.base)
-    results = {}
-    results["TRL SFTTrainer (default)"] = run_trl(base.model_copy(deep=True), tokenizer, packing=False)
-    results["TRL SFTTrainer (packing=True)"] = run_trl(base.model_copy(deep=True), tokenizer, packing=True)
     # Unpacked, lora-kit takes as many optimizer steps per epoch as TRL's default: the
     # eval losses of those two rows compare step for step. Packed rows carry more examples,
     # so an epoch is fewer, larger steps.
-    results["lora-kit (packing: false)"] = run_lora_kit(base.model_copy(deep=True), tokenizer, packing=False)
-    results["lora-kit"] = run_lora_kit(base.model_copy(deep=True), tokenizer, packing=True)
-    ours = results["lora-kit"]["tokens_per_s"]
+    runners = {
+        "trl": ("TRL SFTTrainer (default)", lambda r: run_trl(r, tokenizer, packing=False)),
+        "trl-packed": ("TRL SFTTrainer (packing=True)", lambda r: run_trl(r, tokenizer, packing=True)),
+        "lora-kit-unpacked": ("lora-kit (packing: false)", lambda r: run_lora_kit(r, tokenizer, packing=False)),
+        "lora-kit": ("lora-kit", lambda r: run_lora_kit(r, tokenizer, packing=True)),
+    }
+    ours_recipe = recipe_mod.load(args.recipe, [f"train.epochs={args.epochs}", *args.set])
+    results = {}
+    for key in args.runs:
+        name, run = runners[key]
+        results[name] = run((ours_recipe if key.startswith("lora-kit") else base).model_copy(deep=True))
+    ours = results.get("lora-kit", next(iter(results.values())))["tokens_per_s"]
     print(
         f"\nbase {base.model.base} ({base.model.quantization}), r={base.lora.r} all-linear, micro batch {base.train.micro_batch_size}, "
         f"max_seq_len {base.data.max_seq_len}, {args.epochs} epoch(s), torch threads {torch.get_num_threads()}"

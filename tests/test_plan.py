@@ -43,3 +43,25 @@ def test_plan_cli_counts_the_demo_tokens():
     assert report["data"]["train_examples"] == 200 and report["data"]["supervised_tokens"] == 400
     assert report["data"]["steps"] == report["data"]["steps_per_epoch"] * 2
     assert report["memory"]["total_bytes"] == sum(t["bytes"] for t in report["memory"]["terms"])
+
+
+def test_cpu_plan_counts_the_saved_activations_and_the_heap():
+    """The CPU terms found by measuring (scripts/bench_train_memory.py): what each layer saves with the
+    trainer's LoRA forward, the allocator's slack over it, and the base read at full precision."""
+    r = recipe.load(ROOT / "recipes" / "demo-sentiment.yaml")
+    shape = plan.model_shape("smollm2-135m-instruct")
+    assert (shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]) == (576, 1536, 30)
+    terms = {name: b for name, b, _ in plan.estimate(r, shape, seq_len=256, cuda=False)}
+    per_token = (8 * 576 + 4 * 1536) * 4 + (6 * 576 + 1536)  # fp32 saved values + 1-byte dropout masks
+    activations = 30 * (4 * 256 * per_token + 4 * 256 * 256 * 4)  # + the fp32 attention mask per layer
+    assert terms["activations, all layers"] == activations
+    assert terms["allocator slack (glibc heap)"] == plan.HEAP_SLACK * activations
+    params = 30 * (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536) + 49152 * 576 + 576 + 30 * 2 * 576
+    assert params == 134_515_008
+    assert terms["base loaded before quantizing (freed, kept by the heap)"] == params * 4
+    no_dropout = recipe.load(ROOT / "recipes" / "demo-sentiment.yaml", ["lora.dropout=0"])
+    lean = {name: b for name, b, _ in plan.estimate(no_dropout, shape, seq_len=256, cuda=False)}
+    assert activations - lean["activations, all layers"] == 30 * 4 * 256 * (6 * 576 + 1536)
+    assert "allocator slack (glibc heap)" not in dict(
+        (n, b) for n, b, _ in plan.estimate(r, shape, seq_len=256, cuda=True)
+    )

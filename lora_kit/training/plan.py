@@ -167,8 +167,7 @@ def estimate(
     (none, ddp, fsdp) and ``world_size`` size the weights: each ddp rank holds a full replica,
     each fsdp rank 1/world of the base, LoRA weights, gradients and optimizer state.
     """
-    L, h, V = shape["num_hidden_layers"], shape["hidden_size"], shape["vocab_size"]
-    heads, inter = shape["num_attention_heads"], shape["intermediate_size"]
+    V = shape["vocab_size"]
     compute_bytes = 2 if cuda else 4  # bf16 on CUDA, fp32 on the CPU
     B, T = recipe.train.micro_batch_size, seq_len
     if strategy == "fsdp":
@@ -178,29 +177,7 @@ def estimate(
         if strategy == "ddp" and world_size > 1:
             lora = _lora_params(recipe, shape)
             terms.append(("DDP gradient buckets (fp32)", lora * 4, f"{lora:,} params x 4 B (all-reduce copy)"))
-    act = compute_bytes
-    # Saved per layer for backward (inputs of the 7 projections, their LoRA dropout copies,
-    # norms, residuals, the SwiGLU intermediates): ~ (16 h + 5 i) values per token.
-    per_layer = B * T * (16 * h + 5 * inter) * act
-    # sdpa with an explicit (block-diagonal) mask takes the math path: scores + softmax per head.
-    attn = B * heads * T * T * (act + act)
-    if recipe.train.gradient_checkpointing:
-        terms.append(("checkpointed layer inputs", L * B * T * h * act, f"{L} layers x {B}x{T} tokens x {h} x {act} B"))
-        terms.append(
-            (
-                "one layer recomputed for backward",
-                per_layer + attn,
-                f"{B}x{T} x (16x{h} + 5x{inter}) x {act} B + attention {B}x{heads}x{T}^2 x {2 * act} B",
-            )
-        )
-    else:
-        terms.append(
-            (
-                "activations, all layers",
-                L * (per_layer + attn),
-                f"{L} x [{B}x{T} x (16x{h} + 5x{inter}) x {act} B + attention {B}x{heads}x{T}^2 x {2 * act} B]",
-            )
-        )
+    terms += _activation_terms(recipe, shape, B, T, compute_bytes, cuda)
     kept = min(T, max(1, math.ceil(B * T * supervised_share)))
     terms.append(
         (
@@ -219,7 +196,74 @@ def estimate(
                 "RSS after importing torch/transformers/peft/bitsandbytes (0.46 GB measured)",
             )
         )
+        terms += _cpu_heap_terms(recipe, shape, terms)
     return terms
+
+
+def _saved_per_token(recipe: Recipe, shape: dict[str, Any], act: int, cuda: bool) -> tuple[float, str]:
+    """Bytes one decoder layer saves for backward per token, and the formula.
+
+    Counted with saved-tensor hooks on the demo recipe: 4 (tokens x intermediate) values (gate,
+    up, SiLU(gate), the down_proj input), 4 (tokens x hidden) (the norm outputs, the o_proj
+    input, residuals) and sdpa's q, k, v, output (4 x hidden). On the CPU (fp32) the trainer's
+    LoRA forward (training/fast_lora.py) saves one 1-byte dropout mask per projection input;
+    under autocast (CUDA) PEFT's forward saves a dropped-out copy per projection instead.
+    """
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    masks = 6 * h + i if recipe.lora.dropout > 0 else 0  # q, k, v, o, gate, up read h wide; down reads i
+    if cuda:
+        return (8 * h + 4 * i + masks) * act + masks, f"(8x{h} + 4x{i} + {masks} dropout copies) x {act} B + masks"
+    return (8 * h + 4 * i) * act + masks, f"(8x{h} + 4x{i}) x {act} B + {masks} B dropout masks"
+
+
+def _activation_terms(
+    recipe: Recipe, shape: dict[str, Any], B: int, T: int, act: int, cuda: bool
+) -> list[tuple[str, float, str]]:
+    """What the forward keeps for backward: every layer's, or with gradient checkpointing the layer inputs
+    and one layer recomputed. Attention: sdpa with the (block-diagonal) mask: on CUDA the math path
+    (scores + softmax per head); on the CPU the flash kernel, which keeps only the fp32 mask per layer."""
+    L, h, heads = shape["num_hidden_layers"], shape["hidden_size"], shape["num_attention_heads"]
+    per_token, formula = _saved_per_token(recipe, shape, act, cuda)
+    per_layer = B * T * per_token
+    if cuda:
+        attn, attn_formula = B * heads * T * T * 2 * act, f"attention {B}x{heads}x{T}^2 x {2 * act} B"
+    else:
+        attn, attn_formula = B * T * T * 4, f"fp32 mask {B}x{T}^2 x 4 B"
+    if not recipe.train.gradient_checkpointing:
+        return [("activations, all layers", L * (per_layer + attn), f"{L} x [{B}x{T} x {formula} + {attn_formula}]")]
+    return [
+        ("checkpointed layer inputs", L * B * T * h * act, f"{L} layers x {B}x{T} tokens x {h} x {act} B"),
+        ("one layer recomputed for backward", per_layer + attn, f"{B}x{T} x {formula} + {attn_formula}"),
+    ]
+
+
+# Measured with scripts/bench_train_memory.py (demo recipe, micro batch 1, 4, 8): glibc's heap keeps
+# the forward's freed temporaries, which lie between the saved tensors and are only partly reused.
+HEAP_SLACK = 0.6
+
+
+def _cpu_heap_terms(recipe: Recipe, shape: dict[str, Any], terms: list[tuple[str, float, str]]) -> list:
+    """What the CPU process holds beyond live tensors: the allocator's slack over the activations, and
+    the blocks freed after loading the base at full precision to quantize it (kept by the heap)."""
+    activations = sum(b for name, b, _ in terms if name.startswith(("activations", "checkpointed", "one layer")))
+    out = [
+        (
+            "allocator slack (glibc heap)",
+            HEAP_SLACK * activations,
+            f"{HEAP_SLACK} x activations (freed forward temporaries between saved tensors, measured)",
+        )
+    ]
+    if recipe.model.quantization != "none":
+        linear, (root, norms) = _linear_params(shape), _other_params(shape)
+        n = linear + root + norms
+        out.append(
+            (
+                "base loaded before quantizing (freed, kept by the heap)",
+                n * 4,
+                f"{n:,} params x 4 B (read at full precision, then quantized to 4 bits)",
+            )
+        )
+    return out
 
 
 def plan(recipe: Recipe, device: str | None = None, strategy: str | None = None, world_size: int = 1) -> dict[str, Any]:

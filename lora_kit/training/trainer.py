@@ -46,7 +46,7 @@ from lora_kit.evaluation.runner import (
     serving_precision,
 )
 from lora_kit.evaluation.runner import evaluate as evaluate_refs
-from lora_kit.training import checkpoint, data, evaluate, fsdp, metrics, packing
+from lora_kit.training import checkpoint, data, evaluate, fast_lora, fsdp, metrics, packing
 from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
 
 logger = logging.getLogger(__name__)
@@ -294,6 +294,8 @@ class Trainer:
         if self.strategy == "fsdp":
             fsdp.shard(self.model, self.device)
             self._log_shard()
+        else:  # FSDP2 gathers and frees the LoRA weights around each layer: PEFT's forward stays there
+            fast_lora.install(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in self.params)
         self._info(f"trainable LoRA parameters: {self.n_trainable:,}")
