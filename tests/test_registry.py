@@ -387,6 +387,7 @@ def test_cli_add_list_show_tag_rm(tmp_path, adapters):
     rows = json.loads(listed.stdout)
     assert [r["ref"] for r in rows] == ["demo@1"]
     assert rows[0]["description"] == "hello" and rows[0]["tags"] == ["t"] and rows[0]["rank"] == 4
+    assert rows[0]["export_targets"] == ["peft", "cloudflare", "vllm", "gguf"]  # as /v1/models lists them
 
     assert cli(home, "tag", "demo@1", "prod").returncode == 0
     shown = cli(home, "show", "demo:prod", "--json")

@@ -31,9 +31,10 @@ def _short_base(base: str | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    versions = _registry().list()
+    registry = _registry()
+    versions = registry.list()
     if args.json:
-        print_json([v.to_dict() for v in versions])
+        print_json([_json_row(registry, v) for v in versions])
         return 0
     if not versions:
         print("no adapters registered (add one with `lora-kit adapters add DIR --name NAME`)")
@@ -56,12 +57,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_row(registry: Any, v: Any) -> dict[str, Any]:
+    """A version as `list --json` and `show --json` print it: its record and the export targets
+    it passes (as /v1/models and the fine-tunes list show them)."""
+    from lora_kit.registry.targets import version_targets
+
+    return {**v.to_dict(), "export_targets": version_targets(registry, v)}
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     registry = _registry()
     v = registry.resolve(args.ref)
     evals = registry.evals(v.id)
     if args.json:  # "evals" only when there are some: without, the same object as a row of `list --json`
-        print_json({**v.to_dict(), **({"evals": [e.to_dict() for e in evals]} if evals else {})})
+        print_json({**_json_row(registry, v), **({"evals": [e.to_dict() for e in evals]} if evals else {})})
         return 0
     print(f"{v.ref}  (id {v.id})")
     print(f"  created      {v.created_at}")
