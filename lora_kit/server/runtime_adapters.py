@@ -130,23 +130,15 @@ def router(state: Any) -> APIRouter:
     """The two routes, behind the bearer token when one is set."""
     api = APIRouter(prefix="/v1", dependencies=[Depends(require_token(state.api_token))])
 
-    @api.post(
-        "/load_lora_adapter",
-        openapi_extra=json_body(LoadLoraAdapter, api="openai"),
-        responses=errors_for("openai"),
-        response_class=PlainTextResponse,
-    )
+    plain = {"responses": errors_for("openai"), "response_class": PlainTextResponse}
+
+    @api.post("/load_lora_adapter", openapi_extra=json_body(LoadLoraAdapter, api="openai"), **plain)
     async def load_lora_adapter(request: Request) -> Any:
         body = parse(LoadLoraAdapter, await read_json(request, state.max_body_bytes))
         await state.runtime.load(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @api.post(
-        "/unload_lora_adapter",
-        openapi_extra=json_body(UnloadLoraAdapter, api="openai"),
-        responses=errors_for("openai"),
-        response_class=PlainTextResponse,
-    )
+    @api.post("/unload_lora_adapter", openapi_extra=json_body(UnloadLoraAdapter, api="openai"), **plain)
     async def unload_lora_adapter(request: Request) -> Any:
         body = parse(UnloadLoraAdapter, await read_json(request, state.max_body_bytes))
         await state.runtime.unload(body.lora_name)

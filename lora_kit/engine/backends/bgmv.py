@@ -41,7 +41,9 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """This CPU's ``flags`` line of /proc/cpuinfo (empty where there is none): what the kernel is
+    built for, and what the CPU backend reads to choose its packing dtype."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -74,7 +76,7 @@ def library_path(compiler: str) -> Path:
         torch.__version__.encode(),
         torch.__file__.encode(),
         compiler.encode(),
-        _cpu_flags().encode(),
+        cpu_flags().encode(),
     ):
         key.update(part)
         key.update(b"\0")

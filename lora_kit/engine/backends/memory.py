@@ -63,19 +63,22 @@ def drop_file_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> in
     libc = _libc()
     if libc is None or tensor.device.type != "cpu" or tensor.is_mkldnn or not tensor.numel():
         return 0
+    if not in_mappings(tensor, mappings):
+        return 0
     begin = tensor.data_ptr()
     end = begin + tensor.numel() * tensor.element_size()
     page = mmap.PAGESIZE
-    for start, stop in mappings:
-        if start <= begin and end <= stop:
-            first, last = -(-begin // page) * page, end // page * page
-            if (
-                last > first
-                and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
-            ):
-                return last - first
-            return 0
+    first, last = -(-begin // page) * page, end // page * page
+    if last > first and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0:
+        return last - first
     return 0
+
+
+def in_mappings(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> bool:
+    """Whether all of ``tensor``'s bytes lie inside one of the address ``mappings``."""
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    return any(start <= begin and end <= stop for start, stop in mappings)
 
 
 def trim_heap() -> None:

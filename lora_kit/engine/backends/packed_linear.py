@@ -23,10 +23,14 @@ norms, attention, the residual stream, the LoRA rows -- still computes in fp32.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from lora_kit.engine.backends import bgmv
+from lora_kit.engine.backends.memory import in_mappings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -35,14 +39,11 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where oneDNN's bf16
     products beat fp32 ones; without it they are emulated and slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = bgmv.cpu_flags().split()
     return any(flag in flags for flag in _NATIVE_BF16_FLAGS) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -118,13 +119,8 @@ def copy_unpacked_weights(model: nn.Module, mappings: list[tuple[int, int]]) -> 
     """
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
-            if not tensor.is_mkldnn and _in_mappings(tensor, mappings):
+            if not tensor.is_mkldnn and in_mappings(tensor, mappings):
                 tensor.data = tensor.data.clone()
-
-
-def _in_mappings(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> bool:
-    ptr = tensor.data_ptr()
-    return any(start <= ptr < end for start, end in mappings)
 
 
 class WideningEmbedding(nn.Module):
