@@ -11,27 +11,11 @@ event; a reply that is a complete call of one of the request's tools finishes as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lora_kit.engine.constraints import parse_tool_call
+from lora_kit.engine.sequence import OutputState, Sequence
 from lora_kit.engine.types import GenerationOutput
-
-if TYPE_CHECKING:
-    from lora_kit.engine.sequence import Sequence
-
-
-@dataclass
-class OutputState:
-    """The text side of one request."""
-
-    emitted: int = 0  # characters of ``text`` already sent
-    sent_ids: int = 0  # generated tokens already sent
-    decoded: str = ""  # detokenized text so far (before stop-string cuts)
-    prefix_offset: int = 0  # incremental detokenization window over the generated ids
-    read_offset: int = 0
-    stop_at: int | None = None  # where the first stop string starts in ``decoded``
-    text: str = ""  # ``decoded`` cut at the first stop string: the reply
 
 
 class OutputProcessor:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from lora_kit.engine.constraints import Constraint
 from lora_kit.engine.lora_layer import RowAdapters
-from lora_kit.engine.output import OutputState
 from lora_kit.engine.sampling import RequestSampler
 from lora_kit.engine.types import GenerationOutput, GenerationRequest
 
@@ -28,6 +27,19 @@ class AdapterUse:
     key: str
     path: Path
     weight: float | None = None
+
+
+@dataclass
+class OutputState:
+    """The text side of one request."""
+
+    emitted: int = 0  # characters of ``text`` already sent
+    sent_ids: int = 0  # generated tokens already sent
+    decoded: str = ""  # detokenized text so far (before stop-string cuts)
+    prefix_offset: int = 0  # incremental detokenization window over the generated ids
+    read_offset: int = 0
+    stop_at: int | None = None  # where the first stop string starts in ``decoded``
+    text: str = ""  # ``decoded`` cut at the first stop string: the reply
 
 
 @dataclass(eq=False)  # identity: a request is itself, whatever its state
