@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from lora_kit import models
-from lora_kit.training import data, evaluate
+from lora_kit.training import data, eval_loss
 from lora_kit.training import recipe as recipe_mod
 from lora_kit.training.trainer import target_modules, train
 
@@ -42,7 +42,7 @@ def eval_loss_of(model, tokenizer, r) -> float:
     _, eval_records = data.load_splits(r.data, r.train.seed)
     examples, _ = data.build(tokenizer, eval_records, r.data, "eval")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return evaluate.eval_loss(model, examples, r.data.max_seq_len, pad, r.train.micro_batch_size, torch.device("cpu"))
+    return eval_loss.eval_loss(model, examples, r.data.max_seq_len, pad, r.train.micro_batch_size, torch.device("cpu"))
 
 
 def run_lora_kit(r, tokenizer, packing: bool) -> dict:

@@ -46,7 +46,8 @@ from lora_kit.evaluation.runner import (
     serving_precision,
 )
 from lora_kit.evaluation.runner import evaluate as evaluate_refs
-from lora_kit.training import checkpoint, data, evaluate, fast_lora, fsdp, metrics, packing
+from lora_kit.training import checkpoint, data, fast_lora, fsdp, metrics, packing
+from lora_kit.training.eval_loss import eval_loss
 from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
 
 logger = logging.getLogger(__name__)
@@ -470,7 +471,7 @@ class Trainer:
         if not self.eval_examples:
             return None
         dcfg, tcfg = self.recipe.data, self.recipe.train
-        return evaluate.eval_loss(
+        return eval_loss(
             self.model, self.eval_examples, dcfg.max_seq_len, self.pad_id, tcfg.micro_batch_size, self.device
         )
 
