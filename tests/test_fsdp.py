@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_kit.training.trainer import Trainer, TrainError, check_resume_layout
+from lora_kit.training.checkpoint import check_resume_layout
+from lora_kit.training.trainer import Trainer, TrainError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import RECIPE, ROOT, cli_train, losses, smoke_recipe, tiny_base  # noqa: E402,F401  (tiny_base: a fixture)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_kit.training.errors import TrainError
+
 COMPLETE = "complete.json"
 
 
@@ -207,6 +209,25 @@ def list_complete(run_dir: Path) -> list[Path]:
 def latest(run_dir: Path) -> Path | None:
     found = list_complete(run_dir)
     return found[-1] if found else None
+
+
+def check_resume_layout(ckpt_path: Path, strategy: str, world: int) -> None:
+    """Refuse to resume a sharded (FSDP) checkpoint on another world size or strategy, or a
+    replicated (none/ddp) one under FSDP: each rank's shard fits only the layout that wrote it."""
+    saved = json.loads((ckpt_path / COMPLETE).read_text())
+    saved_strategy = saved.get("strategy", "none/ddp")  # replicated checkpoints predate the key
+    if strategy != "fsdp" and saved_strategy != "fsdp":
+        return
+    if saved_strategy != strategy:
+        raise TrainError(
+            f"{ckpt_path} was written by a {saved_strategy} run, this run is {strategy}: resume with "
+            f"train.distributed: {saved_strategy.split('/')[-1]}, or start over with --fresh"
+        )
+    if saved["world_size"] != world:
+        raise TrainError(
+            f"{ckpt_path} holds FSDP shards of {saved['world_size']} processes, this run has {world}: resume "
+            f"with {saved['world_size']} processes (--nproc_per_node / --num_processes), or start over with --fresh"
+        )
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -34,7 +34,6 @@ import torch
 
 from lora_kit import models, paths
 from lora_kit.engine.adapters import mapping_resolver
-from lora_kit.errors import LoraKitError
 from lora_kit.evaluation.cases import EvalCase, case_of, file_sha256
 from lora_kit.evaluation.metrics import EvalError, check_references
 from lora_kit.evaluation.runner import (
@@ -47,14 +46,11 @@ from lora_kit.evaluation.runner import (
 )
 from lora_kit.evaluation.runner import evaluate as evaluate_refs
 from lora_kit.training import checkpoint, data, fast_lora, fsdp, metrics, packing
+from lora_kit.training.errors import TrainError
 from lora_kit.training.eval_loss import eval_loss
 from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
 
 logger = logging.getLogger(__name__)
-
-
-class TrainError(LoraKitError):
-    """Training cannot start or go on; the message says why."""
 
 
 @dataclass
@@ -215,7 +211,7 @@ class Trainer:
                 raise TrainError(
                     f"the recipe changed since the checkpoint in {self.run_dir}; use --fresh or another output.run_dir"
                 )
-            check_resume_layout(ckpt_path, self.strategy, self.world)
+            checkpoint.check_resume_layout(ckpt_path, self.strategy, self.world)
         return ckpt_path
 
     def _setup_run_dir(self) -> None:
@@ -775,22 +771,3 @@ def register(adapter_dir: Path, recipe: Recipe, facts: dict[str, Any]) -> str:
         lineage=facts,
     )
     return version.ref
-
-
-def check_resume_layout(ckpt_path: Path, strategy: str, world: int) -> None:
-    """Refuse to resume a sharded (FSDP) checkpoint on another world size or strategy, or a
-    replicated (none/ddp) one under FSDP: each rank's shard fits only the layout that wrote it."""
-    saved = json.loads((ckpt_path / checkpoint.COMPLETE).read_text())
-    saved_strategy = saved.get("strategy", "none/ddp")  # replicated checkpoints predate the key
-    if strategy != "fsdp" and saved_strategy != "fsdp":
-        return
-    if saved_strategy != strategy:
-        raise TrainError(
-            f"{ckpt_path} was written by a {saved_strategy} run, this run is {strategy}: resume with "
-            f"train.distributed: {saved_strategy.split('/')[-1]}, or start over with --fresh"
-        )
-    if saved["world_size"] != world:
-        raise TrainError(
-            f"{ckpt_path} holds FSDP shards of {saved['world_size']} processes, this run has {world}: resume "
-            f"with {saved['world_size']} processes (--nproc_per_node / --num_processes), or start over with --fresh"
-        )
