@@ -33,22 +33,12 @@ from typing import Any
 import torch
 
 from lora_kit import models, paths
-from lora_kit.engine.adapters import mapping_resolver
-from lora_kit.evaluation.cases import EvalCase, case_of, file_sha256
-from lora_kit.evaluation.metrics import EvalError, check_references
-from lora_kit.evaluation.runner import (
-    BASE_REF,
-    EvalReport,
-    precision_of,
-    record,
-    release_memory,
-    serving_precision,
-)
-from lora_kit.evaluation.runner import evaluate as evaluate_refs
+from lora_kit.evaluation.runner import EvalReport, record, release_memory
 from lora_kit.training import checkpoint, data, fast_lora, fsdp, metrics, packing
 from lora_kit.training.errors import TrainError
 from lora_kit.training.eval_loss import eval_loss
 from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
+from lora_kit.training.task_eval import ADAPTER_REF, TaskEval
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +227,8 @@ class Trainer:
             data.build(tok, self.eval_records, recipe.data, "eval") if self.eval_records else ([], None)
         )
         self._check_audit()
-        self._check_task_eval_data()
+        self.task_eval = TaskEval(recipe, self.eval_records, self.compute_dtype, self.run_dir, self._say)
+        self.task_eval.check_data()
         self.rows = packing.rows_for(train_examples, recipe.data.max_seq_len, recipe.data.packing)
         micro_per_epoch = math.ceil(len(self.rows) / (tcfg.micro_batch_size * self.world))
         steps_per_epoch = math.ceil(micro_per_epoch / tcfg.gradient_accumulation_steps)
@@ -529,7 +520,7 @@ class Trainer:
             self.metrics_logger.close()
             metrics.plot_losses(self.run_dir)
             export_adapter(self.peft_model, self.tokenizer, self.recipe, adapter_dir, state_dict=full_state)
-            reports = self._task_eval(adapter_dir, run_metrics)
+            reports = self.task_eval.run(adapter_dir, run_metrics, release=self._release_training_model)
             run_metrics["wall_s"] = round(time.time() - self.t_start, 1)
             ref = self._record(adapter_dir, run_metrics)
             if ref is not None:
@@ -571,54 +562,6 @@ class Trainer:
         weights = b"".join(v.detach().cpu().float().numpy().tobytes() for _, v in sorted(state.items()))
         logger.info("[rank %d] adapter checksum %s", self.rank, hashlib.sha256(weights).hexdigest())
 
-    def _task_eval(self, adapter_dir: Path, run_metrics: dict[str, Any]) -> list[EvalReport]:
-        """The held-out task metric of the exported adapter (and of the base, to compare), through the
-        serving engine at the server's default precision, and at the training precision when it
-        differs; into ``run_metrics``. Returns one report per precision (serving first)."""
-        ecfg = self.recipe.eval
-        if not (self.eval_records and ecfg.task_metric != "none" and ecfg.max_examples):
-            return []
-        cases = self._task_cases()
-        refs = [ADAPTER_REF, BASE_REF] if ecfg.compare_base else [ADAPTER_REF]
-        served, trained = serving_precision(), precision_of(self.recipe.model.quantization, self.compute_dtype)
-        data_sha256, data_name = self._eval_data_fingerprint()
-        # The training model is gone (see _release_training_model): each precision loads the base
-        # afresh, as a server would, and frees it before the next one.
-        self._release_training_model()
-        reports = []
-        for precision in dict.fromkeys([served, trained]):
-            report = evaluate_refs(
-                self.recipe.model.base,
-                refs,
-                cases,
-                metric=ecfg.task_metric,
-                precision=precision,
-                max_tokens=ecfg.max_new_tokens,
-                adapter_resolver=mapping_resolver({ADAPTER_REF: adapter_dir}),
-            )
-            report.data_sha256, report.data_name = data_sha256, data_name
-            self._say_eval(report, "as served" if precision == served else "as trained")
-            reports.append(report)
-        run_metrics.update(task_eval_metrics(reports, served, trained))
-        answers = {r.precision: r.to_dict(limit=None) for r in reports}  # every answer, for a look afterwards
-        (self.run_dir / "task_eval.json").write_text(json.dumps(answers, indent=2))
-        return reports
-
-    def _check_task_eval_data(self) -> None:
-        """Refuse, before training, held-out replies the task metric cannot score (json_fields: not JSON)."""
-        ecfg = self.recipe.eval
-        if not (self.eval_records and ecfg.task_metric != "none" and ecfg.max_examples):
-            return
-        try:
-            check_references(ecfg.task_metric, [c.reference for c in self._task_cases()])
-        except EvalError as err:
-            raise TrainError(f"eval.task_metric {ecfg.task_metric}: {err}") from None
-
-    def _task_cases(self) -> list[EvalCase]:
-        """The held-out examples the task metric is measured on (the first ``eval.max_examples``)."""
-        records = self.eval_records[: self.recipe.eval.max_examples]
-        return [case_of(data.to_messages(r, self.recipe.data, i), f"eval example {i}") for i, r in enumerate(records)]
-
     def _release_training_model(self) -> None:
         """Drop the training model, optimizer and their accelerate references before the eval engine
         loads the base: a 7B base on a GPU cannot be held twice (NF4 for training plus bf16 for
@@ -627,32 +570,6 @@ class Trainer:
         self.accelerator.free_memory()
         self.model = self.peft_model = self.optimizer = self.scheduler = self.params = None  # type: ignore[assignment]
         release_memory()
-
-    def _eval_data_fingerprint(self) -> tuple[str, str]:
-        """(sha256, name) of the held-out data: the eval file's bytes when it is one local file (what
-        ``lora-kit eval --data FILE`` records), else the canonical JSON of the held-out records."""
-        source = self.recipe.data.eval
-        if isinstance(source, str) and Path(source).expanduser().is_file():
-            return file_sha256(Path(source).expanduser()), source
-        return data.fingerprint(self.eval_records), "held-out split" if source is None else str(source)
-
-    def _say_eval(self, report: EvalReport, how: str) -> None:
-        """The comparison line (base -> adapter) of one precision, and two sample answers."""
-        adapter = report.result(ADAPTER_REF)
-        header = f"held-out {report.metric.replace('_', ' ')} ({adapter.result.n} examples): "
-        low, high = adapter.result.ci
-        detail = f"  (95% CI {low:.1%}-{high:.1%}; {report.precision}, {how})"
-        if adapter.result.field_score is not None:
-            detail += f"; fields {adapter.result.field_score:.1%}"
-        if len(report.results) > 1:
-            base = report.result(BASE_REF)
-            self._say(header + f"base {base.result.score:.1%}  ->  adapter {adapter.result.score:.1%}" + detail)
-            for answer, case in list(zip(base.answers, report.cases))[:2]:
-                self._say(f"  base    : {answer!r}   (expected {case.reference!r})")
-        else:
-            self._say(header + f"adapter {adapter.result.score:.1%}" + detail)
-        for answer, case in list(zip(adapter.answers, report.cases))[:2]:
-            self._say(f"  adapter : {answer!r}   (expected {case.reference!r})")
 
     def _record_evals(self, ref: str, reports: list[EvalReport]) -> None:
         """Keep the adapter's eval results in the registry with the version, per precision."""
@@ -687,32 +604,6 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "distributed": {"strategy": self.strategy, "world_size": self.world},
         }
-
-
-ADAPTER_REF = "adapter"  # the freshly exported adapter, by its name in the eval's mapping resolver
-
-
-def task_eval_metrics(reports: list[EvalReport], served: str, trained: str) -> dict[str, Any]:
-    """The run metrics of the task eval: ``eval_<metric>`` / ``base_<metric>`` at the serving
-    precision (what users get), and ``task_eval``: every precision's results, named."""
-    metric = reports[0].metric
-    out: dict[str, Any] = {
-        "task_eval": {
-            "metric": metric,
-            "n": len(reports[0].cases),
-            "data": reports[0].data_name,
-            "data_sha256": reports[0].data_sha256,
-            "max_tokens": reports[0].max_tokens,
-            "serving_precision": served,
-            "training_precision": trained,
-            "results": {r.precision: {res.ref: res.result.to_dict() for res in r.results} for r in reports},
-        }
-    }
-    serving = reports[0]
-    out[f"eval_{metric}"] = serving.result(ADAPTER_REF).result.score
-    if len(serving.results) > 1:
-        out[f"base_{metric}"] = serving.result(BASE_REF).result.score
-    return out
 
 
 def train(recipe: Recipe, resume: bool | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
