@@ -60,7 +60,9 @@ def server(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
         registry_root=reg.root,
     )
     engine.start()
-    app = create_app(engine, reg, uploads_dir=root / "uploads", max_tokens_cap=4, max_body_bytes=64 * 1024)
+    app = create_app(
+        engine, reg, uploads_dir=root / "uploads", max_tokens_cap=4, max_body_bytes=64 * 1024, management=True
+    )
     locked = create_app(engine, reg, api_token="s3cret", uploads_dir=root / "uploads", max_tokens_cap=4)
     try:
         with BackgroundServer(app) as srv, BackgroundServer(locked) as token_srv:

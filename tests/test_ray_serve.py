@@ -70,6 +70,7 @@ def cluster(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "LORA_KIT_HOME": str(home), "LORA_KIT_API_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
     command = ["serve", "--replicas", "2", "--replica-cpus", "1", "--slots", "4", "--port", str(port)]
+    command += ["--adapter-root", str(root)]  # the runtime load's lora_path lies under it
     log = (root / "serve.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lora_kit", *command],

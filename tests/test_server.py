@@ -60,7 +60,10 @@ def world(tmp_path_factory):
         registry.register(dirs[name], name, base_model=MODEL, description=f"random adapter {name}")
     engine = Engine(EngineConfig(MODEL, max_slots=4, max_batch=8, max_queue=64), registry_root=registry.root)
     engine.start()
-    app = create_app(engine, registry, uploads_dir=root / "uploads", max_tokens_cap=64)
+    # Open and managed (a loopback test server), loading adapter directories from under ``root``.
+    app = create_app(
+        engine, registry, uploads_dir=root / "uploads", max_tokens_cap=64, management=True, adapter_roots=[root]
+    )
     locked = create_app(engine, registry, api_token="s3cret", uploads_dir=root / "uploads", max_body_bytes=4096)
     with BackgroundServer(app) as open_srv, BackgroundServer(locked) as token_srv:
         yield {

@@ -47,8 +47,10 @@ def world(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
     engine.start()
     uploads = root / "staging"
     apps = {
-        "open": create_app(engine, reg, uploads_dir=uploads, max_tokens_cap=8),
-        "capped": create_app(engine, reg, uploads_dir=uploads, max_tokens_cap=8, max_upload_bytes=SMALL_CAP),
+        "open": create_app(engine, reg, uploads_dir=uploads, max_tokens_cap=8, management=True),
+        "capped": create_app(
+            engine, reg, uploads_dir=uploads, max_tokens_cap=8, max_upload_bytes=SMALL_CAP, management=True
+        ),
         "token": create_app(engine, reg, uploads_dir=uploads, max_tokens_cap=8, api_token="s3cret"),
     }
     with (

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -145,11 +146,15 @@ def create_app(
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
     uploads_dir: Optional[Path] = None,
     serve_ui: bool = True,
+    management: bool = False,
+    adapter_roots: Sequence[Path | str] = (),
 ) -> FastAPI:
     """The HTTP app over a started ``engine`` and a ``registry``.
 
     With ``api_token`` set, every inference and management route needs
-    ``Authorization: Bearer <api_token>``; ``/healthz`` and ``/metrics`` stay open.
+    ``Authorization: Bearer <api_token>``; ``/healthz`` and ``/metrics`` stay open. Without one,
+    the management routes (fine-tune creation and uploads, runtime load/unload) answer 3051/403
+    unless ``management`` is True. ``adapter_roots``: where a runtime load's ``lora_path`` may lie.
     ``serve_ui`` serves the playground page at ``/`` (static, open: every call it makes carries the token).
     """
     metrics = Metrics(stats=engine.stats)
@@ -163,7 +168,8 @@ def create_app(
         max_body_bytes=max_body_bytes,
         max_upload_bytes=max_upload_bytes,
         max_tokens_cap=max_tokens_cap,
-        runtime=RuntimeAdapters(registry, engine),
+        runtime=RuntimeAdapters(registry, engine, adapter_roots),
+        management=management,
     )
     # The schema is served open, as /healthz is: it describes the public, documented API (no
     # adapter names, paths or settings), and clients and tools fetch it before they hold a token.

@@ -1,4 +1,5 @@
-"""Bearer-token auth for the inference and management routes (constant-time comparison)."""
+"""Bearer-token auth for the inference and management routes (constant-time comparison), and the
+switch that keeps the management routes closed on a server without a token."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Optional
 
 from fastapi import Request
 
-from lora_kit.server.errors import AUTH, ApiError
+from lora_kit.server.errors import AUTH, ApiError, management_off
 
 
 def bearer_token(request: Request) -> Optional[str]:
@@ -35,5 +36,18 @@ def require_token(expected: Optional[str]) -> Callable[[Request], None]:
             return
         if not token_matches(bearer_token(request), expected):
             raise ApiError(AUTH, "Authentication error", openai_code="invalid_api_key")
+
+    return check
+
+
+def require_management(expected: Optional[str], enabled: bool) -> Callable[[Request], None]:
+    """A FastAPI dependency for the management routes: with a token, the token (as
+    :func:`require_token`); without one, 3051/403 unless the operator ``enabled`` management."""
+    check_token = require_token(expected)
+
+    def check(request: Request) -> None:
+        if expected is None and not enabled:
+            raise management_off()
+        check_token(request)
 
     return check

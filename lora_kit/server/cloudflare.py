@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from lora_kit.server import errors
-from lora_kit.server.auth import require_token
+from lora_kit.server.auth import require_management, require_token
 from lora_kit.server.bodies import drain_body, file_too_large, read_json, receive_upload
 from lora_kit.server.errors import ApiError, envelope
 from lora_kit.server.finetunes import FORM_OVERHEAD_BYTES, asset_limit, check_asset_name, missing_files, public_row
@@ -95,15 +95,16 @@ class RunShape(ResponseShape):
 
 
 def router(state: ServerState) -> APIRouter:
-    """The Cloudflare-compatible routes, all behind the bearer token when one is set."""
-    check_token = require_token(state.api_token)
-    api = APIRouter(dependencies=[Depends(check_token)])
+    """The Cloudflare-compatible routes, all behind the bearer token when one is set; creating a
+    fine-tune and uploading its files are management (3051/403 while it is off)."""
+    api = APIRouter(dependencies=[Depends(require_token(state.api_token))])
+    check_management = require_management(state.api_token, state.management)
 
-    async def check_token_then_close(request: Request) -> None:
-        # The upload route's own copy: a refused upload's connection is closed after at most a
+    async def check_management_then_close(request: Request) -> None:
+        # The upload route's own check: a refused upload's connection is closed after at most a
         # small drain (bodies.drain_body), never after reading a large body.
         try:
-            check_token(request)
+            check_management(request)
         except ApiError as err:
             err.headers.setdefault("Connection", "close")
             await drain_body(request)
@@ -174,6 +175,7 @@ def router(state: ServerState) -> APIRouter:
             PREFIX + "/finetunes" + suffix,
             create_finetune,
             methods=["POST"],
+            dependencies=[Depends(check_management)],
             openapi_extra=json_body(FinetuneCreate, api="cloudflare"),
         )
         api.add_api_route(
@@ -185,9 +187,9 @@ def router(state: ServerState) -> APIRouter:
             methods=["GET"],
             responses=errors_for("cloudflare"),
         )
-    # The upload route checks the token with its own dependency (before the body is read, as FastAPI
-    # reads no body for a route without body parameters), so it lives outside ``api``.
-    uploads = APIRouter(dependencies=[Depends(check_token_then_close)])
+    # The upload route checks management and the token with its own dependency (before the body is
+    # read, as FastAPI reads no body for a route without body parameters), so it lives outside ``api``.
+    uploads = APIRouter(dependencies=[Depends(check_management_then_close)])
     for suffix in ("", "/"):
         uploads.add_api_route(
             PREFIX + "/finetunes/{finetune_id}/finetune-assets" + suffix,

@@ -4,7 +4,8 @@ Codes and statuses follow the error table of Cloudflare's Workers AI docs (5007/
 3039/400 fine-tune missing files, 3006/413 request too large, 3040/429 out of capacity) and the
 codes its API returns in practice (5006 bad input, 3037 fine-tune not found, 10000 auth, 3001 internal).
 Cloudflare documents no code for a server that is going away; lora-kit's 3050/503 says "shutting down"
-(SIGTERM: new requests, and those still unfinished when the grace period ends).
+(SIGTERM: new requests, and those still unfinished when the grace period ends), and its 3051/403 says
+"management is off on this server" (uploads and runtime load/unload without a token or ``--enable-management``).
 Errors always carry a 4xx/5xx status: the official SDK ignores ``success: false`` on a 200.
 """
 
@@ -26,10 +27,12 @@ INTERNAL = (3001, 500)
 NO_ROUTE = (7003, 404)
 METHOD_NOT_ALLOWED = (7001, 405)
 SHUTTING_DOWN = (3050, 503)
+MANAGEMENT_OFF = (3051, 403)
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -75,6 +78,17 @@ def overloaded(retry_after_s: int = 1) -> ApiError:
 def shutting_down(message: str = "The server is shutting down; retry the request on another instance.") -> ApiError:
     """3050/503: the server got SIGTERM; the request was refused, or cut when the grace period ended."""
     return ApiError(SHUTTING_DOWN, message, openai_code="server_shutting_down")
+
+
+def management_off() -> ApiError:
+    """3051/403: a management route (fine-tune creation and uploads, runtime load/unload) on a server
+    that has no API token and was not started with ``--enable-management``."""
+    return ApiError(
+        MANAGEMENT_OFF,
+        "Management routes are off on this server: start it with an API token (LORA_KIT_API_TOKEN) "
+        "or with --enable-management to create fine-tunes, upload their files or load/unload adapters",
+        openai_code="management_disabled",
+    )
 
 
 def envelope(result: Any) -> dict[str, Any]:

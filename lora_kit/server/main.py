@@ -151,7 +151,15 @@ def serve(args: Any) -> int:
     engine.start()
     try:
         serve_ui = not getattr(args, "no_ui", False)
-        app = create_app(engine, Registry(), api_token=token, max_tokens_cap=args.max_tokens_cap, serve_ui=serve_ui)
+        app = create_app(
+            engine,
+            Registry(),
+            api_token=token,
+            max_tokens_cap=args.max_tokens_cap,
+            serve_ui=serve_ui,
+            management=getattr(args, "enable_management", False),
+            adapter_roots=getattr(args, "adapter_roots", None) or (),
+        )
         sock = bind_socket(args.host, args.port)
         host, port = sock.getsockname()[:2]
         server = uvicorn_server(
@@ -162,10 +170,11 @@ def serve(args: Any) -> int:
             on_shutdown=lambda: begin_shutdown(app),
             on_grace_end=lambda: engine.stop(SHUTDOWN_SETTLE_S / 2, shutting_down=True),
         )
+        management = "on" if token or getattr(args, "enable_management", False) else "off"
         print(
             f"lora-kit: serving {engine.model_name} on http://{host}:{port} "
-            f"(Cloudflare: /client/v4/accounts/<id>/ai/run/<model>, OpenAI: /v1; auth {'on' if token else 'off'}"
-            f"{f'; playground: http://{host}:{port}/' if serve_ui else ''})",
+            f"(Cloudflare: /client/v4/accounts/<id>/ai/run/<model>, OpenAI: /v1; auth {'on' if token else 'off'}; "
+            f"management {management}{f'; playground: http://{host}:{port}/' if serve_ui else ''})",
             file=sys.stderr,
             flush=True,
         )

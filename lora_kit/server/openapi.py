@@ -75,6 +75,7 @@ OPENAI_ERROR = {
 ERROR_STATUSES = {  # lora_kit.server.errors
     "400": "5006 invalid input (names the field), 5007 no such model, 3039 missing fine-tune files",
     "401": "10000 missing or wrong bearer token",
+    "403": "3051 management routes are off (no API token and no --enable-management)",
     "404": "3037 no such fine-tune or adapter, 7003 no such route",
     "405": "7001 method not allowed",
     "413": "3006 body or file too large",

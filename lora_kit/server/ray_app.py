@@ -416,6 +416,8 @@ class GatewayBase:
             api_token=server["api_token"],
             max_tokens_cap=server["max_tokens_cap"],
             serve_ui=server.get("serve_ui", True),
+            management=server.get("management", False),
+            adapter_roots=server.get("adapter_roots", ()),
         )
 
 
@@ -460,6 +462,8 @@ def serve_replicated(args: Any, replicas: ReplicaConfig, token: Optional[str]) -
             "api_token": token,
             "max_tokens_cap": args.max_tokens_cap,
             "serve_ui": not getattr(args, "no_ui", False),
+            "management": getattr(args, "enable_management", False),
+            "adapter_roots": list(getattr(args, "adapter_roots", None) or ()),
         }
         serve.run(build_app(engine_config, replicas, server), name=APP_NAME, route_prefix="/")
         print(

@@ -10,8 +10,11 @@ Operators (and Kubernetes gateways built for vLLM) manage adapters without a res
   answers 3037/404 from then on, and its engine slots are freed once the requests already running
   on them finish (they finish normally). A later load serves it again.
 
-Both sit behind the same bearer token as every other route and answer vLLM's plain-text
-``Success: ...`` on 200. The set of unloaded names is the server's (a runtime state, as in
+Both are management routes: off (3051/403) on a server without an API token unless it was started
+with ``--enable-management``, as vLLM keeps them off unless ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` is
+set; with a token they need it. ``lora_path`` must lie under one of the server's adapter roots
+(``--adapter-root DIR``, symlinks resolved; none by default, then only registry names load); a path
+outside is 5006/400, naming no server path. They answer vLLM's plain-text ``Success: ...`` on 200. The set of unloaded names is the server's (a runtime state, as in
 vLLM): a restart serves the whole registry again. The engine behind is a local
 :class:`~lora_kit.engine.Engine` or the Ray gateway's proxy, which forwards drops to every replica.
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +33,7 @@ from fastapi.responses import PlainTextResponse
 
 from lora_kit.errors import LoraKitError
 from lora_kit.server import errors
-from lora_kit.server.auth import require_token
+from lora_kit.server.auth import require_management
 from lora_kit.server.bodies import read_json
 from lora_kit.server.errors import ApiError
 from lora_kit.server.openapi import errors_for, json_body
@@ -43,11 +48,13 @@ def adapter_name(ref: str) -> str:
 
 
 class RuntimeAdapters:
-    """Which registry adapters the server serves: all but the unloaded names."""
+    """Which registry adapters the server serves: all but the unloaded names. ``roots``: the
+    directories a ``lora_path`` may lie under (resolved once, here)."""
 
-    def __init__(self, registry: Any, engine: Any) -> None:
+    def __init__(self, registry: Any, engine: Any, roots: Sequence[Path | str] = ()) -> None:
         self.registry = registry
         self.engine = engine
+        self.roots = tuple(Path(os.path.realpath(root)) for root in roots)
         self._unloaded: set[str] = set()
 
     def check_served(self, ref: Optional[str], asked: str) -> None:
@@ -66,7 +73,7 @@ class RuntimeAdapters:
 
         try:
             if path is not None:
-                await asyncio.to_thread(self._register, name, Path(path))
+                await asyncio.to_thread(self._register, name, path)
             version = await asyncio.to_thread(self.registry.resolve, name)
         except RegistryError as err:
             raise errors.bad_input(f"cannot load {name!r}: {_public(err)}", "lora_path") from None
@@ -79,11 +86,30 @@ class RuntimeAdapters:
         logger.info("runtime load: %s is served (%s)", name, ref)
         return str(ref)
 
-    def _register(self, name: str, path: Path) -> None:
+    def adapter_dir(self, lora_path: str) -> Path:
+        """The real directory ``lora_path`` names, under one of :attr:`roots`; 5006/400 otherwise.
+
+        Containment is checked on the path with every symlink resolved, before anything says
+        whether the path exists; no message names a server path."""
+        if not self.roots:
+            raise errors.bad_input(
+                "lora_path is off on this server (it was started without --adapter-root); "
+                'load a registered adapter with {"lora_name": NAME} alone',
+                "lora_path",
+            )
+        if not os.path.isabs(lora_path):
+            raise errors.bad_input("lora_path must be an absolute path", "lora_path")
+        real = Path(os.path.realpath(lora_path))
+        if not any(real.is_relative_to(root) for root in self.roots):
+            raise errors.bad_input("lora_path is outside the server's adapter roots (--adapter-root)", "lora_path")
+        if not real.is_dir():
+            raise errors.bad_input("lora_path is not a PEFT adapter directory on the server", "lora_path")
+        return real
+
+    def _register(self, name: str, lora_path: str) -> None:
         from lora_kit.registry import STORED_FILES, RegistryError, sha256_file
 
-        if not path.is_absolute() or not path.is_dir():
-            raise RegistryError("lora_path must be an absolute path to a PEFT adapter directory on the server")
+        path = self.adapter_dir(lora_path)
         try:
             latest = self.registry.resolve(name)
         except RegistryError:
@@ -127,8 +153,8 @@ def _public(err: Exception) -> str:
 
 
 def router(state: Any) -> APIRouter:
-    """The two routes, behind the bearer token when one is set."""
-    api = APIRouter(prefix="/v1", dependencies=[Depends(require_token(state.api_token))])
+    """The two routes: management, behind the bearer token when one is set, else off unless enabled."""
+    api = APIRouter(prefix="/v1", dependencies=[Depends(require_management(state.api_token, state.management))])
 
     plain = {"responses": errors_for("openai"), "response_class": PlainTextResponse}
 

@@ -28,6 +28,7 @@ class ServerState:
     max_upload_bytes: int
     max_tokens_cap: int
     runtime: RuntimeAdapters  # which registry adapters are served (vLLM's runtime load/unload)
+    management: bool = False  # uploads and runtime load/unload without a token (--enable-management)
 
     @property
     def served_model(self) -> str:
