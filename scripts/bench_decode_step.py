@@ -19,14 +19,11 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import QUESTIONS, cpu_summary, random_adapters, timed_engine, weight_summary
 
-from bench_engine import QUESTIONS, make_adapters, timed_engine  # noqa: E402
-
-from lora_kit import chat, models  # noqa: E402
-from lora_kit.engine import Engine, EngineConfig, mapping_resolver  # noqa: E402
-from lora_kit.engine.threads import dedicate_cpu_threads  # noqa: E402
+from lora_kit import chat, models
+from lora_kit.engine import Engine, EngineConfig, mapping_resolver
+from lora_kit.engine.threads import dedicate_cpu_threads
 
 LONG, SHORT = 72, 8
 CONFIGS = {  # label -> (adapter dtype, backend; None: chosen by platform)
@@ -47,7 +44,7 @@ def main() -> None:
     names = [f"a{i}" for i in range(8)]
     tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
     try:
-        dirs = make_adapters(Path(models.resolve(args.model)), tmp, 8)
+        dirs = random_adapters(Path(models.resolve(args.model)), tmp, names)
         engines = {}
         for label, (dtype, backend) in CONFIGS.items():
             config = EngineConfig(model=args.model, max_slots=8, max_batch=8, adapter_dtype=dtype)
@@ -70,9 +67,11 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(
-        f"\nmodel {args.model}, fp32, {threads} threads, 8 requests, {args.rounds} rounds; ms per decode step (median)"
-    )
+    weights = {label: weight_summary(engine.model) for label, engine in engines.items()}
+    print(f"\nmodel {args.model}, fp32 activations, {threads} threads, 8 requests, {args.rounds} rounds; "
+          f"ms per decode step (median)\nCPU: {cpu_summary()}")  # fmt: skip
+    for label, summary in weights.items():
+        print(f"{label}: base linear weights {summary}")
     print("| LoRA path | base ms/step | 8 adapters ms/step | LoRA ms/step | 8 adapters vs base |")
     print("|---|---:|---:|---:|---:|")
     for label in CONFIGS:

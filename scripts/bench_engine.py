@@ -7,6 +7,9 @@ median tokens/s and the median of the per-round ratios, and the adapters' size.
 
     .venv/bin/python scripts/bench_engine.py [--quick] [--rounds N] [--json out.json]
 
+The header states what really ran: the base's weights as the engine holds them after loading
+(dtype, oneDNN-packed or not), the adapters' dtype, the LoRA path, and the CPU's model and flags.
+
 The engine runs on the backend chosen by platform (on the CPU: the BGMV kernel and packed
 weights); compare with torch's bmm and transformers' kernels through the backend override:
 
@@ -25,63 +28,17 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from _harness import QUESTIONS, cpu_summary, random_adapters, timed_engine, weight_summary
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lora_kit import chat, models  # noqa: E402
-from lora_kit.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, mapping_resolver  # noqa: E402
-from lora_kit.engine.threads import dedicate_cpu_threads, run_in_thread  # noqa: E402
-from lora_kit.engine.types import AdapterSpec, AdapterWeight  # noqa: E402
-
-QUESTIONS = [
-    "What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?",
-    "What is the boiling point of water?", "Who wrote Hamlet?", "What is two plus two?",
-    "Describe a cat in one sentence.", "What is the largest planet?", "Why is the sky blue?",
-    "Translate 'hello' into Spanish.", "What is photosynthesis?", "Give me a synonym for happy.",
-    "How far is the Moon?", "What language is spoken in Brazil?", "What is a prime number?",
-    "Name a famous painter.",
-]  # fmt: skip
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from lora_kit import chat, models
+from lora_kit.engine import Engine, EngineConfig, mapping_resolver
+from lora_kit.engine.threads import dedicate_cpu_threads, run_in_thread
+from lora_kit.engine.types import AdapterWeight
 
 
 def make_adapters(base_dir: Path, out: Path, count: int, rank: int = 8) -> dict[str, Path]:
-    """``count`` random rank-``rank`` all-linear PEFT adapters: one saved by PEFT, the rest
-    with the same config and keys and fresh random tensors (fast)."""
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
-
-    first = out / "a0"
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    get_peft_model(
-        base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
-    ).save_pretrained(first)
-    keys = load_file(first / "adapter_model.safetensors")
-    dirs = {"a0": first}
-    for i in range(1, count):
-        d = out / f"a{i}"
-        d.mkdir(parents=True)
-        shutil.copy(first / "adapter_config.json", d)
-        g = torch.Generator().manual_seed(i)
-        save_file(
-            {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in keys.items()}, d / "adapter_model.safetensors"
-        )
-        dirs[f"a{i}"] = d
-    return dirs
-
-
-def timed_engine(engine: Engine, prompts: list[list[int]], adapters: list[AdapterSpec], tokens: int) -> float:
-    """Seconds to finish all requests, submitted together (tokens/s = len * tokens / s)."""
-    engine.stop()
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    seqs = [engine.submit(GenerationRequest(p, params, adapter=a)) for p, a in zip(prompts, adapters)]
-    start = time.perf_counter()
-    engine.start()
-    outs = [engine.result(s) for s in seqs]
-    took = time.perf_counter() - start
-    engine.stop()  # its loop thread ends, and with it the thread's OpenMP pool
-    assert all(o.completion_tokens == tokens for o in outs)
-    return took
+    """``count`` random rank-``rank`` all-linear PEFT adapters ``a0``, ``a1``, ... in ``out``."""
+    return random_adapters(base_dir, out, [f"a{i}" for i in range(count)], rank=rank)
 
 
 def padded(tokenizer, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -204,6 +161,7 @@ def main() -> None:
         cold_ms = (time.perf_counter() - start) * 1000
         one_adapter = adapter_bytes(dirs["a0"], engine.adapter_dtype.itemsize)
         base_bytes = decode_step_bytes(engine.model)
+        weights, cpu = weight_summary(engine.model), cpu_summary()
         engine.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -230,8 +188,10 @@ def main() -> None:
         ]
     )
     lora_path = f"{engine.backend.lora_path} ({engine.backend.name} backend)"
-    print(f"\nmodel {args.model}, fp32 {engine.device}, {threads} threads, adapters {str(engine.adapter_dtype).removeprefix('torch.')} "
-          f"via {lora_path}, {tokens} tokens/request, {rounds} round(s); tok/s = median, ratio = median of per-round ratios")  # fmt: skip
+    adapter_dtype = str(engine.adapter_dtype).removeprefix("torch.")
+    print(f"\nmodel {args.model} on {engine.device}, fp32 activations, base linear weights {weights}, "
+          f"adapters {adapter_dtype} via {lora_path}, {threads} threads\nCPU: {cpu}\n"
+          f"{tokens} tokens/request, {rounds} round(s); tok/s = median, ratio = median of per-round ratios")  # fmt: skip
     print("| measurement | lora-kit tok/s | baseline | tok/s | ratio | goal |")
     print("|---|---:|---|---:|---:|---:|")
     for r in rows:
@@ -246,6 +206,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"tokens": tokens, "rounds": rounds, "rows": rows, "cold_load_ms": cold_ms,
                                          "adapter_bytes": one_adapter, "base_bytes": base_bytes,
                                          "adapter_dtype": str(engine.adapter_dtype), "backend": engine.backend.name,
+                                         "weights": weights, "cpu": cpu,
                                          "cpu_kernel": engine.cpu_kernel}, indent=2))  # fmt: skip
 
 

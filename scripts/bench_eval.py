@@ -17,43 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _harness import ROOT, cpu_summary, random_adapters
 
-from lora_kit import models  # noqa: E402
-from lora_kit.engine import mapping_resolver  # noqa: E402
-from lora_kit.engine.threads import dedicate_cpu_threads  # noqa: E402
-from lora_kit.evaluation import cases as cases_mod  # noqa: E402
-from lora_kit.evaluation import runner  # noqa: E402
+from lora_kit import models
+from lora_kit.engine import mapping_resolver
+from lora_kit.engine.threads import dedicate_cpu_threads
+from lora_kit.evaluation import cases as cases_mod
+from lora_kit.evaluation import runner
 
-ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REFS = ["a0", "a1", "a2"]
-
-
-def make_adapters(base_dir: Path, out: Path, rank: int = 8) -> dict[str, Path]:
-    """Three random rank-``rank`` PEFT adapters on ``base_dir`` (small weights: answers stay text-like)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
-    dirs = {}
-    for i, name in enumerate(REFS):
-        gen = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for pname, param in peft_model.named_parameters():
-                if "lora_" in pname:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
-        dirs[name] = out / name
-        peft_model.save_pretrained(dirs[name])
-    return dirs
 
 
 def timed(engine, refs: list[str], cases: list, max_tokens: int) -> float:
@@ -76,7 +53,8 @@ def main() -> None:
     spec = models.DEFAULT_MODEL
     precision = runner.serving_precision()
     with tempfile.TemporaryDirectory() as tmp:
-        resolver = mapping_resolver(make_adapters(Path(models.resolve(spec)), Path(tmp)))
+        # small weights (std 0.01): the answers stay text-like
+        resolver = mapping_resolver(random_adapters(Path(models.resolve(spec)), Path(tmp), REFS, std=0.01))
         engine = runner.load_engine(
             spec, precision, adapter_resolver=resolver, adapters=len(REFS), requests=len(REFS) * len(cases)
         )
@@ -99,6 +77,7 @@ def main() -> None:
     print(
         f"{len(cases)} cases of {args.data}, {spec} at {precision}, max {args.max_tokens} tokens, {args.rounds} rounds"
     )
+    print(f"CPU: {cpu_summary()}")
     print(f"{'variant':<24}{'seconds':>10}{'examples/s':>12}")
     for name, row in rows.items():
         print(f"{name:<24}{row['seconds']:>10.2f}{row['examples_per_s']:>12.2f}")

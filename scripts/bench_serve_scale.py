@@ -22,10 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -34,8 +30,7 @@ from pathlib import Path
 from statistics import median
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _harness import Serve, cpu_summary, free_port, random_adapters, share_models_and_kernels
 
 MODEL = "smollm2-135m-instruct"
 RUN = "/client/v4/accounts/bench/ai/run/" + MODEL
@@ -44,59 +39,30 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is th
 
 def make_registry(home: Path, count: int) -> list[str]:
     """``count`` random rank-8 q/v adapters registered in ``home``'s registry."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from lora_kit import models, paths
+    from lora_kit import models
     from lora_kit.registry import Registry
 
-    (home / "models").symlink_to(paths.models_dir())
-    (home / "kernels").symlink_to(paths.kernels_dir())
+    share_models_and_kernels(home)
     registry = Registry(home / "registry")
-    base = models.load_model(MODEL)
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    names = []
-    for i in range(count):
-        torch.manual_seed(i)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_" in name:
-                    param.normal_(0.0, 0.05)
-        peft_model.save_pretrained(home / f"a{i}")
-        registry.register(home / f"a{i}", f"a{i}", base_model=MODEL)
-        names.append(f"a{i}")
+    names = [f"a{i}" for i in range(count)]
+    dirs = random_adapters(
+        Path(models.resolve(MODEL)), home / "adapters", names, targets=["q_proj", "v_proj"], std=0.05
+    )
+    for name, adapter_dir in dirs.items():
+        registry.register(adapter_dir, name, base_model=MODEL)
     return names
 
 
-def start_server(home: Path, replicas: int, replica_cpus: int | None = None) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "lora_kit", "serve", "--port", str(port), "--slots", "8", "--max-batch", "16"]
+def start_server(home: Path, replicas: int, replica_cpus: int | None = None) -> Serve:
+    """`lora-kit serve` on ``home`` (one process, or ``replicas`` engine replicas on Ray Serve), ready."""
+    command = ["--slots", "8", "--max-batch", "16"]
+    port = 0
     if replicas:
         cpus = replica_cpus or max(1, (os.cpu_count() or 2) // replicas)
         command += ["--replicas", str(replicas), "--replica-cpus", str(cpus)]
-    env = {**os.environ, "LORA_KIT_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
-    log = open(home / f"serve-{replicas}.log", "w+")  # noqa: SIM115 - the server's lifetime
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the server did not start:\n{(home / f'serve-{replicas}.log').read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        port = free_port()  # Ray Serve's proxy is told its port; it cannot pick one and say which
+    env = {"LORA_KIT_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+    return Serve(command, env=env, log=home / f"serve-{replicas}.log", port=port, grace=120).start()
 
 
 def ask(client: httpx.Client, lora: str | None, tokens: int, question: str) -> httpx.Response:
@@ -137,7 +103,8 @@ def hop_latency(url: str, count: int = 30) -> float:
 
 
 def measure(home: Path, replicas: int, names: list[str], tokens: int, rounds: int, cpus: int | None = None) -> dict:
-    proc, url = start_server(home, replicas, cpus)
+    server = start_server(home, replicas, cpus)
+    url = server.url
     try:
         with httpx.Client(base_url=url, timeout=600) as client:  # warm-up: every adapter loaded once
             for name in names:
@@ -149,7 +116,7 @@ def measure(home: Path, replicas: int, names: list[str], tokens: int, rounds: in
                 best, affinity = tps, served
         hop = min(hop_latency(url) for _ in range(rounds))
     finally:
-        stop_server(proc)
+        server.stop()
     sticky = sum(c.most_common(1)[0][1] for c in affinity.values()) / max(
         1, sum(sum(c.values()) for c in affinity.values())
     )
@@ -170,7 +137,7 @@ def main() -> None:
         one = measure(home, 1, names, args.tokens, args.rounds, cpus=os.cpu_count() or 2)  # the hop alone
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    print(f"\n{os.cpu_count()} CPUs; 16 clients, 8 adapters, {args.tokens} tokens/request; best of {args.rounds}")
+    print(f"\nCPU: {cpu_summary()}; 16 clients, 8 adapters, {args.tokens} tokens/request; best of {args.rounds}")
     print("| server | tokens/s | p50 of a 1-token request | adapter affinity |")
     print("|---|---:|---:|---:|")
     print(f"| one process | {single['tps']:.1f} | {single['p50'] * 1000:.1f} ms | - |")

@@ -14,10 +14,14 @@ request (``ignore_eos``; every response's ``usage.completion_tokens`` is checked
 threads in each server. A case's tokens/s is the tokens generated (from the responses' usage)
 over the wall time of the round, best of ``--rounds`` rounds after one warm-up round. lora-kit
 runs ``lora-kit serve`` on a temporary registry (the adapters added with ``lora-kit adapters
-add``); llama.cpp runs on the base converted with its ``convert_hf_to_gguf.py --outtype f16``
-(and f32 with ``--types f16 f32``) and the adapters converted with ``convert_lora_to_gguf.py``
-(same outtype), all loaded with ``--lora ... --lora-init-without-apply``. The ratio columns
-are lora-kit / llama.cpp: above 1 lora-kit is faster; for RSS, below 1 lora-kit is smaller.
+add``); llama.cpp runs on the base converted with its ``convert_hf_to_gguf.py --outtype TYPE``
+for each of ``--types`` (``f16``, ``bf16``, ``q8_0``, ``f32``; default ``f16 bf16 q8_0``) and the
+adapters converted with ``convert_lora_to_gguf.py`` (same outtype, but f16 adapters for a q8_0
+base: a LoRA matrix's short rank rows do not fit q8_0's 32-value blocks, and its bytes are few),
+all loaded with ``--lora ... --lora-init-without-apply``. lora-kit's base weights are bf16 on a
+CPU with AVX512-BF16 or AMX (``--weight-dtype auto``), else fp32 (the report says which): its
+like-for-like llama.cpp type is then bf16, or f32. The ratio columns are lora-kit / llama.cpp:
+above 1 lora-kit is faster; for RSS, below 1 lora-kit is smaller.
 
 **Pitfalls** (each handled here):
 
@@ -36,7 +40,8 @@ are lora-kit / llama.cpp: above 1 lora-kit is faster; for RSS, below 1 lora-kit 
   server the script waits (``--wait-quiet``, up to 60 s) for other processes to leave the CPUs
   idle, and under the table it prints the share of the CPUs other processes used during each
   server's measurement, flagging the run "not quiet" above 5%.
-- Both servers render the prompt with the model's own chat template; the mean prompt tokens
+- Both servers render the prompt with the model's own chat template (llama-server runs with
+  ``--jinja``: the template in the GGUF, as Jinja, not its built-in approximations); the mean prompt tokens
   each server reports are printed under the table so a template difference shows, with how many
   greedy answers of the two servers start alike (the adapters' GGUF conversion is right when the
   adapter rows agree as well as the base rows do). A server whose 8 adapter answers all equal its
@@ -56,7 +61,7 @@ reuses them on the next run (otherwise a temporary directory, removed after a su
 converters need ``sentencepiece`` (imported even for a ``tokenizer.json`` model): it is
 installed into this venv with pip when missing.
 
-    .venv/bin/python scripts/bench_vs_llamacpp.py [--types f16 f32] [--rounds 3] [--tokens 64] \\
+    .venv/bin/python scripts/bench_vs_llamacpp.py [--types f16 bf16 q8_0 f32] [--rounds 3] [--tokens 64] \\
         [--llama-server PATH --llama-cpp-dir DIR] [--lora-kit-arg=--adapter-dtype=bfloat16] [--json OUT]
 """
 
@@ -69,7 +74,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -83,12 +87,11 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
+from _harness import QUESTIONS as ALL_QUESTIONS
+from _harness import ROOT, Serve, ServeError, cpu_summary, free_port, random_adapters, share_models_and_kernels
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from lora_kit import paths  # noqa: E402
-from lora_kit.errors import LoraKitError  # noqa: E402
+from lora_kit import paths
+from lora_kit.errors import LoraKitError
 
 MODEL = "smollm2-135m-instruct"
 ADAPTERS = 8
@@ -97,11 +100,11 @@ LLAMA_CPP_PYTHON = "0.3.36"  # the PyPI source package that vendors llama.cpp
 # it the CPU kernels are AVX2 only, which understates llama.cpp on an AVX-512 or AMX machine.
 CMAKE_FLAGS = ["-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON"]  # fmt: skip
-QUESTIONS = [
-    "What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?",
-    "What is the boiling point of water?", "Who wrote Hamlet?", "What is two plus two?",
-    "Describe a cat in one sentence.", "What is the largest planet?",
-]  # fmt: skip
+QUESTIONS = ALL_QUESTIONS[:8]
+GGUF_TYPES = ["f16", "bf16", "q8_0", "f32"]  # convert_hf_to_gguf.py --outtype values compared
+# The adapters' GGUF type for each base type: the same, but f16 for a q8_0 base (LoRA B's rows are
+# rank-long, shorter than q8_0's 32-value blocks; llama.cpp's own advice is f16 adapters).
+ADAPTER_TYPE = {"q8_0": "f16"}
 # case -> (row label, the adapter index of each concurrent request; None = the base)
 CASES: dict[str, tuple[str, list[Optional[int]]]] = {
     "base8": ("8 requests, base only", [None] * 8),
@@ -128,6 +131,7 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     lora_files: list[str] = field(default_factory=list)  # llama-server's --lora files, in id order
+    serve: Optional[Serve] = None  # lora-kit: started (free port, readiness, stop) by the scripts' harness
 
 
 @dataclass
@@ -232,19 +236,28 @@ def ensure_converter_deps() -> None:
 def conversion_commands(
     source: Path, base_dir: Path, adapters: dict[str, Path], out: Path, kind: str
 ) -> list[tuple[list[str], Path]]:
-    """(command, output file) pairs: the base and every adapter to GGUF of type ``kind`` (f16, f32)."""
+    """(command, output file) pairs: the base to GGUF of type ``kind`` (one of ``GGUF_TYPES``) and
+    every adapter to GGUF of type ``ADAPTER_TYPE.get(kind, kind)``."""
     base = out / f"base-{kind}.gguf"
+    adapter_kind = ADAPTER_TYPE.get(kind, kind)
     to_gguf = [sys.executable, str(source / "convert_hf_to_gguf.py"), "--outtype", kind]
-    lora_to_gguf = [sys.executable, str(source / "convert_lora_to_gguf.py"), "--outtype", kind, "--base", str(base_dir)]
+    lora_to_gguf = [sys.executable, str(source / "convert_lora_to_gguf.py"), "--outtype", adapter_kind]
+    lora_to_gguf += ["--base", str(base_dir)]
     pairs = [([*to_gguf, "--outfile", str(base), str(base_dir)], base)]
     for name, adapter_dir in adapters.items():
-        target = out / f"{name}-{kind}.gguf"
+        target = adapter_gguf(out, name, kind)
         pairs.append(([*lora_to_gguf, "--outfile", str(target), str(adapter_dir)], target))
     return pairs
 
 
+def adapter_gguf(ggufs: Path, name: str, kind: str) -> Path:
+    """The GGUF file of adapter ``name`` served with the ``kind`` base."""
+    return ggufs / f"{name}-{ADAPTER_TYPE.get(kind, kind)}.gguf"
+
+
 def convert_all(pairs: list, log: Path) -> None:
-    """Run each conversion whose output does not exist yet (a reused ``--work-dir`` skips them)."""
+    """Run each conversion whose output does not exist yet (a reused ``--work-dir`` skips them; so
+    does a q8_0 base's f16 adapter already made for the f16 base)."""
     for command, target in pairs:
         if not target.is_file():
             run_logged(command, log)
@@ -258,13 +271,7 @@ def make_adapter_dirs(base_dir: Path, out: Path) -> dict[str, Path]:
     names = [f"a{i}" for i in range(ADAPTERS)]
     if all((out / n / "adapter_model.safetensors").is_file() for n in names):
         return {n: out / n for n in names}
-    import torch
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_engine import make_adapters
-
-    torch.manual_seed(0)
-    return make_adapters(base_dir, out, ADAPTERS)
+    return random_adapters(base_dir, out, names)
 
 
 def make_home(home: Path, adapters: dict[str, Path]) -> None:
@@ -272,12 +279,7 @@ def make_home(home: Path, adapters: dict[str, Path]) -> None:
     done = home / "registered"
     if done.is_file():
         return
-    home.mkdir(parents=True, exist_ok=True)
-    for sub in ("models", "kernels"):
-        real = paths.home() / sub
-        real.mkdir(parents=True, exist_ok=True)
-        if not (home / sub).exists():
-            (home / sub).symlink_to(real)
+    share_models_and_kernels(home)
     env = {**os.environ, "LORA_KIT_HOME": str(home)}
     for name, adapter_dir in adapters.items():
         add = [sys.executable, "-m", "lora_kit", "adapters", "add", str(adapter_dir), "--name", name, "--base", MODEL]
@@ -286,12 +288,6 @@ def make_home(home: Path, adapters: dict[str, Path]) -> None:
 
 
 # -- the two servers -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def chat_body(question: str, tokens: int, model: str) -> dict:
@@ -314,20 +310,21 @@ def llama_body(question: str, adapter: Optional[int], tokens: int, model: str) -
 
 def lora_kit_server(home: Path, args: argparse.Namespace) -> Server:
     """``lora-kit serve`` on ``home``'s registry, the 8 adapters preloaded, plus ``--lora-kit-arg``s."""
-    port = free_port()
-    command = [sys.executable, "-m", "lora_kit", "serve", "--model", MODEL, "--no-ui", "--log-level", "warning"]
-    command += ["--port", str(port), "--threads", str(args.threads), "--slots", str(ADAPTERS), "--preload"]
-    command += [f"a{i}" for i in range(ADAPTERS)] + args.lora_kit_arg
-    return Server("lora-kit", command, "/healthz", lora_kit_body, {"LORA_KIT_HOME": str(home)}, port)
+    flags = ["--model", MODEL, "--no-ui", "--log-level", "warning", "--threads", str(args.threads)]
+    flags += ["--slots", str(ADAPTERS), "--preload", *[f"a{i}" for i in range(ADAPTERS)], *args.lora_kit_arg]
+    env = {"LORA_KIT_HOME": str(home)}
+    serve = Serve(flags, env=env, log=home.parent / "lora-kit.log")
+    return Server("lora-kit", serve.command, "/healthz", lora_kit_body, env, serve=serve)
 
 
 def llama_server(binary: Path, ggufs: Path, kind: str, args: argparse.Namespace) -> Server:
     """``llama-server`` on the ``kind`` GGUFs; 8 parallel slots of ``tokens + 256`` context each."""
     port, ctx = free_port(), max(512, args.tokens + 256)
-    files = [str(ggufs / f"a{i}-{kind}.gguf") for i in range(ADAPTERS)]
+    files = [str(adapter_gguf(ggufs, f"a{i}", kind)) for i in range(ADAPTERS)]
     # one comma-separated --lora: a repeated --lora is deprecated ("only last value will be used")
     command = [str(binary), "-m", str(ggufs / f"base-{kind}.gguf"), "--lora", ",".join(files)]
-    command += ["--lora-init-without-apply", "-np", "8", "-c", str(8 * ctx)]
+    # --jinja: the GGUF's chat template rendered as Jinja, as lora-kit renders the model's template
+    command += ["--lora-init-without-apply", "--jinja", "-np", "8", "-c", str(8 * ctx)]
     command += ["-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "--port", str(port)]
     return Server(f"llama.cpp {kind} GGUF", command, "/health", llama_body, {}, port, files)
 
@@ -447,6 +444,14 @@ def stop(proc: subprocess.Popen) -> None:
 def running(server: Server, log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
     """The server started in a process group of its own, ready; stopped (the group) on exit."""
     print(f"$ {shlex.join(server.command)}", file=sys.stderr)
+    if server.serve is not None:
+        try:
+            with server.serve as started:
+                assert started.proc is not None and started.url is not None
+                yield started.proc, started.url
+        except ServeError as err:
+            raise BenchError(str(err)) from None
+        return
     url = f"http://127.0.0.1:{server.port}"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -552,15 +557,6 @@ def same_start(ours: list[str], theirs: list[str], chars: int = 20) -> int:
 # -- the report ------------------------------------------------------------------------------------
 
 
-def cpu_summary() -> str:
-    """The CPU's model name and the vector/matrix extensions that decide 16-bit speed."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"]
-    return f"{name}, {os.cpu_count()} CPUs, " + " ".join(f for f in wanted if f in flags)
-
-
 def ratio_cell(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.2f}x" if theirs else "-"
 
@@ -623,11 +619,22 @@ def report(results: dict[str, dict], cases: list[str], args: argparse.Namespace,
         f"{MODEL}, {ADAPTERS} random rank-8 all-linear adapters; /v1/chat/completions, greedy, "
         f"{args.tokens} new tokens per request (ignore_eos), {args.threads} threads per server, "
         f"best of {args.rounds} round(s) after a warm-up; ratio = lora-kit / llama.cpp",
-        f"CPU: {cpu_summary()}; llama-server {version}; {lora_kit_version()}, `lora-kit serve` extra args: "
-        f"{' '.join(args.lora_kit_arg) or 'none'}",
+        f"CPU: {cpu_summary()}; llama-server {version}; {lora_kit_version()}, base weights "
+        f"{lora_kit_weights(args)}, `lora-kit serve` extra args: {' '.join(args.lora_kit_arg) or 'none'}",
         "",
     ]
     return "\n".join(lines + table(results, cases, args.types) + [""] + notes(results, args.types) + warning)
+
+
+def lora_kit_weights(args: argparse.Namespace) -> str:
+    """The dtype lora-kit's server packs its base weights in: its ``--weight-dtype`` (from
+    ``--lora-kit-arg``), else ``auto``'s choice on this CPU (what ``select_backend`` decides)."""
+    from lora_kit.engine.backends.packed_linear import native_bf16
+
+    given = [a.split("=", 1)[1] for a in args.lora_kit_arg if a.startswith("--weight-dtype=")]
+    if given and given[-1] != "auto":
+        return given[-1]
+    return f"{'bfloat16' if native_bf16() else 'float32'} (--weight-dtype auto on this CPU)"
 
 
 def lora_kit_version() -> str:
@@ -662,7 +669,7 @@ def build_options(binary: Path) -> dict[str, str]:
 def build_warning(binary: Path) -> list[str]:
     """A note when llama-server lacks the AVX-512 kernels this CPU could run (its figures are then low)."""
     options = build_options(binary)
-    has_avx512 = "avx512f" in cpu_summary().split()
+    has_avx512 = "avx512f" in cpu_summary().replace(",", " ").split()
     if has_avx512 and options.get("GGML_NATIVE") == "OFF" and options.get("GGML_AVX512") != "ON":
         return [
             "- **llama-server lacks AVX-512**: it was built with GGML_NATIVE=OFF and GGML_AVX512=OFF on a CPU "
@@ -681,7 +688,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     ap.add_argument("--threads", type=int, default=2, help="threads of each server")
     ap.add_argument("--cases", nargs="+", choices=[*CASES, RSS], default=[*CASES, RSS], help="rows to measure")
-    ap.add_argument("--types", nargs="+", choices=["f16", "f32"], default=["f16"], help="llama.cpp GGUF types")
+    ap.add_argument(
+        "--types",
+        nargs="+",
+        choices=GGUF_TYPES,
+        default=["f16", "bf16", "q8_0"],
+        help="llama.cpp GGUF types of the base, each a server of its own (bf16: like for like with lora-kit's bf16 weights)",
+    )
     ap.add_argument("--llama-server", help="an existing llama-server binary (default: build one into the cache)")
     ap.add_argument("--llama-cpp-dir", help="an existing llama.cpp source tree, for its converters")
     ap.add_argument(
@@ -724,7 +737,7 @@ def plan(args: argparse.Namespace, work: Path) -> list[str]:
     base_dir = paths.models_dir() / MODEL
     adapters = {f"a{i}": work / "adapters" / f"a{i}" for i in range(ADAPTERS)}
     lines.append(
-        f"# make {ADAPTERS} random rank-8 all-linear adapters in {work / 'adapters'} (bench_engine.make_adapters)"
+        f"# make {ADAPTERS} random rank-8 all-linear adapters in {work / 'adapters'} (_harness.random_adapters)"
     )
     lines += [
         f"LORA_KIT_HOME={work / 'home'} {sys.executable} -m lora_kit adapters add {d} --name {n} --base {MODEL}"

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
+from _harness import ROOT, Serve, ServeError
 
-ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "demo-sentiment.yaml"
 MODEL = "smollm2-135m-instruct"
 ACCOUNT = "demo-account"
@@ -66,30 +62,12 @@ def trained_adapter() -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    banner("lora-kit serve --port 0")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_kit", "serve", "--host", "127.0.0.1", "--port", "0"],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 300
-    for line in proc.stderr:
-        print("  " + line.rstrip(), flush=True)
-        found = re.search(r"on (http://[\d.]+:\d+)", line)
-        if found:
-            url = found.group(1)
-            # keep draining stderr so the server never blocks on a full pipe
-            import threading
-
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-            return proc, url
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    sys.exit("the server did not start")
+def start_server() -> Serve:
+    banner("lora-kit serve --host 127.0.0.1 --port 0")
+    try:
+        return Serve([], echo=True, timeout=300).start()
+    except ServeError as err:
+        sys.exit(str(err))
 
 
 def run_request(url: str, body: dict) -> str:
@@ -109,7 +87,8 @@ def main() -> int:
     os.chdir(ROOT)
     ref = trained_adapter()
     name = ref.split("@")[0]
-    server, url = start_server()
+    server = start_server()
+    url = server.url
     try:
         banner('Cloudflare Workers AI requests (same body with and without "lora")')
         print(
@@ -149,12 +128,8 @@ def main() -> int:
         print(f"client.ai.run({MODEL!r}, lora={name!r}, ...) -> {json.dumps(result)}")
     finally:
         banner("stopping the server (SIGTERM)")
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        print(f"server exited with {server.returncode}")
+        server.stop()
+        print(f"server exited with {server.proc.returncode}")
     return 0
 
 

@@ -38,24 +38,27 @@ import dataclasses
 import json
 import math
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+# scripts/_harness.py (standard library only at the top, as this module), also when a test loads this file by path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny-mistral-smoke.yaml"
 RESULT_PREFIX = "GPU_CHECK_RESULT "
 NO_CUDA = "gpu-check: no CUDA device here; run it on a machine with an NVIDIA GPU"
 EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA, EXIT_TORCH_WITHOUT_CUDA = 0, 1, 2, 3
-ADAPTERS = {"a": {"r": 4, "seed": 1}, "b": {"r": 8, "seed": 2, "use_rslora": True}, "c": {"r": 2, "seed": 3}}
+# random all-linear adapters on the tiny Mistral (alpha 8, A and B of std 0.3: each changes the output)
+ADAPTERS = {"a": {"rank": 4, "seed": 1}, "b": {"rank": 8, "seed": 2, "use_rslora": True}, "c": {"rank": 2, "seed": 3}}
 SERVED_ADAPTER = "gpu-check"
 
 
@@ -288,27 +291,15 @@ def check_resume(settings: Settings, work: Path) -> Check:
 # -- 1 and 4: workers (child processes that import torch) ----------------------------------------
 
 
-def sentiment_texts() -> list[str]:
-    """Every message of the sentiment data: the tiny model's word-level vocabulary."""
-    return [
-        message["content"]
-        for split in ("train", "eval")
-        for line in (ROOT / "data" / "sentiment" / f"{split}.jsonl").read_text().splitlines()
-        for message in json.loads(line)["messages"]
-    ]
-
-
 def worker_prepare(work: Path, device: str, new_tokens: int) -> dict:
-    """The tiny random Mistral of the tests, three random PEFT adapters (non-zero B, so each
-    changes the output), and one of them registered in the work home for the serve check."""
-    sys.path.insert(0, str(ROOT / "tests"))  # the tests' model builders: one definition of "tiny Mistral"
-    from helpers import make_adapter, make_tiny_mistral, make_tokenizer
-
+    """The tiny random Mistral of the tests (scripts/_harness.py builds it for both), three random
+    PEFT adapters (non-zero B, so each changes the output), and one of them registered in the
+    work home for the serve check."""
     from lora_kit.registry import Registry
 
-    base = make_tiny_mistral(work / "tiny-mistral", make_tokenizer(sentiment_texts()))
+    base = _harness.make_sentiment_mistral(work / "tiny-mistral")
     for name, spec in ADAPTERS.items():
-        make_adapter(base, work / "adapters" / name, **spec)
+        _harness.random_adapter(base, work / "adapters" / name, alpha=8, std=0.3, **spec)
     version = Registry().register(work / "adapters" / "a", SERVED_ADAPTER, base_model=str(base))
     return {"ok": True, "key": f"tiny Mistral + {len(ADAPTERS)} adapters; {version.ref} registered"}
 
@@ -379,7 +370,7 @@ def parity_case(work: Path, device: str, quantization: str, names: list[str | No
     base = work / "tiny-mistral"
     adapters = {name: work / "adapters" / name for name in names if name is not None}
     engine, seen = recording_engine(base, device, quantization, adapters)
-    prompt = chat.render_prompt(engine.tokenizer, sentiment_texts()[0], raw=True)
+    prompt = chat.render_prompt(engine.tokenizer, _harness.sentiment_texts()[0], raw=True)
     try:
         engine.stop()  # submit every request before the loop starts: the first step batches them all
         seqs = [engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=n), adapter=a)) for a in names]
@@ -439,44 +430,6 @@ def run_as_worker(name: str, work: Path, device: str, new_tokens: int) -> int:
 # -- 5: serving through the official cloudflare SDK ----------------------------------------------
 
 
-def start_server(settings: Settings, work: Path, timeout: float) -> tuple[subprocess.Popen, str | None, list[str]]:
-    """``lora-kit serve`` of the tiny Mistral (NF4) with the registered adapter preloaded, on a
-    free port of 127.0.0.1; returns the process, its URL (None if it did not come up in time)
-    and its stderr lines so far (a thread keeps reading them, so the pipe never fills)."""
-    cmd = [sys.executable, "-m", "lora_kit", "serve", "--model", str(work / "tiny-mistral"), "--quantization", "nf4"]
-    cmd += ["--preload", SERVED_ADAPTER, "--slots", "2", "--host", "127.0.0.1", "--port", "0", "--no-ui"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=child_env(settings, work / "home"), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    lines: list[str] = []
-    found: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stderr:  # type: ignore[union-attr]
-            lines.append(line)
-            match = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-            if match:
-                found.put(match.group(1))
-        found.put(None)  # the server exited
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        return proc, found.get(timeout=timeout), lines
-    except queue.Empty:
-        return proc, None, lines
-
-
-def stop_server(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM (a graceful stop), then SIGKILL to the whole group if it lingers past ``grace`` s."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def call_with_sdk(url: str, n: int, timeout: float) -> str:
     """The adapter, the base and an unknown adapter through ``cloudflare.Cloudflare`` (each call
     within ``timeout`` s); returns the key number, or raises ValueError saying what was wrong."""
@@ -484,7 +437,7 @@ def call_with_sdk(url: str, n: int, timeout: float) -> str:
 
     client = cloudflare.Cloudflare(api_token="gpu-check", base_url=url + "/client/v4", max_retries=0, timeout=timeout)
     model = "@cf/huggingface/tiny-mistral"  # the served model is named by its directory
-    messages = [{"role": "user", "content": sentiment_texts()[0]}]
+    messages = [{"role": "user", "content": _harness.sentiment_texts()[0]}]
     asked = {"account_id": "gpu-check", "messages": messages, "max_tokens": n, "temperature": 0}
     start = time.monotonic()
     tuned = client.ai.run(model, lora=SERVED_ADAPTER, extra_body={"ignore_eos": True}, **asked)
@@ -507,18 +460,23 @@ def check_serve(settings: Settings, work: Path) -> Check:
     """One adapter served by ``lora-kit serve`` in a child, called through the cloudflare SDK.
     Of the check's time, half may go to the start, a tenth to each of the 3 calls, a fifth to the stop."""
     start, timeout = time.monotonic(), settings.timeouts["serve"]
-    proc, url, lines = start_server(settings, work, timeout * 0.5)
+    args = ["--model", str(work / "tiny-mistral"), "--quantization", "nf4", "--preload", SERVED_ADAPTER]
+    server = _harness.Serve(
+        [*args, "--slots", "2", "--no-ui"], env=child_env(settings, work / "home"), log=work / "logs" / "serve.log",
+        timeout=timeout * 0.5, grace=timeout * 0.2,
+    )  # fmt: skip
     try:
-        if url is None:
-            tail = "".join(lines).strip().splitlines()[-1:] or ["no output"]
-            return Check("serve", False, f"the server did not start: {tail[0][:100]}", time.monotonic() - start)
-        key = call_with_sdk(url, settings.new_tokens, timeout * 0.1)
+        server.start()
+    except _harness.ServeError:
+        tail = server.tail(1).splitlines()[-1:] or ["no output"]
+        return Check("serve", False, f"the server did not start: {tail[0][:100]}", time.monotonic() - start)
+    try:
+        key = call_with_sdk(server.url, settings.new_tokens, timeout * 0.1)
         return Check("serve", True, key, time.monotonic() - start)
     except Exception as err:  # any failure of the SDK call is this check's result, not the script's end
         return Check("serve", False, f"{type(err).__name__}: {str(err)[:120]}", time.monotonic() - start)
     finally:
-        stop_server(proc, timeout * 0.2)
-        (work / "logs" / "serve.log").write_text("".join(lines))
+        server.stop()
 
 
 # -- 6: the engine benchmark ------------------------------------------------------------------

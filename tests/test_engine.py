@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MISTRAL_ADAPTERS, greedy, make_peft_init_adapter, mistral_engine, prompts, run_together
 
 from lora_kit import chat
 from lora_kit.engine import (
@@ -40,30 +41,6 @@ needs_compiler = pytest.mark.skipif(
     COMPILER is None or shutil.which(COMPILER) is None,
     reason=f"no C++ compiler ({COMPILER or '$CXX, c++ or g++'}) to build the CPU BGMV kernel; the engine uses torch's bmm",
 )
-
-MISTRAL_ADAPTERS = {
-    # name: (target modules, r, alpha, use_rslora)
-    "all": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 4, 8, False),
-    "qv": (["q_proj", "v_proj"], 8, 16, True),
-    "mlp": (["down_proj", "o_proj"], 2, 4, False),
-}
-
-
-def make_adapter(base_dir: Path, out: Path, targets: list[str], r: int, alpha: int, rslora: bool, seed: int) -> Path:
-    """Save a PEFT LoRA adapter with random A and B (B non-zero, so it changes the output)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(base, cfg)
-    with torch.no_grad():  # big enough to flip greedy choices of the random base
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(3.0)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def peft_greedy(
@@ -95,25 +72,9 @@ def peft_greedy(
 def mistral_adapters(tmp_path_factory, tiny_mistral_dir):
     root = tmp_path_factory.mktemp("mistral-adapters")
     return {
-        name: make_adapter(tiny_mistral_dir, root / name, t, r, a, rs, seed=i + 1)
+        name: make_peft_init_adapter(tiny_mistral_dir, root / name, t, r, a, rs, seed=i + 1)
         for i, (name, (t, r, a, rs)) in enumerate(MISTRAL_ADAPTERS.items())
     }
-
-
-def mistral_engine(tiny_mistral_dir, word_tokenizer, adapters, backend=None, **settings) -> Engine:
-    """An engine over a fresh tiny Mistral; ``settings`` are EngineConfig fields (weights in exact
-    fp32 unless they say otherwise: these tests compare with PEFT token for token)."""
-    from transformers import AutoModelForCausalLM
-
-    settings.setdefault("weight_dtype", "float32")
-    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
-    return Engine(
-        EngineConfig(model="tiny-mistral", **settings),
-        model=model,
-        tokenizer=word_tokenizer,
-        adapter_resolver=mapping_resolver(adapters),
-        backend=backend,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -121,23 +82,6 @@ def engine(tiny_mistral_dir, word_tokenizer, mistral_adapters):
     eng = mistral_engine(tiny_mistral_dir, word_tokenizer, mistral_adapters, max_slots=4)
     yield eng
     eng.stop()
-
-
-def prompts(tok) -> list[list[int]]:
-    texts = ["What is two plus two ?", "hello world", "And three plus three ? Six .", "You are terse . Four"]
-    return [chat.render_prompt(tok, t, raw=True) for t in texts]
-
-
-def greedy(prompt: list[int], adapter: str | None, max_tokens: int = 12) -> GenerationRequest:
-    return GenerationRequest(prompt_ids=prompt, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
-
-
-def run_together(eng: Engine, requests: list[GenerationRequest]):
-    """Submit all requests before the loop starts, so the first step batches them all."""
-    eng.stop()
-    seqs = [eng.submit(r) for r in requests]
-    eng.start()
-    return [eng.result(s) for s in seqs]
 
 
 # -- parity with PEFT and batch invariance --------------------------------------------------
@@ -589,8 +533,10 @@ def embedded_setup(tmp_path_factory, embedded_model):
     base_dir = Path(models.resolve("smollm2-135m-instruct"))
     root = tmp_path_factory.mktemp("smol-adapters")
     adapters = {
-        "smol-a": make_adapter(base_dir, root / "a", ["q_proj", "v_proj", "down_proj"], 8, 16, False, seed=11),
-        "smol-b": make_adapter(base_dir, root / "b", ["o_proj", "up_proj", "k_proj"], 4, 4, False, seed=12),
+        "smol-a": make_peft_init_adapter(
+            base_dir, root / "a", ["q_proj", "v_proj", "down_proj"], 8, 16, False, seed=11
+        ),
+        "smol-b": make_peft_init_adapter(base_dir, root / "b", ["o_proj", "up_proj", "k_proj"], 4, 4, False, seed=12),
     }
     model = models.load_model("smollm2-135m-instruct")
     eng = Engine(  # exact fp32 weights: compared with PEFT token for token
@@ -635,6 +581,7 @@ def test_json_schema_output_parses_and_validates(embedded_setup, embedded_model)
     assert value["city"] in ("Paris", "Lyon", "Nice")
     assert isinstance(value["population"], int) and isinstance(value["capital"], bool)
     assert out_free.text != out_schema.text  # the unconstrained row in the same batch is free text
+    print("OBJ", repr(out_obj.finish_reason), repr(out_obj.text))
     if out_obj.finish_reason == "stop":
         assert isinstance(json.loads(out_obj.text), dict)
     with pytest.raises(InvalidRequest):
@@ -662,6 +609,7 @@ def test_tool_call_is_returned_parsed(embedded_setup, embedded_model):
     auto = eng.generate_sync(
         GenerationRequest(prompt, SamplingParams(max_tokens=12), adapter="smol-b", tools=[WEATHER_TOOL])
     )
+    print("AUTO", repr(auto.finish_reason), repr(auto.text), auto.tool_calls)
     if auto.tool_calls:
         assert auto.finish_reason == "tool_calls" and auto.tool_calls[0]["name"] == "get_weather"
     else:

@@ -16,13 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMOKE_RECIPE, cli_train, losses, make_sentiment_mistral, smoke_recipe
 from safetensors.torch import load_file
 
 from lora_kit.training.checkpoint import check_resume_layout
 from lora_kit.training.trainer import Trainer, TrainError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import RECIPE, ROOT, cli_train, losses, smoke_recipe, tiny_base  # noqa: E402,F401  (tiny_base: a fixture)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny random Mistral whose word-level vocabulary covers the sentiment data."""
+    return make_sentiment_mistral(tmp_path_factory.mktemp("tiny-base"))
+
 
 TOL = 1e-6
 # 4 steps of 2 micro-batches (gradient accumulation: FSDP2's no-sync path), a checkpoint and an eval loss at step 2.
@@ -52,7 +59,7 @@ def accelerate_launch(port: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_base):  # noqa: F811
+def runs(tmp_path_factory, tiny_base):
     """The four runs: ddp, fsdp (launched by accelerate, registered, task eval through the serving engine),
     fsdp killed after step 3 and fsdp resumed (torchrun)."""
     root = tmp_path_factory.mktemp("fsdp")
@@ -181,7 +188,7 @@ def test_resuming_fsdp_shards_on_another_world_size_or_strategy_is_refused(runs)
         ([], "fsdp needs more than one process: launch with `torchrun --nproc_per_node N"),
     ],
 )
-def test_impossible_fsdp_requests_fail_before_the_model_loads(tmp_path, tiny_base, monkeypatch, overrides, message):  # noqa: F811
+def test_impossible_fsdp_requests_fail_before_the_model_loads(tmp_path, tiny_base, monkeypatch, overrides, message):
     monkeypatch.setenv("LORA_KIT_HOME", str(tmp_path / "home"))
     recipe = smoke_recipe(tiny_base, tmp_path / "run", "train.distributed=fsdp", *overrides)
     trainer = Trainer(recipe, log=lambda _msg: None)
@@ -219,10 +226,10 @@ def test_plan_per_rank_memory_of_mistral_7b_under_fsdp_and_ddp():
     assert sum(fsdp4.values()) < sum(fsdp2.values()) < sum(ddp.values())
 
 
-def test_plan_cli_prints_per_rank_memory_and_refuses_fsdp_on_one_process(tmp_path, tiny_base, capsys):  # noqa: F811
+def test_plan_cli_prints_per_rank_memory_and_refuses_fsdp_on_one_process(tmp_path, tiny_base, capsys):
     from lora_kit.cli import main
 
-    recipe_args = ["plan", RECIPE, "--set", f"model.base={tiny_base}", "--device", "cuda"]
+    recipe_args = ["plan", SMOKE_RECIPE, "--set", f"model.base={tiny_base}", "--device", "cuda"]
     assert main([*recipe_args, "--strategy", "fsdp", "--world-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "fsdp over 2 processes (memory per rank)" in out and "4-bit linear weights (1/N)" in out
@@ -231,7 +238,7 @@ def test_plan_cli_prints_per_rank_memory_and_refuses_fsdp_on_one_process(tmp_pat
     assert "fsdp shards across processes: plan it with --world-size 2 or more" in capsys.readouterr().err
 
 
-def test_a_launch_with_accelerates_own_fsdp_is_refused(tmp_path, tiny_base, monkeypatch):  # noqa: F811
+def test_a_launch_with_accelerates_own_fsdp_is_refused(tmp_path, tiny_base, monkeypatch):
     """What `accelerate launch` sets for a config with distributed_type: FSDP, which lora-kit does not use."""
     monkeypatch.setenv("LORA_KIT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

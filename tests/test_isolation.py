@@ -13,8 +13,8 @@ import asyncio
 import logging
 
 import pytest
-import test_engine as te
 import torch
+from helpers import MISTRAL_ADAPTERS, make_peft_init_adapter, mistral_engine, prompts
 
 from lora_kit.engine import EngineError, GenerationRequest, SamplingParams
 from lora_kit.engine.sampling import RequestSampler, sample_rows
@@ -24,20 +24,20 @@ from lora_kit.engine.types import GREEDY_TEMPERATURE, RequestFailed
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_mistral_dir):
     root = tmp_path_factory.mktemp("isolation-adapters")
-    targets, r, alpha, rslora = te.MISTRAL_ADAPTERS["qv"]
-    return {"qv": te.make_adapter(tiny_mistral_dir, root / "qv", targets, r, alpha, rslora, seed=2)}
+    targets, r, alpha, rslora = MISTRAL_ADAPTERS["qv"]
+    return {"qv": make_peft_init_adapter(tiny_mistral_dir, root / "qv", targets, r, alpha, rslora, seed=2)}
 
 
 @pytest.fixture(scope="module")
 def eng(tiny_mistral_dir, word_tokenizer, adapters):
-    engine = te.mistral_engine(tiny_mistral_dir, word_tokenizer, adapters)
+    engine = mistral_engine(tiny_mistral_dir, word_tokenizer, adapters)
     yield engine
     engine.stop()
 
 
 def others(tok) -> list[GenerationRequest]:
     """The requests that must not notice: greedy on the base, greedy with an adapter, seeded sampling."""
-    ps = te.prompts(tok)
+    ps = prompts(tok)
     return [
         GenerationRequest(ps[0], SamplingParams(max_tokens=10, ignore_eos=True)),
         GenerationRequest(ps[1], SamplingParams(max_tokens=10, ignore_eos=True), adapter="qv"),
@@ -79,7 +79,7 @@ def test_a_failing_row_fails_alone(eng, word_tokenizer, stage, at_token, caplog)
     # Old code: the row's exception escaped the step and the loop failed every running request
     # (at token 1: the whole prefill group), so the others below did not finish.
     reference = alone(eng, others(word_tokenizer))
-    victim_prompt = te.prompts(word_tokenizer)[3]
+    victim_prompt = prompts(word_tokenizer)[3]
     sampled = stage == "draw"  # a greedy-only batch never calls draw: the victim samples
     victim = GenerationRequest(
         victim_prompt,
@@ -123,7 +123,7 @@ def test_a_prefill_failure_never_fails_the_running_batch(eng, word_tokenizer, mo
     # Old code: the failed prefill re-raised into the step, which failed the running batch, and
     # the whole group being prefilled failed with it.
     reference = alone(eng, others(word_tokenizer))
-    ps = te.prompts(word_tokenizer)
+    ps = prompts(word_tokenizer)
     runner = eng._runner
     prefill = runner.prefill
 
@@ -164,7 +164,7 @@ def test_a_prefill_failure_never_fails_the_running_batch(eng, word_tokenizer, mo
 def test_tiny_temperature_is_greedy_and_hurts_nobody(eng, word_tokenizer):
     # Old code: logits / 1e-40 overflowed to inf, softmax gave NaN, multinomial raised in the
     # prefill, and every request in flight failed with it.
-    ps = te.prompts(word_tokenizer)
+    ps = prompts(word_tokenizer)
     reference = alone(eng, others(word_tokenizer))
     greedy = eng.generate_sync(GenerationRequest(ps[3], SamplingParams(max_tokens=10, ignore_eos=True))).token_ids
     eng.stop()
@@ -279,7 +279,7 @@ def test_an_unexpected_error_taking_a_slot_fails_that_request_only(eng, word_tok
 
     first = others(word_tokenizer)[0]
     first.params.max_tokens = 20
-    victim = GenerationRequest(te.prompts(word_tokenizer)[1], SamplingParams(max_tokens=5), adapter="qv")
+    victim = GenerationRequest(prompts(word_tokenizer)[1], SamplingParams(max_tokens=5), adapter="qv")
 
     async def scenario():
         eng.stop()

@@ -12,14 +12,7 @@ import shutil
 
 import pytest
 import torch
-from test_engine import (
-    MISTRAL_ADAPTERS,
-    greedy,
-    make_adapter,
-    mistral_engine,
-    prompts,
-    run_together,
-)
+from helpers import MISTRAL_ADAPTERS, greedy, make_peft_init_adapter, mistral_engine, prompts, run_together
 
 from lora_kit.engine import AdapterWeight, InvalidRequest, UnknownAdapter
 from lora_kit.engine.backends import bgmv
@@ -41,7 +34,7 @@ def mix(*pairs: tuple[str, float]) -> list[AdapterWeight]:
 def adapters(tmp_path_factory, tiny_mistral_dir):
     root = tmp_path_factory.mktemp("mix-adapters")
     return {
-        name: make_adapter(tiny_mistral_dir, root / name, t, r, a, rs, seed=i + 1)
+        name: make_peft_init_adapter(tiny_mistral_dir, root / name, t, r, a, rs, seed=i + 1)
         for i, (name, (t, r, a, rs)) in enumerate(MISTRAL_ADAPTERS.items())
     }
 

@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[dev]')")
 
-from test_server import ACCOUNT, MODEL, QUESTION, RUN, make_adapter, sse_payloads  # noqa: E402
+from helpers import ACCOUNT, MODEL, QUESTION, RUN, make_embedded_adapter, sse_payloads  # noqa: E402
 
 TOKEN = "ray-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -65,7 +65,7 @@ def cluster(tmp_path_factory):
     (home / "kernels").symlink_to(paths.kernels_dir())
     registry = Registry(home / "registry")
     for name, seed in (("alpha", 1), ("beta", 2)):
-        registry.register(make_adapter(root / name, seed), name, base_model=MODEL)
+        registry.register(make_embedded_adapter(root / name, seed), name, base_model=MODEL)
     want = reference_answers(registry.root)
     port = free_port()
     env = {**os.environ, "LORA_KIT_HOME": str(home), "LORA_KIT_API_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -165,7 +165,7 @@ def test_sdks_stream_through_the_gateway_and_unknown_adapters_are_404(cluster):
 
 def test_runtime_load_and_unload_reach_every_replica(cluster):
     http = cluster["http"]
-    gamma = make_adapter(cluster["root"] / "gamma", 3)
+    gamma = make_embedded_adapter(cluster["root"] / "gamma", 3)
     body = {"lora_name": "gamma", "lora_path": str(gamma)}
     with httpx.Client(base_url=cluster["url"], timeout=60) as anonymous:
         assert anonymous.post("/v1/load_lora_adapter", json=body).status_code == 401

@@ -14,34 +14,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-
-MODEL = "smollm2-135m-instruct"
-ACCOUNT = "acc"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/"
-
-
-def make_adapter(out_dir: Path, seed: int) -> Path:
-    """A rank-8 LoRA on q_proj/v_proj with random weights (lora_B non-zero), saved by PEFT."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from lora_kit import models
-
-    base = models.load_model(MODEL)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    peft_model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:  # strong enough to change a greedy answer of the base
-                param.normal_(0.0, 0.1)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
+from helpers import ACCOUNT, MODEL, QUESTION, RUN, make_embedded_adapter, sse_payloads
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +32,7 @@ def world(tmp_path_factory):
     registry = Registry(root / "registry")
     dirs = {}
     for name, seed in (("alpha", 1), ("beta", 2)):
-        dirs[name] = make_adapter(root / f"adapter-{name}", seed)
+        dirs[name] = make_embedded_adapter(root / f"adapter-{name}", seed)
         registry.register(dirs[name], name, base_model=MODEL, description=f"random adapter {name}")
     engine = Engine(EngineConfig(MODEL, max_slots=4, max_batch=8, max_queue=64), registry_root=registry.root)
     engine.start()
@@ -231,12 +207,6 @@ def test_bad_bodies_are_400_in_the_envelope(http):
     assert bad_turns.status_code == 400 and bad_turns.json()["errors"][0]["message"].startswith("messages:")
     no_route = http.get("/client/v4/nothing/here")
     assert no_route.status_code == 404 and no_route.json()["errors"][0]["code"] == 7003
-
-
-def sse_payloads(text: str) -> list:
-    from lora_kit.server.sse import parse
-
-    return parse(text)
 
 
 def test_streaming_sse_framing_and_equality(http, cf, solo):
@@ -539,7 +509,7 @@ def test_runtime_load_and_unload_lora_adapter(world, http, cf):
     import openai
 
     registry, engine = world["registry"], world["engine"]
-    gamma = make_adapter(world["root"] / "adapter-gamma", 3)
+    gamma = make_embedded_adapter(world["root"] / "adapter-gamma", 3)
     load = {"lora_name": "gamma", "lora_path": str(gamma)}
     for _ in range(2):  # loading the same files twice adds no version
         resp = http.post("/v1/load_lora_adapter", json=load)

@@ -6,35 +6,25 @@ test: the CLI, a real SIGKILL mid-run and its resume, and DDP under torchrun.
 """
 
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli_train, losses, make_sentiment_mistral, smoke_recipe
 from safetensors.torch import load_file
 
 from lora_kit.training import recipe as recipe_mod
 from lora_kit.training.trainer import Trainer, TrainError, train
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = str(ROOT / "recipes" / "tiny-mistral-smoke.yaml")
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A tiny random Mistral whose word-level vocabulary covers the sentiment data."""
-    from helpers import make_tiny_mistral, make_tokenizer
-
-    texts = [
-        m["content"]
-        for f in ("train", "eval")
-        for line in (ROOT / "data" / "sentiment" / f"{f}.jsonl").read_text().splitlines()
-        for m in json.loads(line)["messages"]
-    ]
-    return make_tiny_mistral(tmp_path_factory.mktemp("tiny-base"), make_tokenizer(texts))
+    return make_sentiment_mistral(tmp_path_factory.mktemp("tiny-base"))
 
 
 @pytest.fixture
@@ -43,32 +33,6 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_KIT_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(ROOT)
     return tmp_path / "home"
-
-
-def smoke_recipe(base, run_dir, *overrides):
-    """The smoke recipe on ``base``, with ``--set``-style overrides, running in ``run_dir``."""
-    r = recipe_mod.load(RECIPE, [f"model.base={base}", *overrides])
-    r.output.run_dir = str(run_dir)
-    return r
-
-
-def cli_train(home, base, run_dir, *extra, env_extra=None, launcher=None):
-    """`lora-kit train` of the smoke recipe in a subprocess (progress lines on stderr, the reference on stdout)."""
-    env = {**os.environ, "LORA_KIT_HOME": str(home), **(env_extra or {})}
-    cmd = launcher or [sys.executable, "-m", "lora_kit"]
-    return subprocess.run(
-        [*cmd, "train", RECIPE, "--set", f"model.base={base}", "--run-dir", str(run_dir), *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 def test_train_registers_adapter_with_lineage_and_loss_drops(tmp_path, tiny_base, home):
