@@ -4,11 +4,16 @@ OpenAI's chat and text completions), mixed adapters and the base, some streamed,
 whose client disconnects after the first event. Meanwhile ``/healthz`` is polled every 100 ms.
 
 The load also carries one multi-megabyte prompt, refused (400) as too long for the context after
-seconds of tokenizing off the event loop. Every other request completes (200, or a 429 envelope
-with Retry-After if the queue were full), every disconnected stream is cancelled in the engine,
-``/healthz`` always answers within 1 s (the event loop is never blocked), the engine ends idle, and
-the process's RSS after a measured round stays within a margin of the RSS after an identical
-warm-up round (a per-request leak would show).
+seconds of tokenizing off the event loop. Every other request completes with a 200 (the queue
+holds twice the load, so none is refused), every disconnected stream is cancelled in the engine,
+``/healthz`` answers throughout, the engine ends idle, and the process's RSS after a measured round
+stays within a margin of the RSS after an identical warm-up round (a per-request leak would show).
+
+"The event loop is never blocked" is checked against the load itself, not against a wall-clock
+bound that a slower machine would miss: a watcher on the server's own loop records how late each of
+its 10 ms sleeps wakes, and the longest stall must stay under half the time the huge prompt's
+request took in the same round. Rendered and tokenized on the loop (before issue 12's fix), that
+prompt stalls the loop for nearly all of its own handling, so the check fails there, on any machine.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import ctypes
 import gc
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -40,13 +46,11 @@ HUGE_BODY = json.dumps(
     {"model": MODEL, "messages": [{"role": "user", "content": "hello world " * 10_900}] * 32, "max_tokens": MAX_TOKENS}
 ).encode()
 HEALTH_PERIOD_S = 0.1
-# /healthz is an async route that only reads engine.stats(): it answers in milliseconds unless the
-# event loop is blocked (a prompt rendered, a grammar compiled or an adapter loaded on the loop).
-# One second is the issue's bound: ~10x the worst answer seen under this load on 2 shared cores
-# (the latency is measured by a client in this same process, so it includes the client's own
-# work), while the huge prompt alone takes seconds to tokenize: rendered on the loop, as before
-# issue 12's fix, it stalls /healthz past the bound.
-HEALTH_BOUND_S = 1.0
+LOOP_TICK_S = 0.01  # the server-loop watcher's sleep; a stall shows as a late wake-up
+# The longest server-loop stall allowed, as a fraction of the huge prompt's own request time in the
+# same round: rendered on the loop that stall is ~0.8-1x of it (the rest is upload and parsing);
+# off the loop it is the scheduling noise of a busy machine, which slows both sides alike.
+MAX_STALL_FRACTION = 0.5
 # RSS may grow a little between rounds (allocator arenas, torch caches, httpx pools settling);
 # a leak of the prompt, output or KV cache per request would be far bigger across 72 requests.
 RSS_MARGIN_BYTES = 64 * 1024 * 1024
@@ -93,9 +97,17 @@ def server(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
     engine = Engine(config, model=model, tokenizer=word_tokenizer, registry_root=reg.root)
     engine.start()
     app = create_app(engine, reg, uploads_dir=root / "uploads", max_tokens_cap=1000)
+    loops: list[asyncio.AbstractEventLoop] = []  # the server's event loop, for the stall watcher
+
+    async def noting_loop(scope, receive, send):  # the app as is, noting the loop it runs on
+        if not loops:
+            loops.append(asyncio.get_running_loop())
+        await app(scope, receive, send)
+
     try:
-        with BackgroundServer(app) as srv:
-            yield engine, srv.url
+        with BackgroundServer(noting_loop) as srv:
+            assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
+            yield engine, srv.url, loops[0]
     finally:
         engine.stop(10)
 
@@ -161,10 +173,13 @@ def refused(resp: httpx.Response, s: dict) -> str:
     return "refused"
 
 
-async def huge_prompt(client: httpx.AsyncClient) -> str:
-    """A body of megabytes whose prompt is too long for the context: a clean 400 envelope."""
+async def huge_prompt(client: httpx.AsyncClient, took: list[float]) -> str:
+    """A body of megabytes whose prompt is too long for the context: a clean 400 envelope.
+    Appends the request's time to ``took``."""
     headers = {"Content-Type": "application/json"}
+    started = time.monotonic()
     resp = await client.post("/v1/chat/completions", content=HUGE_BODY, headers=headers)
+    took.append(time.monotonic() - started)
     error = resp.json()["error"]
     assert resp.status_code == 400 and "context" in error["message"], (resp.status_code, error)
     return "too long"
@@ -200,6 +215,15 @@ async def poll_health(url: str, stop: asyncio.Event, latencies: list[float]) -> 
                 pass
 
 
+async def watch_stalls(stop: threading.Event, stalls: list[float]) -> None:
+    """On the server's loop: sleep LOOP_TICK_S at a time and record how late each wake-up was."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        started = loop.time()
+        await asyncio.sleep(LOOP_TICK_S)
+        stalls.append(loop.time() - started - LOOP_TICK_S)
+
+
 async def wait_idle(engine, cancelled_before: int, expected_cancelled: int) -> dict:
     """The engine's stats once nothing runs or waits and the disconnects are all counted (bounded)."""
     deadline = time.monotonic() + IDLE_TIMEOUT_S
@@ -213,24 +237,31 @@ async def wait_idle(engine, cancelled_before: int, expected_cancelled: int) -> d
         await asyncio.sleep(0.05)
 
 
-async def load_round(engine, url: str) -> dict:
-    """One round: 64 requests + the disconnecting streams at once, /healthz polled throughout."""
+async def load_round(engine, url: str, server_loop: asyncio.AbstractEventLoop) -> dict:
+    """One round: 64 requests + the disconnecting streams at once, /healthz polled and the server's
+    loop watched throughout."""
     cancelled_before = engine.stats()["finished"].get("cancelled", 0)
     latencies: list[float] = []
+    stalls: list[float] = []
+    huge_took: list[float] = []
     stop = asyncio.Event()
+    stop_watch = threading.Event()
+    watcher = asyncio.run_coroutine_threadsafe(watch_stalls(stop_watch, stalls), server_loop)
     limits = httpx.Limits(max_connections=N_REQUESTS + N_DISCONNECT, max_keepalive_connections=N_REQUESTS)
     async with httpx.AsyncClient(base_url=url, timeout=ROUND_TIMEOUT_S, limits=limits) as client:
         poller = asyncio.create_task(poll_health(url, stop, latencies))
         try:
             jobs = [one_request(client, i) for i in range(N_REQUESTS)]
             jobs += [disconnecting_stream(client, i) for i in range(N_DISCONNECT)]
-            jobs.append(huge_prompt(client))
+            jobs.append(huge_prompt(client, huge_took))
             outcomes = await asyncio.wait_for(asyncio.gather(*jobs), ROUND_TIMEOUT_S)
             disconnected = outcomes.count("disconnected")
             stats = await wait_idle(engine, cancelled_before, disconnected)
         finally:
             stop.set()
+            stop_watch.set()
             await poller  # re-raises a failed /healthz
+            await asyncio.wrap_future(watcher)
     return {
         "ok": outcomes[:N_REQUESTS].count("ok"),
         "refused": outcomes.count("refused"),
@@ -239,6 +270,8 @@ async def load_round(engine, url: str) -> dict:
         "cancelled": stats["finished"].get("cancelled", 0) - cancelled_before,
         "stats": stats,
         "latencies": latencies,
+        "stalls": stalls,
+        "huge_took": huge_took[0],
     }
 
 
@@ -246,26 +279,31 @@ def check_round(result: dict) -> None:
     stats = result["stats"]
     assert result["ok"] + result["refused"] + result["disconnected"] == N_REQUESTS + N_DISCONNECT, result
     assert result["too long"] == 1, result
-    # max_queue is twice the load, so refusals are not expected; at least most requests must have run.
-    assert result["ok"] >= N_REQUESTS // 2, result
+    # max_queue is twice the load: every request runs, none is refused.
+    assert result["ok"] == N_REQUESTS and result["refused"] == 0, result
     # Every disconnected stream was cancelled in the engine (none ran on to its 900 tokens).
     assert result["cancelled"] == result["disconnected"] > 0, result
     assert stats["running"] == 0 and stats["queue_depth"] == 0, stats
-    latencies = result["latencies"]
-    assert len(latencies) >= 3, latencies  # the poller ran throughout the round
-    assert max(latencies) < HEALTH_BOUND_S, f"/healthz took {max(latencies):.2f}s (event loop blocked?)"
+    assert len(result["latencies"]) >= 3, result["latencies"]  # /healthz answered throughout the round
+    stalls = result["stalls"]
+    assert len(stalls) >= 10, stalls  # the watcher ran throughout the round
+    worst, bound = max(stalls), MAX_STALL_FRACTION * result["huge_took"]
+    assert worst < bound, (
+        f"the server's event loop stalled {worst:.2f}s, over half the huge prompt's {result['huge_took']:.2f}s "
+        f"(rendered on the loop?); /healthz worst {max(result['latencies']):.2f}s"
+    )
 
 
 def test_concurrent_mixed_load_with_disconnects(server):
-    engine, url = server
+    engine, url, server_loop = server
     with httpx.Client(base_url=url, timeout=60) as http:  # one-time costs first: kernels, adapter files
         for lora in (None, *ADAPTERS):
             path, body = route_and_body("cloudflare", lora, False, MAX_TOKENS)
             assert http.post(path, json=body).status_code == 200
-    warm = asyncio.run(load_round(engine, url))  # the same load: grows pools, arenas and caches
+    warm = asyncio.run(load_round(engine, url, server_loop))  # the same load: grows pools, arenas and caches
     check_round(warm)
     before = rss_bytes()
-    measured = asyncio.run(load_round(engine, url))
+    measured = asyncio.run(load_round(engine, url, server_loop))
     check_round(measured)
     after = rss_bytes()
     grown = after - before
