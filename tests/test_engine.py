@@ -16,6 +16,7 @@ import shutil
 import typing
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from helpers import MISTRAL_ADAPTERS, greedy, make_peft_init_adapter, mistral_engine, prompts, run_together
@@ -36,11 +37,7 @@ from lora_kit.engine import (
 from lora_kit.engine.backends import bgmv
 from lora_kit.engine.lora_layer import BatchedLoraLinear, LoraContext
 
-COMPILER = bgmv.compiler()
-needs_compiler = pytest.mark.skipif(
-    COMPILER is None or shutil.which(COMPILER) is None,
-    reason=f"no C++ compiler ({COMPILER or '$CXX, c++ or g++'}) to build the CPU BGMV kernel; the engine uses torch's bmm",
-)
+needs_compiler = helpers.needs_compiler()
 
 
 def peft_greedy(
@@ -342,7 +339,6 @@ def test_unknown_adapter_and_bad_requests(engine, word_tokenizer):
 
 
 def test_adapter_that_does_not_fit_fails_only_its_request(tmp_path, word_tokenizer, tiny_mistral_dir, mistral_adapters):
-    import shutil
 
     from safetensors.torch import load_file, save_file
 
@@ -370,7 +366,6 @@ def test_adapter_that_does_not_fit_fails_only_its_request(tmp_path, word_tokeniz
 
 
 def test_adapter_with_nan_weights_is_refused(tmp_path, word_tokenizer, tiny_mistral_dir, mistral_adapters):
-    import shutil
 
     from safetensors.torch import load_file, save_file
 
@@ -581,9 +576,9 @@ def test_json_schema_output_parses_and_validates(embedded_setup, embedded_model)
     assert value["city"] in ("Paris", "Lyon", "Nice")
     assert isinstance(value["population"], int) and isinstance(value["capital"], bool)
     assert out_free.text != out_schema.text  # the unconstrained row in the same batch is free text
-    print("OBJ", repr(out_obj.finish_reason), repr(out_obj.text))
-    if out_obj.finish_reason == "stop":
-        assert isinstance(json.loads(out_obj.text), dict)
+    # json_object: any object, closed within the budget (the fixture's fp32 weights fix the sample).
+    assert out_obj.finish_reason == "stop", out_obj.text
+    assert isinstance(json.loads(out_obj.text), dict) and out_obj.text.lstrip().startswith("{")
     with pytest.raises(InvalidRequest):
         eng.submit(
             GenerationRequest(prompt, response_format={"type": "json_schema", "json_schema": {"type": "nonsense"}})
@@ -609,11 +604,10 @@ def test_tool_call_is_returned_parsed(embedded_setup, embedded_model):
     auto = eng.generate_sync(
         GenerationRequest(prompt, SamplingParams(max_tokens=12), adapter="smol-b", tools=[WEATHER_TOOL])
     )
-    print("AUTO", repr(auto.finish_reason), repr(auto.text), auto.tool_calls)
-    if auto.tool_calls:
-        assert auto.finish_reason == "tool_calls" and auto.tool_calls[0]["name"] == "get_weather"
-    else:
-        assert auto.text and not auto.text.lstrip().startswith("{")
+    # tool_choice "auto" leaves the model free: this adapter answers in text (greedy, fp32), and the
+    # text is returned as text, not parsed as a call.
+    assert auto.tool_calls is None and auto.finish_reason == "length", (auto.text, auto.tool_calls)
+    assert auto.text and not auto.text.lstrip().startswith("{")
 
 
 def test_registry_references_resolve_to_canonical_versions(

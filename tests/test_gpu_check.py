@@ -151,3 +151,39 @@ def test_cpu_quick_run_passes_every_check(tmp_path):
     ]  # fmt: skip
     assert len(gpu_check.step_losses(work / "runs" / "full")) == 10
     assert "\n-- exit -9 --\n" in (work / "logs" / "train-cut.log").read_text()  # a real SIGKILL
+
+
+def bench_report(peft_ratio: float | None, mixed_tps: float = 40.0) -> dict:
+    """A ``bench_engine.py --json`` report: the mix row, and the PEFT row where ``peft_ratio`` is given."""
+    rows = [
+        {"measurement": "8 req, each a 2-adapter mix vs 8 single adapters", "lora_kit_tps": 35.0,
+         "baseline": "8 adapters", "baseline_tps": mixed_tps, "ratio": 0.875, "goal": ">= 0.85"},
+    ]  # fmt: skip
+    if peft_ratio is not None:
+        rows.append(
+            {
+                "measurement": gpu_check.PEFT_ROW,
+                "lora_kit_tps": mixed_tps,
+                "baseline": "PEFT mixed batch",
+                "baseline_tps": mixed_tps / peft_ratio,
+                "ratio": peft_ratio,
+                "goal": ">= 2.5",
+            }  # fmt: skip
+        )
+    return {"rows": rows, "tokens": 16, "backend": "cuda"}
+
+
+def test_bench_verdict_needs_the_engine_to_match_peft_on_a_gpu_run():
+    ok, key = gpu_check.bench_verdict(bench_report(peft_ratio=3.1))
+    assert (
+        ok and key == "8 req / 8 adapters: 40.0 tok/s (16 tokens, cuda backend); 3.10x PEFT (needs >= 1.0, goal >= 2.5)"
+    )
+    slower, key = gpu_check.bench_verdict(bench_report(peft_ratio=0.8))
+    assert not slower and "0.80x PEFT" in key
+    # the CPU stand-in's --mix-only report has no PEFT row: its figures must still be real numbers
+    assert gpu_check.bench_verdict(bench_report(peft_ratio=None)) == (
+        True,
+        "8 req / 8 adapters: 40.0 tok/s (16 tokens, cuda backend)",
+    )
+    assert not gpu_check.bench_verdict(bench_report(peft_ratio=None, mixed_tps=float("nan")))[0]
+    assert not gpu_check.bench_verdict(bench_report(peft_ratio=None, mixed_tps=0.0))[0]

@@ -243,7 +243,11 @@ def test_seed_reproduces_sampling(cf):
             MODEL, account_id=ACCOUNT, messages=QUESTION, max_tokens=6, temperature=1.5, seed=seed, top_k=40, top_p=0.95
         )["response"]
 
-    assert sample(1234) == sample(1234)
+    samples = {seed: sample(seed) for seed in (1, 2, 3)}
+    assert sample(1) == samples[1]  # the same seed again: the same sample
+    # Other seeds draw other samples: the seed reaches the sampler, and so does the temperature
+    # (greedy would give one answer for every seed).
+    assert len(set(samples.values())) > 1, samples
 
 
 SCHEMA = {
@@ -542,7 +546,7 @@ def test_runtime_load_and_unload_lora_adapter(world, http, cf):
     ]:
         resp = http.post("/v1/load_lora_adapter", json=body)
         assert resp.status_code == status, (body, resp.text)
-        assert str(world["root"]) not in resp.text or body.get("lora_path", "").startswith(str(world["root"]))
+        assert str(world["root"]) not in resp.text and "relative/dir" not in resp.text, resp.text  # no path echoed
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "never"}).status_code == 404
     with httpx.Client(base_url=world["token_url"], timeout=60) as locked:
         assert locked.post("/v1/load_lora_adapter", json=load).status_code == 401
