@@ -180,3 +180,21 @@ def cli_train(home, base, run_dir, *extra, env_extra=None, launcher=None):
 def losses(run_dir):
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def needs_compiler() -> Any:
+    """A mark for the tests of the CPU BGMV kernel: skipped where no C++ compiler can build it,
+    except under CI (``CI`` set), where ``.ci/run`` installs one: there a missing compiler fails
+    the tests instead of leaving the engine's default kernel silently untested."""
+    import shutil
+
+    import pytest
+
+    from lora_kit.engine.backends import bgmv
+
+    compiler = bgmv.compiler()
+    missing = compiler is None or shutil.which(compiler) is None
+    return pytest.mark.skipif(
+        missing and not os.environ.get("CI"),
+        reason=f"no C++ compiler ({compiler or '$CXX, c++ or g++'}) to build the CPU BGMV kernel; the engine uses torch's bmm",
+    )

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
+import helpers
 import pytest
 import torch
 
 from lora_kit.engine.backends import ENV, bgmv
 
-COMPILER = bgmv.compiler()
-needs_compiler = pytest.mark.skipif(
-    COMPILER is None or shutil.which(COMPILER) is None,
-    reason=f"no C++ compiler ({COMPILER or '$CXX, c++ or g++'}) to build the CPU BGMV kernel; the engine uses torch's bmm",
-)
+needs_compiler = helpers.needs_compiler()
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ backend (the BGMV kernel's mix op) and the torch backend.
 
 from __future__ import annotations
 
-import shutil
-
+import helpers
 import pytest
 import torch
 from helpers import MISTRAL_ADAPTERS, greedy, make_peft_init_adapter, mistral_engine, prompts, run_together
@@ -18,10 +17,7 @@ from lora_kit.engine import AdapterWeight, InvalidRequest, UnknownAdapter
 from lora_kit.engine.backends import bgmv
 from lora_kit.engine.lora_layer import BatchedLoraLinear, LoraContext
 
-COMPILER = bgmv.compiler()
-needs_compiler = pytest.mark.skipif(
-    COMPILER is None or shutil.which(COMPILER) is None, reason="no C++ compiler to build the CPU BGMV kernel"
-)
+needs_compiler = helpers.needs_compiler()
 ENGINES = ["cpu_engine", "torch_engine"]
 CPU = torch.device("cpu")
 

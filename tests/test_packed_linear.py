@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from lora_kit.engine.backends.packed_linear import PackedLinear, can_pack, copy_unpacked_weights, pack_output_head
+from lora_kit.engine.backends.packed_linear import (
+    ISA_ENV,
+    PackedLinear,
+    can_pack,
+    copy_unpacked_weights,
+    onednn_bf16,
+    pack_output_head,
+)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -26,15 +33,19 @@ def test_packed_linear_equals_nn_linear(bias, shape):
     assert torch.equal(packed.dense_weight(), dense)  # the layout changed, not the values
 
 
-def test_bf16_packed_linear_is_close():
-    if not can_pack(nn.Linear(4, 4).to(torch.bfloat16)):
-        pytest.skip("oneDNN bf16 not supported on this CPU")
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+def test_bf16_packed_linear_is_close(isa, monkeypatch):
+    """A bf16 layer: oneDNN-packed where it takes bf16, else (and on the forced AVX2 path) kept
+    dense for torch's product."""
+    monkeypatch.setenv(ISA_ENV, isa)
     torch.manual_seed(0)
     layer = nn.Linear(64, 32).to(torch.bfloat16)
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     want = layer(x).detach().float()
+    packed = PackedLinear(layer, 8)
     with torch.inference_mode():
-        got = PackedLinear(layer, 8)(x)
+        got = packed(x)
+    assert packed.onednn == can_pack(layer) == onednn_bf16()
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 

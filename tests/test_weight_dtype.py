@@ -1,6 +1,8 @@
 """Base weights held in bf16 under an fp32 model (EngineConfig.weight_dtype): the packed layer's
 products against a reference with the same roundings, the ``auto`` choice, and the embedded
-model's greedy answers against the exact fp32 engine."""
+model's greedy answers against the exact fp32 engine. The bf16 tests run twice: on the CPU's own
+path (oneDNN, where it takes bf16) and with ``LORA_KIT_CPU_ISA=avx2`` (torch's bf16 product, the
+AVX2 machines' path), so each path is tested on any x86 machine."""
 
 from __future__ import annotations
 
@@ -10,19 +12,33 @@ from torch import nn
 
 from lora_kit import chat
 from lora_kit.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, mapping_resolver
-from lora_kit.engine.backends.packed_linear import PackedLinear, can_pack, native_bf16
-
-needs_bf16_pack = pytest.mark.skipif(
-    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-    reason="oneDNN cannot pack bf16 weights on this CPU",
-)
+from lora_kit.engine.backends import packed_linear
+from lora_kit.engine.backends.packed_linear import ISA_ENV, PackedLinear, can_pack, native_bf16
 
 
-@needs_bf16_pack
+@pytest.fixture(params=["auto", "avx2"])
+def isa(request, monkeypatch):
+    """``$LORA_KIT_CPU_ISA`` for one test: the CPU's own paths (skipped where they are the AVX2
+    ones already: no oneDNN bf16 here) or the forced AVX2 paths."""
+    if request.param == "auto" and not packed_linear._onednn_bf16_here():
+        pytest.skip("oneDNN cannot take bf16 on this CPU: its own paths are the AVX2 ones, tested as 'avx2'")
+    monkeypatch.setenv(ISA_ENV, request.param)
+    return request.param
+
+
+def test_the_isa_override_is_validated(monkeypatch):
+    monkeypatch.setenv(ISA_ENV, "avx2")
+    assert packed_linear.forced_avx2() and not packed_linear.onednn_bf16() and not native_bf16()
+    monkeypatch.setenv(ISA_ENV, "sse2")
+    with pytest.raises(ValueError, match="LORA_KIT_CPU_ISA must be one of auto, avx2, not 'sse2'"):
+        packed_linear.forced_avx2()
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 40])
-def test_bf16_packed_linear_equals_a_product_with_the_same_roundings(rows):
-    """y = bf16(bf16(x) @ bf16(W)^T + bf16(b)): oneDNN sums the bf16 products in fp32 and rounds
-    the result to bf16 (the products' dtype), widened back to fp32 for the model; W held in bf16."""
+def test_bf16_packed_linear_equals_a_product_with_the_same_roundings(rows, isa):
+    """y = bf16(bf16(x) @ bf16(W)^T + bf16(b)): oneDNN (or torch's bf16 product on the AVX2 path)
+    sums the bf16 products in fp32 and rounds the result to bf16 (the products' dtype), widened
+    back to fp32 for the model; W held in bf16."""
     gen = torch.Generator().manual_seed(rows)
     layer = nn.Linear(96, 40, bias=True)
     with torch.no_grad():
@@ -38,6 +54,8 @@ def test_bf16_packed_linear_equals_a_product_with_the_same_roundings(rows):
     # within one bf16 rounding of the exact sum of the rounded terms (2^-8 relative)
     torch.testing.assert_close(got.double(), rounded, atol=1e-3, rtol=2**-8)
     assert packed.weight.dtype == torch.bfloat16
+    assert packed.onednn == (isa == "auto") and packed.weight.is_mkldnn == packed.onednn
+    assert torch.equal(packed.dense_weight(), layer.weight.detach().bfloat16())
     exact = x.double() @ layer.weight.double().T + layer.bias.double()
     assert (got.double() - exact).abs().max() > 1e-3  # the roundings did happen: this is not the fp32 path
     fp32 = PackedLinear(layer, batch_hint=8)
@@ -56,11 +74,9 @@ def test_weight_dtype_is_validated_and_is_a_serve_flag():
 
 
 @pytest.mark.parametrize("setting", ["auto", "float32", "bfloat16"])
-def test_engine_packs_the_dense_weights_in_the_chosen_dtype(setting, tiny_mistral_dir, word_tokenizer):
+def test_engine_packs_the_dense_weights_in_the_chosen_dtype(setting, isa, tiny_mistral_dir, word_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    if setting == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pytest.skip("oneDNN cannot pack bf16 weights on this CPU")
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
     eng = Engine(
         EngineConfig(model="tiny-mistral", weight_dtype=setting),
@@ -74,14 +90,14 @@ def test_engine_packs_the_dense_weights_in_the_chosen_dtype(setting, tiny_mistra
     packed = [m for m in eng.model.modules() if isinstance(m, PackedLinear)]
     assert eng.backend.weight_dtype == want
     assert packed and {m.weight.dtype for m in packed} == {want}
+    assert {m.onednn for m in packed} == {want == torch.float32 or isa == "auto"}
     embed = eng.model.get_input_embeddings()
     assert embed.weight.dtype == want  # the table is narrowed with the weights...
     assert embed(torch.tensor([[1, 2]])).dtype == torch.float32  # ...but the activations stay fp32
     assert not any(can_pack(m) for m in eng.model.modules())  # every dense layer was packed
 
 
-@needs_bf16_pack
-def test_bf16_weights_keep_the_embedded_models_greedy_answers(embedded_model):
+def test_bf16_weights_keep_the_embedded_models_greedy_answers(embedded_model, isa):
     """The real 135M model: bf16 weights give the fp32 engine's first token on every prompt and
     the same 8-token answer on most (a near-tie may flip a later token; both are the model's)."""
     from lora_kit import models

@@ -19,11 +19,18 @@ step against 46 ms in fp32). oneDNN sums the bf16 products in fp32 but takes and
 the activations are rounded to bf16 on their way in and each product's result is rounded
 to bf16 on its way out (as in a bf16 model's matmuls), then widened; the rest of the model --
 norms, attention, the residual stream, the LoRA rows -- still computes in fp32.
+
+Where oneDNN cannot handle bf16 (CPUs without AVX512: AVX2 machines), a bf16 weight is held
+dense and multiplied by torch's own bf16 product, with the same roundings (bf16 in, fp32
+sums, bf16 out): half the memory, not the speed. ``LORA_KIT_CPU_ISA=avx2`` makes any CPU
+take the paths an AVX2 machine takes (no oneDNN bf16, no native bf16), so they are tested and
+measured on every machine.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,14 +44,40 @@ if TYPE_CHECKING:
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+ISA_ENV = "LORA_KIT_CPU_ISA"
+ISA_CHOICES = ("auto", "avx2")
+
+
+def forced_avx2() -> bool:
+    """Whether ``$LORA_KIT_CPU_ISA`` asks for the AVX2 paths on this CPU (``avx2``; unset or
+    ``auto``: the CPU's own). Read at each call: tests switch it."""
+    isa = (os.environ.get(ISA_ENV) or "auto").strip().lower()
+    if isa not in ISA_CHOICES:
+        raise ValueError(f"{ISA_ENV} must be one of {', '.join(ISA_CHOICES)}, not {isa!r}")
+    return isa == "avx2"
 
 
 @functools.cache
+def _onednn_bf16_here() -> bool:
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def onednn_bf16() -> bool:
+    """Whether oneDNN packs and multiplies bf16 weights here (natively or emulated: CPUs with
+    AVX512), unless the AVX2 paths are forced."""
+    return _onednn_bf16_here() and not forced_avx2()
+
+
+@functools.cache
+def _native_bf16_here() -> bool:
+    flags = bgmv.cpu_flags().split()
+    return any(flag in flags for flag in _NATIVE_BF16_FLAGS) and _onednn_bf16_here()
+
+
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where oneDNN's bf16
     products beat fp32 ones; without it they are emulated and slower than fp32."""
-    flags = bgmv.cpu_flags().split()
-    return any(flag in flags for flag in _NATIVE_BF16_FLAGS) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return _native_bf16_here() and not forced_avx2()
 
 
 def can_pack(layer: nn.Module) -> bool:
@@ -56,13 +89,14 @@ def can_pack(layer: nn.Module) -> bool:
         return False
     if not torch.backends.mkldnn.is_available():
         return False
-    return weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype != torch.bfloat16 or onednn_bf16()
 
 
 class PackedLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` held in oneDNN's blocked layout, in ``dtype`` (default: the
     layer's). Inference only. ``x`` and ``y`` keep the layer's dtype: with a bf16 weight under
-    an fp32 layer, ``x`` is rounded to bf16 for the product and ``y`` widened back."""
+    an fp32 layer, ``x`` is rounded to bf16 for the product and ``y`` widened back. A bf16
+    weight oneDNN cannot take here (:func:`onednn_bf16`) stays dense, multiplied by torch."""
 
     def __init__(self, layer: nn.Linear, batch_hint: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -70,27 +104,35 @@ class PackedLinear(nn.Module):
         self.out_features = layer.out_features
         self.io_dtype = layer.weight.dtype
         weight = layer.weight.detach().to(dtype or self.io_dtype)
-        # The layout is tuned for ``batch_hint`` rows; any row count works (measured: hints
-        # of 8 and 32 run 1 to 32 rows equally well, a hint of 1 is 1.8x slower at 8 rows).
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.onednn = weight.dtype != torch.bfloat16 or onednn_bf16()
+        if self.onednn:
+            # The layout is tuned for ``batch_hint`` rows; any row count works (measured: hints
+            # of 8 and 32 run 1 to 32 rows equally well, a hint of 1 is 1.8x slower at 8 rows).
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        elif weight.data_ptr() == layer.weight.data_ptr():
+            weight = weight.clone()  # a bf16 layer kept dense: its own copy, as a packed one would be
+        self.weight = nn.Parameter(weight, requires_grad=False)
         bias = None if layer.bias is None else layer.bias.detach().to(weight.dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._cast = weight.dtype != self.io_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._cast:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, "none", [], "")
-        return y.to(self.io_dtype)
+        if self._cast:
+            x = x.to(self.weight.dtype)
+        if self.onednn:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:  # torch's bf16 product: fp32 sums, rounded to bf16 like oneDNN's
+            y = nn.functional.linear(x, self.weight, self.bias)
+        return y.to(self.io_dtype) if self._cast else y
 
     def dense_weight(self) -> torch.Tensor:
         """The weight in the usual (out, in) layout (a copy)."""
-        return self.weight.to_dense()
+        return self.weight.to_dense() if self.onednn else self.weight.detach().clone()
 
     def extra_repr(self) -> str:
         dtype = str(self.weight.dtype).removeprefix("torch.")
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN-packed {dtype}"
+        held = "oneDNN-packed" if self.onednn else "dense (torch product)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {held} {dtype}"
 
 
 def pack_output_head(model: PreTrainedModel, batch_hint: int, dtype: torch.dtype | None = None) -> bool:
