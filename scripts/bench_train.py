@@ -1,12 +1,25 @@
 """Training throughput: lora-kit vs TRL's SFTTrainer (default, and packing=True), side by side.
 
-Same base (the embedded SmolLM2-135M-Instruct in NF4, fp32 compute on the CPU), same
-data, same LoRA (r=8, all linear layers) and hyper-parameters, one epoch each. Tokens/s
-counts the real (non-padding) tokens of the epoch over the training wall time (model
-loading excluded). The final eval loss of every adapter is measured by the same
-function (assistant tokens only, on the held-out file), so the numbers compare.
+Like for like: the same base (the embedded SmolLM2-135M-Instruct in NF4, fp32 compute on the
+CPU), the same recipe for both trainers (``--set`` overrides included: micro batch, gradient
+accumulation, learning rate, schedule, LoRA, epochs), the same tokens and the same supervision.
+TRL gets the examples lora-kit's data pipeline builds (the one chat renderer: token ids, and
+labels on the assistant tokens and their end-of-turn token only) as a pre-tokenized dataset, so
+its loss, like lora-kit's, counts assistant tokens only. (TRL's own ``assistant_only_loss`` needs
+a chat template with ``{% generation %}`` markers; this model's has none, and TRL 1.x cannot patch
+it: "patching is not supported for this template".)
 
-    python scripts/bench_train.py [--recipe recipes/demo-sentiment.yaml] [--epochs 1] [--runs trl lora-kit]
+Both are timed from the same point to the same point: the first optimizer step's start to the
+last one's end (lora-kit: ``Trainer.fit``; TRL: its ``on_train_begin`` and ``on_train_end``
+callbacks), model loading, tokenization and optimizer set-up excluded. Tokens/s counts the real
+(non-padding) tokens each trainer fed its model over that time (lora-kit: ids that are not the
+pad id; TRL: ``include_num_input_tokens_seen="non_padding"``). The final eval loss of every
+adapter is measured by the same function (assistant tokens only, on the held-out file).
+
+    python scripts/bench_train.py [--recipe recipes/demo-sentiment.yaml] [--epochs 1] [--runs trl lora-kit] \\
+        [--set train.micro_batch_size=1]
+
+Smoke check (about a minute): ``--runs trl lora-kit --set train.max_steps=2``.
 
 With ``--strategy ddp fsdp --nproc 2`` it compares instead lora-kit on one process with lora-kit
 on ``--nproc`` processes (torchrun + gloo on the CPU, NCCL on GPUs) under each strategy: tokens/s
@@ -29,13 +42,12 @@ import time
 from pathlib import Path
 
 import torch
+from _harness import ROOT, cpu_summary
 
 from lora_kit import models
 from lora_kit.training import data, eval_loss
 from lora_kit.training import recipe as recipe_mod
-from lora_kit.training.trainer import target_modules, train
-
-ROOT = Path(__file__).resolve().parent.parent
+from lora_kit.training.trainer import Trainer, target_modules
 
 
 def eval_loss_of(model, tokenizer, r) -> float:
@@ -53,13 +65,18 @@ def run_lora_kit(r, tokenizer, packing: bool) -> dict:
         r.eval.task_metric = "none"
         r.train.eval_every = 0
         r.train.checkpoint_every = 0
-        result = train(r, resume=False, log=lambda _msg: None)
+        trainer = Trainer(r, resume=False, log=lambda _msg: None)
+        trainer.setup()
+        t0 = time.perf_counter()
+        trainer.fit()
+        wall = time.perf_counter() - t0
+        result = trainer.finalize()
         from peft import PeftModel
 
         base = models.load_model(r.model.base, r.model.quantization, r.model.double_quant)
         model = PeftModel.from_pretrained(base, str(result.adapter_dir))
         return {
-            "tokens_per_s": result.metrics["tokens_per_s"],
+            "tokens_per_s": round(trainer.tokens_seen / wall, 1),
             "optimizer_steps": result.metrics["steps"],
             "eval_loss": eval_loss_of(model, tokenizer, r),
         }
@@ -68,13 +85,25 @@ def run_lora_kit(r, tokenizer, packing: bool) -> dict:
 def run_trl(r, tokenizer, packing: bool) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
+    from transformers import TrainerCallback
 
     try:
         from trl import SFTConfig, SFTTrainer
     except ImportError:
         sys.exit("bench_train.py needs TRL: pip install -e '.[bench]' (or run `make bench`)")
 
+    class Clock(TrainerCallback):
+        """The wall time from the training loop's start to its end, as lora-kit's ``fit`` is timed."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.start
+
     train_records, _ = data.load_splits(r.data, r.train.seed)
+    # lora-kit's own examples: the same token ids, labels on the assistant tokens (and their EOS) only
+    examples, _ = data.build(tokenizer, train_records, r.data, "train")
     model = models.load_model(r.model.base, r.model.quantization, r.model.double_quant)
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
@@ -82,6 +111,7 @@ def run_trl(r, tokenizer, packing: bool) -> dict:
             per_device_train_batch_size=r.train.micro_batch_size,
             gradient_accumulation_steps=r.train.gradient_accumulation_steps,
             num_train_epochs=r.train.epochs,
+            max_steps=r.train.max_steps or -1,
             learning_rate=r.train.learning_rate,
             lr_scheduler_type=r.train.scheduler,
             warmup_steps=r.train.warmup_steps,
@@ -91,6 +121,7 @@ def run_trl(r, tokenizer, packing: bool) -> dict:
             gradient_checkpointing=r.train.gradient_checkpointing,
             max_length=r.data.max_seq_len,
             packing=packing,
+            include_num_input_tokens_seen="non_padding",
             save_strategy="no",
             report_to=[],
             logging_steps=10,
@@ -107,20 +138,19 @@ def run_trl(r, tokenizer, packing: bool) -> dict:
             target_modules=target_modules(r),
             task_type="CAUSAL_LM",
         )
-        ds = Dataset.from_list([{"messages": rec["messages"]} for rec in train_records])
+        ds = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+        clock = Clock()
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=ds, processing_class=tokenizer, peft_config=peft_config
+            model=model,
+            args=args,
+            train_dataset=ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[clock],
         )
-        real_tokens = (
-            sum(int(sum(x)) for x in trainer.train_dataset["attention_mask"])
-            if "attention_mask" in trainer.train_dataset.column_names
-            else sum(len(x) for x in trainer.train_dataset["input_ids"])
-        )
-        t0 = time.time()
         trainer.train()
-        wall = time.time() - t0
         return {
-            "tokens_per_s": round(real_tokens * r.train.epochs / wall, 1),
+            "tokens_per_s": round(trainer.state.num_input_tokens_seen / clock.seconds, 1),
             "optimizer_steps": trainer.state.global_step,
             "eval_loss": eval_loss_of(trainer.model, tokenizer, r),
         }
@@ -189,32 +219,36 @@ def main() -> None:
         default=["trl", "trl-packed", "lora-kit-unpacked", "lora-kit"],
         help="which trainers to run (default: all four)",
     )
-    ap.add_argument("--set", action="append", default=[], help="a recipe override for the lora-kit runs only")
+    ap.add_argument(
+        "--set", action="append", default=[], help="a recipe override (key.path=value) for every run, both trainers"
+    )
     args = ap.parse_args()
     if args.strategy:
         main_distributed(args)
         return
     torch.set_num_threads(torch.get_num_threads())
-    base = recipe_mod.load(args.recipe, [f"train.epochs={args.epochs}"])
+    base = recipe_mod.load(args.recipe, [f"train.epochs={args.epochs}", *args.set])
     tokenizer = models.load_tokenizer(base.model.base)
     # Unpacked, lora-kit takes as many optimizer steps per epoch as TRL's default: the
     # eval losses of those two rows compare step for step. Packed rows carry more examples,
-    # so an epoch is fewer, larger steps.
+    # so an epoch is fewer, larger steps (for both trainers).
     runners = {
         "trl": ("TRL SFTTrainer (default)", lambda r: run_trl(r, tokenizer, packing=False)),
         "trl-packed": ("TRL SFTTrainer (packing=True)", lambda r: run_trl(r, tokenizer, packing=True)),
         "lora-kit-unpacked": ("lora-kit (packing: false)", lambda r: run_lora_kit(r, tokenizer, packing=False)),
         "lora-kit": ("lora-kit", lambda r: run_lora_kit(r, tokenizer, packing=True)),
     }
-    ours_recipe = recipe_mod.load(args.recipe, [f"train.epochs={args.epochs}", *args.set])
     results = {}
     for key in args.runs:
         name, run = runners[key]
-        results[name] = run((ours_recipe if key.startswith("lora-kit") else base).model_copy(deep=True))
+        results[name] = run(base.model_copy(deep=True))
     ours = results.get("lora-kit", next(iter(results.values())))["tokens_per_s"]
+    t = base.train
     print(
-        f"\nbase {base.model.base} ({base.model.quantization}), r={base.lora.r} all-linear, micro batch {base.train.micro_batch_size}, "
-        f"max_seq_len {base.data.max_seq_len}, {args.epochs} epoch(s), torch threads {torch.get_num_threads()}"
+        f"\nbase {base.model.base} ({base.model.quantization}), r={base.lora.r} all-linear, both trainers: micro batch "
+        f"{t.micro_batch_size} x {t.gradient_accumulation_steps} accumulated, max_seq_len {base.data.max_seq_len}, "
+        f"{args.epochs} epoch(s){f', max {t.max_steps} steps' if t.max_steps else ''}, loss on assistant tokens only, "
+        f"torch threads {torch.get_num_threads()}\nCPU: {cpu_summary()}; overrides: {' '.join(args.set) or 'none'}"
     )
     print("| trainer | tokens/s | lora-kit (packed) speed-up | optimizer steps | eval loss (assistant tokens) |")
     print("|---|---:|---:|---:|---:|")
