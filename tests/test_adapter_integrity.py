@@ -88,13 +88,13 @@ def test_hashes_are_cached_per_file_stat(world, monkeypatch):
     path = reg.adapter_path("good")
     files = reg.resolve("good").files
     calls = []
-    real = engine_adapters.hashlib.sha256
+    real = engine_adapters.sha256_file
 
-    def counting():
-        calls.append(1)
-        return real()
+    def counting(file):
+        calls.append(file)
+        return real(file)
 
-    monkeypatch.setattr(engine_adapters.hashlib, "sha256", counting)
+    monkeypatch.setattr(engine_adapters, "sha256_file", counting)
     engine_adapters._HASHES.clear()
     engine_adapters.verify_files("good@1", path, files)
     engine_adapters.verify_files("good@1", path, files)

@@ -296,3 +296,15 @@ def test_api_token_flag_warns_and_its_help_names_the_env_var(monkeypatch, caplog
     with caplog.at_level(logging.WARNING):
         serve_cli.cmd_serve(argparse.Namespace(api_token=None))
     assert not caplog.records
+
+
+def test_hide_paths_cuts_known_dirs_with_spaces_and_every_other_absolute_path():
+    from lora_kit.errors import hide_paths
+
+    known = "/srv/my uploads/ft 1"
+    message = f"{known}/adapter_config.json: bad JSON; see {known} and /srv/registry/blobs/ab/abcd"
+    assert hide_paths(message, [known]) == "adapter_config.json: bad JSON; see ft 1 and abcd"
+    assert hide_paths({"a": [message]}, [known]) == {"a": [hide_paths(message, [known])]}
+    assert (
+        hide_paths("positive / negative, data/x.jsonl, http://h/a") == "positive / negative, data/x.jsonl, http://h/a"
+    )

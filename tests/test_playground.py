@@ -315,7 +315,7 @@ def test_registry_routes_hide_server_paths_and_answer_errors(world):
 
 
 def test_strip_paths_cuts_absolute_paths_to_their_last_part():
-    from lora_kit.server.registry_api import strip_paths
+    from lora_kit.errors import hide_paths as strip_paths
 
     given = {
         "a": "/srv/home/u/runs/sentiment-1a2b",

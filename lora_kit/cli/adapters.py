@@ -58,11 +58,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _json_row(registry: Any, v: Any) -> dict[str, Any]:
-    """A version as `list --json` and `show --json` print it: its record and the export targets
-    it passes (as /v1/models and the fine-tunes list show them)."""
-    from lora_kit.registry.targets import version_targets
+    """A version as `list --json` and `show --json` print it: its one JSON record (the export
+    targets included, as /v1/models and the fine-tunes list show them)."""
+    from lora_kit.registry.targets import version_json
 
-    return {**v.to_dict(), "export_targets": version_targets(registry, v)}
+    return version_json(registry, v)
 
 
 def cmd_show(args: argparse.Namespace) -> int:

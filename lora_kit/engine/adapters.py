@@ -7,7 +7,6 @@ batched forward needs one product less per module.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -27,7 +26,9 @@ from lora_kit.adapters.format import (
     parse_tensor_name,
     unservable_reasons,
 )
-from lora_kit.engine.types import AdapterError, InvalidAdapterReference, UnknownAdapter
+from lora_kit.engine.types import AdapterError, EngineError, InvalidAdapterReference, UnknownAdapter
+from lora_kit.errors import hide_paths
+from lora_kit.registry.lineage import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -76,18 +77,11 @@ def read_config(path: Path, key: str | None = None) -> dict:
     try:
         config = parse_config(path / CONFIG_FILE)
     except InvalidAdapter as err:
-        raise AdapterError(f"{where}: {_strip_path(str(err), path)}") from None
+        raise AdapterError(f"{where}: {hide_paths(str(err), (path,))}") from None
     reasons = unservable_reasons(config)
     if reasons:
         raise AdapterError(f"{where}: {reasons[0]}")
     return config
-
-
-def _strip_path(message: str, path: Path) -> str:
-    """``message`` without the adapter directory (file names stay: they are the same everywhere)."""
-    for form in {str(path), str(Path(path).resolve())}:
-        message = message.replace(form + "/", "").replace(form, "the adapter")
-    return message
 
 
 def load_adapter(
@@ -126,25 +120,22 @@ _HASHES_MAX = 1024
 _HASHES_LOCK = threading.Lock()
 
 
-def _sha256(file: Path) -> tuple[str, int]:
-    """The sha256 and size of ``file``, cached by its stat (a rewrite changes mtime/ctime: rehashed)."""
+def cached_sha256(file: Path) -> str:
+    """:func:`~lora_kit.registry.lineage.sha256_file` of ``file``, cached by its stat (a rewrite
+    changes mtime/ctime: rehashed), so a busy server does not re-read an adapter per load."""
     st = os.stat(file)
     stamp = (str(file), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _HASHES_LOCK:
         digest = _HASHES.get(stamp)
         if digest is not None:
             _HASHES.move_to_end(stamp)
-            return digest, st.st_size
-    h = hashlib.sha256()
-    with open(file, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    digest = h.hexdigest()
+            return digest
+    digest = sha256_file(file)
     with _HASHES_LOCK:
         _HASHES[stamp] = digest
         while len(_HASHES) > _HASHES_MAX:
             _HASHES.popitem(last=False)
-    return digest, st.st_size
+    return digest
 
 
 def verify_files(key: str, path: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
@@ -157,7 +148,7 @@ def verify_files(key: str, path: Path, files: Mapping[str, Mapping[str, Any]]) -
         if not expected:
             continue
         try:
-            got, _ = _sha256(path / fname)
+            got = cached_sha256(path / fname)
         except OSError as err:
             log.error("adapter %s: cannot read %s: %s", key, path / fname, err)
             raise AdapterError(f"adapter '{key}': its stored {fname} cannot be read") from None
@@ -194,7 +185,7 @@ def _read_pairs(path: Path, where: str) -> dict[str, dict[str, torch.Tensor]]:
     except AdapterError:
         raise
     except Exception as err:  # a corrupt or truncated file is this adapter's problem, not the server's
-        raise AdapterError(f"{where}: cannot read {WEIGHTS_FILE}: {_strip_path(str(err), path)}") from err
+        raise AdapterError(f"{where}: cannot read {WEIGHTS_FILE}: {hide_paths(str(err), (path,))}") from err
     if not pairs:
         raise AdapterError(f"{where}: the adapter has no LoRA weights")
     return pairs
@@ -228,6 +219,17 @@ def _scaled(
     if not (torch.isfinite(a_c).all() and torch.isfinite(b_c).all()):
         raise AdapterError(f"{where}: '{module}' has NaN or infinite weights (after scaling to {dtype})")
     return a_c, b_c
+
+
+def resolve_adapter(resolver: Resolver, ref: str) -> tuple[str, Path]:
+    """``resolver(ref)`` with its failures as engine errors: an EngineError as it is, a failed
+    lookup (KeyError, LookupError, FileNotFoundError) as UnknownAdapter, never a fall-back."""
+    try:
+        return resolver(ref)
+    except EngineError:
+        raise
+    except (LookupError, FileNotFoundError) as err:
+        raise UnknownAdapter(f"unknown adapter '{ref}'") from err
 
 
 def registry_resolver(root: Path | str | None = None) -> Resolver:

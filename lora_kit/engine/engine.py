@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lora_kit import chat
-from lora_kit.engine.adapters import Resolver, load_adapter, registry_resolver
+from lora_kit.engine.adapters import Resolver, load_adapter, registry_resolver, resolve_adapter
 from lora_kit.engine.backends import Backend, select_backend
 from lora_kit.engine.config import EngineConfig
 from lora_kit.engine.constraints import GrammarCache
@@ -38,7 +38,6 @@ from lora_kit.engine.types import (
     GenerationRequest,
     InvalidRequest,
     ShuttingDown,
-    UnknownAdapter,
     adapter_mix,
     single_ref,
 )
@@ -194,12 +193,7 @@ class Engine:
         return load_adapter(key, path, self._base_shapes, self.adapter_dtype, self.device, self.max_rank, files)
 
     def _resolve(self, ref: str) -> tuple[str, Path]:
-        try:
-            resolved = self._resolver(ref)
-        except EngineError:
-            raise
-        except (KeyError, LookupError, FileNotFoundError) as err:
-            raise UnknownAdapter(f"unknown adapter '{ref}'") from err
+        resolved = resolve_adapter(self._resolver, ref)
         key, path = resolved
         files = getattr(resolved, "files", None)  # a ResolvedAdapter from the registry carries its hashes
         if files is not None:

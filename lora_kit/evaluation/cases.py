@@ -7,7 +7,6 @@ file's bytes, so results on "the same data" are results on the same file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_kit.evaluation.metrics import EvalError
+from lora_kit.registry.lineage import sha256_file
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,5 @@ def load_cases(path: Path | str, max_examples: int | None = None) -> list[EvalCa
 
 
 def file_sha256(path: Path | str) -> str:
-    """The hex sha256 of a data file's bytes (the data fingerprint of an eval result)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The data fingerprint of an eval result: the hex sha256 of the data file's bytes."""
+    return sha256_file(Path(path))

@@ -140,6 +140,16 @@ def parse_reference(ref: object) -> tuple[str, str, int | str | None]:
     raise InvalidReference(ref)
 
 
+def reference_name(ref: object) -> str | None:
+    """The adapter name ``ref`` names (``NAME``, ``NAME@V``, ``NAME:ALIAS`` -> ``NAME``), parsed as
+    :func:`parse_reference` does; None for a version id (it names no name) or a non-reference."""
+    try:
+        kind, name, _ = parse_reference(ref)
+    except InvalidReference:
+        return None
+    return None if kind == "id" else name
+
+
 def _kill_hook(point: str) -> None:
     if os.environ.get(KILL_HOOK_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -96,3 +96,10 @@ def version_targets(registry: Registry, av: AdapterVersion) -> list[str]:
     except RegistryError:
         cloudflare_type = None
     return export_targets(info, int(meta.get("size") or 0), gguf.base_config(av), cloudflare_type)
+
+
+def version_json(registry: Registry, av: AdapterVersion) -> dict[str, Any]:
+    """The one JSON record of a registered version, which every surface shapes its own view from
+    (``adapters list/show --json``, the registry routes, ``/v1/models``, the fine-tunes list): its
+    registry fields and ``export_targets``, what ``lora-kit adapters export --target`` can write it as."""
+    return {**av.to_dict(), "export_targets": version_targets(registry, av)}

@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from lora_kit import paths
 from lora_kit.adapters.format import ADAPTER_FILES, InvalidAdapter
-from lora_kit.registry.targets import version_targets
+from lora_kit.errors import hide_paths
+from lora_kit.registry.targets import version_json
 from lora_kit.server import errors
 from lora_kit.server.errors import ApiError
 
@@ -169,7 +170,7 @@ class FinetuneStore:
         """The meta of a fine-tune that can still take files; 3037/404 or 5006/400 (complete) otherwise."""
         meta = self._load(finetune_id)
         if meta is None:
-            if self._registered_as_finetune(finetune_id) is not None:
+            if self._in_registry(finetune_id):
                 raise errors.bad_input(
                     f"finetune {finetune_id!r} is complete; its files cannot be changed (create a new fine-tune)"
                 )
@@ -213,9 +214,7 @@ class FinetuneStore:
                     # Drop the refused file so a corrected one can be uploaded.
                     (stage / file_name).unlink(missing_ok=True)
                     # The client sees why, never where: no upload or registry path of this server.
-                    why = str(err)
-                    for where in (str(stage), str(self.root), str(getattr(self.registry, "root", stage))):
-                        why = why.replace(where, "<upload>")
+                    why = hide_paths(str(err), (stage, self.root, getattr(self.registry, "root", stage)))
                     raise errors.bad_input(f"the adapter was refused: {why}", param="file") from err
                 meta["ref"] = version.ref
                 for f in REQUIRED_FILES:
@@ -223,18 +222,11 @@ class FinetuneStore:
             self._save(meta)
             return meta
 
-    def _registered_as_finetune(self, ref: str) -> Optional[dict[str, Any]]:
-        try:
-            version = self.registry.resolve(ref)
-        except Exception:  # noqa: BLE001
-            return None
-        return version_row(version, "", version_targets(self.registry, version))
-
     # -- listing -------------------------------------------------------------------------------
 
     def list(self, served_model: str) -> list[dict[str, Any]]:
         """Every registered adapter version, then every pending upload, as Cloudflare fine-tunes."""
-        rows = [version_row(v, served_model, version_targets(self.registry, v)) for v in self.registry.list()]
+        rows = [version_row(version_json(self.registry, v), served_model) for v in self.registry.list()]
         for meta in self._staged():
             if not meta.get("ref"):
                 rows.append(public_row(meta))
@@ -256,22 +248,22 @@ def public_row(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def version_row(version: Any, served_model: str, export_targets: list[str]) -> dict[str, Any]:
-    """A registered adapter version in Cloudflare's ``Finetune`` shape (plus its registry fields and
-    ``export_targets``, what ``lora-kit adapters export --target`` can write it as)."""
+def version_row(record: dict[str, Any], served_model: str) -> dict[str, Any]:
+    """A registered adapter version (its JSON record, ``version_json``) in Cloudflare's ``Finetune``
+    shape, plus its registry fields and ``export_targets``."""
     return {
-        "id": version.id,
-        "name": version.name,
-        "description": version.description or "",
-        "model": version.base_model or served_model,
+        "id": record["id"],
+        "name": record["name"],
+        "description": record["description"] or "",
+        "model": record["base_model"] or served_model,
         "public": False,
-        "created_at": version.created_at,
-        "modified_at": version.created_at,
+        "created_at": record["created_at"],
+        "modified_at": record["created_at"],
         "ready": True,
-        "ref": version.ref,
-        "version": version.version,
-        "rank": version.rank,
-        "alpha": version.alpha,
-        "target_modules": list(version.target_modules),
-        "export_targets": list(export_targets),
+        "ref": record["ref"],
+        "version": record["version"],
+        "rank": record["rank"],
+        "alpha": record["alpha"],
+        "target_modules": list(record["target_modules"]),
+        "export_targets": list(record["export_targets"]),
     }

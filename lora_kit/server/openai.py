@@ -179,7 +179,7 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/models", responses=errors_for("openai"))
     async def list_models() -> Any:
-        from lora_kit.registry.targets import version_targets
+        from lora_kit.registry.targets import version_json
 
         created = int(time.time())
         data: list[dict[str, Any]] = [
@@ -197,11 +197,10 @@ def router(state: ServerState) -> APIRouter:
         for v in versions:
             latest[v.name] = v  # list() is ordered by name, then version
         for v in versions:
-            # what the version can be exported to (cached by content: cheap on every listing)
-            targets = {"export_targets": version_targets(state.registry, v)}
+            record = version_json(state.registry, v)  # export targets: cached by content, cheap per listing
             if latest[v.name] is v:
-                data.append({**_adapter_model(v.name, v, state.served_model), **targets})
-            data.append({**_adapter_model(v.ref, v, state.served_model), **targets})
+                data.append(_adapter_model(v.name, record, state.served_model))
+            data.append(_adapter_model(v.ref, record, state.served_model))
         return {"object": "list", "data": data}
 
     @api.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest, api="openai"))
@@ -217,14 +216,16 @@ def router(state: ServerState) -> APIRouter:
     return api
 
 
-def _adapter_model(model_id: str, version: Any, served: str) -> dict[str, Any]:
+def _adapter_model(model_id: str, record: dict[str, Any], served: str) -> dict[str, Any]:
+    """A version (its JSON record, ``version_json``) as an OpenAI model named ``model_id``."""
     return {
         "id": model_id,
         "object": "model",
-        "created": _epoch(version.created_at),
+        "created": _epoch(record["created_at"]),
         "owned_by": "lora-kit",
-        "root": version.ref,
+        "root": record["ref"],
         "parent": served,
+        "export_targets": list(record["export_targets"]),
     }
 
 

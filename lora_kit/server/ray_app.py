@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Optional
 
+from lora_kit.engine.adapters import resolve_adapter
 from lora_kit.engine.config import EngineConfig
 from lora_kit.engine.types import (
     AdapterError,
@@ -327,12 +328,7 @@ class RemoteEngine:
             time.sleep(POLL_S)
 
     def check_adapter(self, ref: str) -> str:
-        try:
-            key, _ = self._resolve(ref)
-        except EngineError:
-            raise
-        except (KeyError, LookupError, FileNotFoundError) as err:
-            raise UnknownAdapter(f"unknown adapter '{ref}'") from err
+        key, _ = resolve_adapter(self._resolve, ref)
         return key
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

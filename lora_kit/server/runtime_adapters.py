@@ -31,7 +31,8 @@ from typing import Any, Optional
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
-from lora_kit.errors import LoraKitError
+from lora_kit.errors import LoraKitError, hide_paths
+from lora_kit.registry.store import reference_name
 from lora_kit.server import errors
 from lora_kit.server.auth import require_management
 from lora_kit.server.bodies import read_json
@@ -40,11 +41,6 @@ from lora_kit.server.openapi import errors_for, json_body
 from lora_kit.server.schemas import LoadLoraAdapter, UnloadLoraAdapter, parse
 
 logger = logging.getLogger(__name__)
-
-
-def adapter_name(ref: str) -> str:
-    """The adapter name of a reference (``NAME@VERSION`` or ``NAME:ALIAS`` -> ``NAME``)."""
-    return ref.split("@", 1)[0].split(":", 1)[0]
 
 
 class RuntimeAdapters:
@@ -59,7 +55,7 @@ class RuntimeAdapters:
 
     def check_served(self, ref: Optional[str], asked: str) -> None:
         """3037/404 when canonical ``ref`` belongs to an unloaded name (the message names what was asked)."""
-        if ref is not None and adapter_name(ref) in self._unloaded:
+        if ref is not None and reference_name(ref) in self._unloaded:
             raise ApiError(
                 errors.FINETUNE_NOT_FOUND,
                 f"Finetune {asked!r} not found: it was unloaded (POST /v1/load_lora_adapter serves it again)",
@@ -82,7 +78,7 @@ class RuntimeAdapters:
             ref = await asyncio.to_thread(self.engine.check_adapter, version.ref)
         except LoraKitError as err:
             self._unloaded.add(name)  # not servable: keep it out, as it was not loaded
-            raise errors.bad_input(f"cannot load {name!r}: {err}", "lora_path") from None
+            raise errors.bad_input(f"cannot load {name!r}: {hide_paths(str(err))}", "lora_path") from None
         logger.info("runtime load: %s is served (%s)", name, ref)
         return str(ref)
 
@@ -131,7 +127,7 @@ class RuntimeAdapters:
         except RegistryError:
             raise _not_found(name) from None
         self._unloaded.add(name)
-        resident = [ref for ref in self.engine.stats().get("resident_adapters", []) if adapter_name(ref) == name]
+        resident = [ref for ref in self.engine.stats().get("resident_adapters", []) if reference_name(ref) == name]
         dropped = [ref for ref in resident if await asyncio.to_thread(self.engine.drop_adapter, ref)]
         logger.info("runtime unload: %s is not served; slots freed for %s", name, dropped or "none")
         return dropped
@@ -147,9 +143,8 @@ def _not_found(name: str) -> ApiError:
 
 
 def _public(err: Exception) -> str:
-    """A registry error's message without server paths (the client named its own path only)."""
-    public = getattr(err, "public", None)
-    return str(public or err).split(": /", 1)[0]
+    """A registry error's message for the client: its public form, without server paths."""
+    return hide_paths(str(getattr(err, "public", None) or err))
 
 
 def router(state: Any) -> APIRouter:
