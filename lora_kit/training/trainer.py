@@ -1,10 +1,12 @@
 """The training recipe: QLoRA on accelerate, with checkpoints, resume, eval and export.
 
 One explicit loop (no Hugging Face Trainer), split as torchtune splits its recipes:
-``Trainer.setup()`` builds everything a run needs (run directory and resume decision, data
-and its audit, model, optimizer, checkpoint state), ``fit()`` is only the loop (one
-``_train_step`` per optimizer step, eval and checkpoints between steps), and ``finalize()``
-evaluates, exports, records lineage and registers. ``train()`` runs the three.
+``Trainer.setup()`` builds everything a run needs, one ``_setup_*`` step at a time (run
+directory and resume decision, data and its audit, model, optimizer, checkpoint state),
+``fit()`` is only the loop (one ``_train_step`` per optimizer step, eval loss and checkpoints
+between steps), and ``finalize()`` takes the final eval loss and hands the adapter on: the task
+metric is measured by ``training/task_eval.py``, the export, lineage and registration are
+``training/publish.py``'s. ``train()`` runs the three.
 
 Runs unchanged under ``torchrun``/``accelerate launch``: DDP, or with ``train.distributed: fsdp``
 FSDP2 applied by ``training/fsdp.py`` (each rank then writes its checkpoint shard); only rank 0
@@ -33,12 +35,12 @@ from typing import Any
 import torch
 
 from lora_kit import models, paths
-from lora_kit.evaluation.runner import EvalReport, record, release_memory
-from lora_kit.training import checkpoint, data, fast_lora, fsdp, metrics, packing
+from lora_kit.evaluation.runner import release_memory
+from lora_kit.training import checkpoint, data, fast_lora, fsdp, metrics, packing, publish
 from lora_kit.training.errors import TrainError
 from lora_kit.training.eval_loss import eval_loss
 from lora_kit.training.recipe import LINEAR_TARGETS, Recipe
-from lora_kit.training.task_eval import ADAPTER_REF, TaskEval
+from lora_kit.training.task_eval import TaskEval
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ def run_dir_for(recipe: Recipe) -> Path:
 
 
 def _compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    """``model.compute_dtype``, with ``auto`` resolved for ``device``."""
     if recipe.model.compute_dtype == "auto":
         return models.default_compute_dtype(device)
     return getattr(torch, recipe.model.compute_dtype)
@@ -119,10 +122,12 @@ class Trainer:
         self._say = log or logger.info
 
     def _info(self, msg: str) -> None:
+        """A progress line, from the main process only."""
         if self.main:
             self._say(msg)
 
     def run(self) -> TrainResult:
+        """The whole run: setup, the loop, and finalize."""
         self.setup()
         self.fit()
         return self.finalize()
@@ -506,29 +511,36 @@ class Trainer:
     # -- finalize --------------------------------------------------------------------------------
 
     def finalize(self) -> TrainResult:
-        """Final eval; then, on the main process, the task metric, export, lineage and registration."""
+        """Final eval loss and adapter checksum on every rank; then, on the main process, publishing."""
         run_metrics = self._final_metrics()
         # FSDP: the LoRA weights gathered from every rank (a collective), for rank 0 to export.
         full_state = fsdp.full_lora_state(self.model) if self.strategy == "fsdp" else None
         self._log_checksum(full_state)
         logger.info("[rank %d] peak RSS %.1f MB", self.rank, self.peak_rss_mb)
         adapter_dir = self.run_dir / "adapter"
-        ref = None
-        if self.main:
-            if "eval_loss" in run_metrics:
-                self._say(f"eval loss: {run_metrics['eval_loss']:.4f}   train loss: {self.last_loss:.4f}")
-            self.metrics_logger.close()
-            metrics.plot_losses(self.run_dir)
-            export_adapter(self.peft_model, self.tokenizer, self.recipe, adapter_dir, state_dict=full_state)
-            reports = self.task_eval.run(adapter_dir, run_metrics, release=self._release_training_model)
-            run_metrics["wall_s"] = round(time.time() - self.t_start, 1)
-            ref = self._record(adapter_dir, run_metrics)
-            if ref is not None:
-                self._record_evals(ref, reports)
+        ref = self._publish(adapter_dir, run_metrics, full_state) if self.main else None
         self.accelerator.wait_for_everyone()
         if self.world > 1:
             torch.distributed.destroy_process_group()
         return TrainResult(self.run_dir, adapter_dir, ref, run_metrics, self.main)
+
+    def _publish(
+        self, adapter_dir: Path, run_metrics: dict[str, Any], full_state: dict[str, torch.Tensor] | None
+    ) -> str | None:
+        """Main process: export the adapter, measure its task metric, write its lineage and register
+        it, mark the run done, and keep the task eval with the version. Returns NAME@VERSION or None."""
+        if "eval_loss" in run_metrics:
+            self._say(f"eval loss: {run_metrics['eval_loss']:.4f}   train loss: {self.last_loss:.4f}")
+        self.metrics_logger.close()
+        metrics.plot_losses(self.run_dir)
+        publish.export_adapter(self.peft_model, self.tokenizer, self.recipe, adapter_dir, state_dict=full_state)
+        reports = self.task_eval.run(adapter_dir, run_metrics, release=self._release_training_model)
+        run_metrics["wall_s"] = round(time.time() - self.t_start, 1)
+        ref = publish.register_run(adapter_dir, self.run_dir, self.recipe, self._training_facts(run_metrics))
+        self._mark_done(ref, run_metrics)
+        if ref is not None:
+            publish.record_evals(ref, reports)
+        return ref
 
     def _final_metrics(self) -> dict[str, Any]:
         """The run's summary metrics, with the final eval loss (logged as a metrics record too)."""
@@ -571,25 +583,12 @@ class Trainer:
         self.model = self.peft_model = self.optimizer = self.scheduler = self.params = None  # type: ignore[assignment]
         release_memory()
 
-    def _record_evals(self, ref: str, reports: list[EvalReport]) -> None:
-        """Keep the adapter's eval results in the registry with the version, per precision."""
-        from lora_kit.registry import Registry
-
-        registry = Registry()
-        for report in reports:
-            record(registry, report, as_ref={ADAPTER_REF: ref})
-
-    def _record(self, adapter_dir: Path, run_metrics: dict[str, Any]) -> str | None:
-        """lineage.json, the registration (NAME@VERSION or None), done.json; then drop the checkpoints."""
-        facts = self._training_facts(run_metrics)
-        full = lineage_of(adapter_dir, self.recipe.model.base, facts)
-        (self.run_dir / "lineage.json").write_text(json.dumps(full, indent=2, default=str))
-        ref = register(adapter_dir, self.recipe, facts) if self.recipe.output.register_adapter else None
+    def _mark_done(self, ref: str | None, run_metrics: dict[str, Any]) -> None:
+        """done.json (a re-run of the recipe starts over), then drop the checkpoints."""
         done = {"ref": ref, "metrics": run_metrics}
         (self.run_dir / "done.json").write_text(json.dumps(done, indent=2, default=str))
         for old in checkpoint.list_complete(self.run_dir):
             shutil.rmtree(old, ignore_errors=True)
-        return ref
 
     def _training_facts(self, run_metrics: dict[str, Any]) -> dict[str, Any]:
         """What only the trainer knows about the adapter; the registry's lineage builder adds the rest."""
@@ -609,56 +608,3 @@ class Trainer:
 def train(recipe: Recipe, resume: bool | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
     """Run a recipe end to end (see :class:`Trainer` for ``resume`` and ``log``)."""
     return Trainer(recipe, resume=resume, log=log).run()
-
-
-def export_adapter(
-    peft_model: Any,
-    tokenizer: Any,
-    recipe: Recipe,
-    adapter_dir: Path,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write the PEFT adapter (config + safetensors) and the chat template it was trained with.
-
-    ``state_dict``: the full LoRA weights by parameter name when the model's own are sharded (FSDP).
-    """
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True, state_dict=state_dict)
-    config_path = adapter_dir / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    # The spec the user gave (hub id, path or embedded name), not a cache path.
-    config["base_model_name_or_path"] = recipe.model.base
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-    template = getattr(tokenizer, "chat_template", None)
-    (adapter_dir / "chat_template.jinja").write_text(
-        template if template else "{# built-in Mistral-7B-Instruct-v0.1 format (lora_kit.chat) #}\n"
-    )
-    readme = adapter_dir / "README.md"
-    if readme.exists():
-        readme.unlink()  # PEFT's model card template: replaced by the registry's lineage
-    return adapter_dir
-
-
-def lineage_of(adapter_dir: Path, base_spec: str, facts: dict[str, Any]) -> dict[str, Any]:
-    """The lineage the registry records for ``adapter_dir`` registered with ``facts`` (same builder, same base)."""
-    from lora_kit.adapters.format import CONFIG_FILE, parse_config
-    from lora_kit.registry import lineage, local_base_dir
-
-    config = parse_config(adapter_dir / CONFIG_FILE)
-    return lineage.build(adapter_dir, config, base_spec, local_base_dir(base_spec), facts=facts)
-
-
-def register(adapter_dir: Path, recipe: Recipe, facts: dict[str, Any]) -> str:
-    """Register the exported adapter with the training ``facts`` in its lineage; returns NAME@VERSION."""
-    from lora_kit.registry import Registry
-
-    version = Registry().register(
-        adapter_dir,
-        recipe.output.name,
-        base_model=recipe.model.base,
-        description=recipe.output.description,
-        tags=recipe.output.tags,
-        lineage=facts,
-    )
-    return version.ref
