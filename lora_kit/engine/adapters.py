@@ -26,7 +26,13 @@ from lora_kit.adapters.format import (
     parse_tensor_name,
     unservable_reasons,
 )
-from lora_kit.engine.types import AdapterError, EngineError, InvalidAdapterReference, UnknownAdapter
+from lora_kit.engine.types import (
+    AdapterError,
+    EngineError,
+    InvalidAdapterReference,
+    ResolvedAdapter,
+    UnknownAdapter,
+)
 from lora_kit.errors import hide_paths
 from lora_kit.registry.lineage import sha256_file
 
@@ -36,19 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Resolver = Callable[[str], tuple[str, Path]]
-
-
-class ResolvedAdapter(tuple):
-    """A resolver's answer: ``(key, path)`` as a 2-tuple (so ``key, path = resolve(ref)`` works),
-    plus ``files``: ``{file name: {"sha256", "size"}}`` as the registry recorded them, which the
-    loader checks the directory against; None (a plain 2-tuple, a mapping_resolver): not checked."""
-
-    files: Mapping[str, Mapping[str, Any]] | None
-
-    def __new__(cls, key: str, path: Path, files: Mapping[str, Mapping[str, Any]] | None = None) -> ResolvedAdapter:
-        self = super().__new__(cls, (key, Path(path)))
-        self.files = files
-        return self
 
 
 @dataclass
@@ -221,15 +214,19 @@ def _scaled(
     return a_c, b_c
 
 
-def resolve_adapter(resolver: Resolver, ref: str) -> tuple[str, Path]:
-    """``resolver(ref)`` with its failures as engine errors: an EngineError as it is, a failed
-    lookup (KeyError, LookupError, FileNotFoundError) as UnknownAdapter, never a fall-back."""
+def resolve_adapter(resolver: Resolver, ref: str) -> ResolvedAdapter:
+    """``resolver(ref)`` as a ResolvedAdapter, its failures as engine errors: an EngineError as it
+    is, a failed lookup (KeyError, LookupError, FileNotFoundError) as UnknownAdapter, never a fall-back."""
     try:
-        return resolver(ref)
+        resolved = resolver(ref)
     except EngineError:
         raise
     except (LookupError, FileNotFoundError) as err:
         raise UnknownAdapter(f"unknown adapter '{ref}'") from err
+    if isinstance(resolved, ResolvedAdapter):
+        return resolved
+    key, path = resolved
+    return ResolvedAdapter(key, path)
 
 
 def registry_resolver(root: Path | str | None = None) -> Resolver:
@@ -250,7 +247,7 @@ def registry_resolver(root: Path | str | None = None) -> Resolver:
         # which calls the registry itself, keeps those hints for the operator).
         try:
             version = reg.resolve(ref)
-            return ResolvedAdapter(version.ref, Path(reg.adapter_path(version.ref)), version.files)
+            return ResolvedAdapter(version.ref, reg.version_dir(version), version.files)
         except store.InvalidReference as err:
             raise InvalidAdapterReference(str(err)) from err
         except store.AdapterNotFound as err:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from lora_kit.engine.types import (
     GenerationOutput,
     GenerationRequest,
     InvalidRequest,
+    ResolvedAdapter,
     ShuttingDown,
     adapter_mix,
     single_ref,
@@ -143,7 +144,7 @@ class Engine:
         if len(refs) > self.max_slots:
             raise EngineError(f"cannot preload {len(refs)} adapters into {self.max_slots} slots")
         for ref in refs:
-            self._runner.pin_adapter(*self._resolve(ref))
+            self._runner.pin_adapter(*self.resolve(ref))
 
     @property
     def cpu_kernel(self) -> bool:
@@ -192,23 +193,33 @@ class Engine:
         files = self._expected_files.get(key)  # the registry's sha256 of each file (None: not checked)
         return load_adapter(key, path, self._base_shapes, self.adapter_dtype, self.device, self.max_rank, files)
 
-    def _resolve(self, ref: str) -> tuple[str, Path]:
-        resolved = resolve_adapter(self._resolver, ref)
-        key, path = resolved
-        files = getattr(resolved, "files", None)  # a ResolvedAdapter from the registry carries its hashes
-        if files is not None:
-            self._expected_files[key] = files
-        return key, path
+    def resolve(self, ref: str) -> ResolvedAdapter:
+        """What ``ref`` names: its canonical key, its directory and the file hashes the registry
+        recorded (checked when it loads). Raises UnknownAdapter, InvalidAdapterReference or AdapterError.
 
-    def check_adapter(self, ref: str) -> str:
-        """Resolve ``ref`` and load it into a slot now; returns the canonical reference.
+        A caller that resolves once (a server, off its event loop) passes the answer on, in
+        :meth:`check_adapter` and in a request's ``resolved_adapters``: nothing is looked up again."""
+        return self._known(resolve_adapter(self._resolver, ref))
+
+    def _known(self, resolved: ResolvedAdapter) -> ResolvedAdapter:
+        if resolved.files is not None:  # the hashes the loader checks the directory against
+            self._expected_files[resolved.key] = resolved.files
+        return resolved
+
+    def _resolved(self, ref: str, given: Mapping[str, ResolvedAdapter] | None) -> ResolvedAdapter:
+        found = given.get(ref) if given else None
+        return self._known(found) if found is not None else self.resolve(ref)
+
+    def check_adapter(self, ref: str | ResolvedAdapter) -> str:
+        """Resolve ``ref`` (unless it is resolved already) and load it into a slot now; returns the
+        canonical reference.
 
         Raises UnknownAdapter or AdapterError, so a server can answer 4xx before streaming.
         When every slot is busy the adapter is loaded and checked, and takes a slot later.
         """
-        key, path = self._resolve(ref)
-        self._runner.check_adapter(key, path)
-        return key
+        resolved = self._known(ref) if isinstance(ref, ResolvedAdapter) else self.resolve(ref)
+        self._runner.check_adapter(*resolved)
+        return resolved.key
 
     def drop_adapter(self, key: str) -> bool:
         """Free the slot of resident adapter ``key`` (canonical, as :meth:`check_adapter` returns
@@ -233,26 +244,28 @@ class Engine:
             raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(ids) >= self.max_length:
             raise InvalidRequest(f"the prompt has {len(ids)} tokens; the model's context is {self.max_length}")
-        adapters = self._adapter_uses(request.adapter)
+        adapters = self._adapter_uses(request.adapter, request.resolved_adapters)
         constraint = None
         if request.response_format or request.tools:
             constraint = self._grammar_cache().constraint(request.response_format, request.tools, request.tool_choice)
         sampler = RequestSampler(request.params, ids, self.vocab_size, self.device)
         return Sequence(request=request, adapters=adapters, sampler=sampler, constraint=constraint)
 
-    def _adapter_uses(self, spec: AdapterSpec) -> tuple[AdapterUse, ...]:
+    def _adapter_uses(
+        self, spec: AdapterSpec, given: Mapping[str, ResolvedAdapter] | None = None
+    ) -> tuple[AdapterUse, ...]:
         """The adapters a request names: none, one, or a weighted mix (checked by :func:`adapter_mix`;
-        the same adapter named twice counts once, with the weights added)."""
+        the same adapter named twice counts once, with the weights added); ``given``: those resolved already."""
         if spec is None or spec == "":
             return ()
         ref = single_ref(spec)
         if ref is not None:
-            return (AdapterUse(*self._resolve(ref)),)
+            return (AdapterUse(*self._resolved(ref, given)),)
         mix = adapter_mix(spec)  # type: ignore[arg-type]
         weights: dict[str, float] = {}
         paths: dict[str, Path] = {}
         for entry in mix:
-            key, paths[key] = self._resolve(entry.ref)
+            key, paths[key] = self._resolved(entry.ref, given)
             weights[key] = weights.get(key, 0.0) + entry.scale
         if len(weights) > self.max_slots:
             raise InvalidRequest(f"the mix names {len(weights)} adapters; this server holds {self.max_slots} at once")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lora_kit.errors import LoraKitError
@@ -134,6 +135,24 @@ def single_ref(spec: AdapterSpec) -> str | None:
     return mix[0].ref if one else None
 
 
+class ResolvedAdapter(tuple):
+    """A resolved adapter reference: ``(key, path)`` as a 2-tuple (so ``key, path = resolve(ref)``
+    works), ``key`` its canonical, immutable reference (``NAME@VERSION``), plus ``files``:
+    ``{file name: {"sha256", "size"}}`` as the registry recorded them, which the loader checks the
+    directory against; None (a plain 2-tuple, a mapping_resolver): not checked."""
+
+    files: Mapping[str, Mapping[str, Any]] | None
+
+    def __new__(cls, key: str, path: Path, files: Mapping[str, Mapping[str, Any]] | None = None) -> ResolvedAdapter:
+        self = super().__new__(cls, (key, Path(path)))
+        self.files = files
+        return self
+
+    @property
+    def key(self) -> str:
+        return str(self[0])
+
+
 @dataclass
 class GenerationRequest:
     """One completion request: prompt token ids, sampling, and optionally an adapter and constraints.
@@ -155,6 +174,9 @@ class GenerationRequest:
     # (the server passes its per-request id, the one of ``X-Request-Id`` and the access log);
     # None: the engine makes one up.
     request_id: str | None = None
+    # The adapters of ``adapter`` resolved already (reference -> ResolvedAdapter), e.g. by a server
+    # that resolved them once off its event loop: the engine loads these without resolving again.
+    resolved_adapters: Mapping[str, ResolvedAdapter] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass

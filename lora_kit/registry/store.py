@@ -526,7 +526,10 @@ class Registry:
 
     def adapter_path(self, ref: str) -> Path:
         """A directory with this version's ``adapter_config.json`` + ``adapter_model.safetensors`` (read-only)."""
-        av = self.resolve(ref)
+        return self.version_dir(self.resolve(ref))
+
+    def version_dir(self, av: AdapterVersion) -> Path:
+        """:meth:`adapter_path` of a version already resolved (no second lookup in the database)."""
         target = self.root / "versions" / av.id
         if all((target / f).is_file() for f in STORED_FILES):
             return target

@@ -116,9 +116,9 @@ def router(state: ServerState) -> APIRouter:
     async def run(account_id: str, model_name: str, request: Request) -> Any:
         check_model(state, model_name)
         req = parse_run_body(await read_json(request, state.max_body_bytes))
-        adapter = await state.resolve_lora(req.lora)
-        request.state.adapter = adapter_label(adapter)
-        gen = engine_request(state.engine.tokenizer, req, adapter, state.max_tokens_cap)
+        adapters = await state.resolve_lora(req.lora)
+        request.state.adapter = adapter_label(adapters.spec)
+        gen = engine_request(state.engine.tokenizer, req, adapters, state.max_tokens_cap)
         return await respond(state.runner, request, gen, req.stream, RunShape(gen.response_format is not None))
 
     async def create_finetune(account_id: str, request: Request) -> Any:

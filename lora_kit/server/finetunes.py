@@ -139,21 +139,23 @@ class FinetuneStore:
         pending = [m for m in self._staged() if m["name"] == ref and not m.get("ref")]
         return max(pending, key=lambda m: m["created_at"]) if pending else None
 
-    def translate(self, ref: str) -> str:
-        """Map a staged fine-tune id to its registry reference; 3039 if it still lacks files.
-
-        A name that is already in the registry resolves there, even if a newer upload under the
-        same name is still pending.
-        """
+    def staged_ref(self, ref: str) -> str:
+        """The registry reference of a staged fine-tune's id (3039 while it still lacks files), else
+        ``ref`` itself. Reads no database: the registry is asked once, by the caller."""
         meta = self._load(ref)
         if meta is None:
-            if self._in_registry(ref):
-                return ref
-            meta = self.find(ref)
-            if meta is None:
-                return ref
+            return ref
+        return self._registered_ref(ref, meta)
+
+    def check_pending(self, ref: str) -> None:
+        """3039 when ``ref``, a name the registry does not hold, names a pending upload."""
+        meta = self.find(ref)
+        if meta is not None:
+            self._registered_ref(ref, meta)
+
+    def _registered_ref(self, ref: str, meta: dict[str, Any]) -> str:
         if meta.get("ref"):
-            return meta["ref"]
+            return str(meta["ref"])
         have = set(os.listdir(self.root / meta["id"]))
         raise missing_files(ref, [f for f in REQUIRED_FILES if f not in have])
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -27,7 +27,7 @@ from lora_kit.engine import (
     UnknownAdapter,
 )
 from lora_kit.engine.constraints import GrammarError
-from lora_kit.engine.types import AdapterSpec, InvalidAdapterReference, RequestFailed, ShuttingDown
+from lora_kit.engine.types import AdapterSpec, InvalidAdapterReference, RequestFailed, ResolvedAdapter, ShuttingDown
 from lora_kit.server import errors, sse
 from lora_kit.server.errors import ApiError
 from lora_kit.server.metrics import Metrics
@@ -63,7 +63,19 @@ class ServerRequest(GenerationRequest):
     served_by: Optional[str] = field(default=None, compare=False)
 
 
-def engine_request(tokenizer: Any, req: GenerationBody, adapter: AdapterSpec, max_tokens_cap: int) -> GenerationRequest:
+@dataclass(frozen=True)
+class ChosenAdapters:
+    """What a request runs with: ``spec`` in canonical references (None: the base), and the
+    resolution of each (``NAME@VERSION``, its directory and files), carried with the request to
+    the engine (``GenerationRequest.resolved_adapters``) so nothing is resolved twice."""
+
+    spec: AdapterSpec
+    resolved: Mapping[str, ResolvedAdapter] = field(default_factory=dict)
+
+
+def engine_request(
+    tokenizer: Any, req: GenerationBody, adapters: ChosenAdapters, max_tokens_cap: int
+) -> GenerationRequest:
     """The engine request for a validated body of either API; 5006/400 for what the engine cannot take.
 
     Checked in this order: ``response_format``, the sampling settings, then the prompt's rendering,
@@ -81,10 +93,11 @@ def engine_request(tokenizer: Any, req: GenerationBody, adapter: AdapterSpec, ma
     return ServerRequest(
         [],
         params,
-        adapter=adapter,
+        adapter=adapters.spec,
         response_format=response_format,
         tools=tools,
         tool_choice=tool_choice,
+        resolved_adapters=dict(adapters.resolved),
         render=lambda: prompt_ids(tokenizer, req, tools),
     )
 
@@ -188,19 +201,6 @@ class Runner:
     def __init__(self, engine: Any, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics
-
-    async def check_adapter(self, ref: Optional[str]) -> Optional[str]:
-        """The canonical reference of ``ref`` (None for the base); 3037/404 when it names no adapter.
-
-        Runs in a worker thread: loading an adapter waits for the engine's model lock, which a
-        decode step holds, and the event loop must keep streaming meanwhile.
-        """
-        if ref is None:
-            return None
-        try:
-            return await asyncio.to_thread(self.engine.check_adapter, ref)
-        except Exception as err:  # noqa: BLE001 - mapped to an API error
-            raise engine_error(err, ref) from err
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """The engine's events for ``request``, primed: engine errors before the first event raise here.

@@ -16,12 +16,12 @@ from typing import Any, Optional, Union
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from lora_kit.engine.types import AdapterSpec
 from lora_kit.server import errors
 from lora_kit.server.auth import require_token
 from lora_kit.server.bodies import read_json
 from lora_kit.server.errors import ApiError
 from lora_kit.server.generation import (
+    ChosenAdapters,
     Completion,
     ResponseShape,
     adapter_label,
@@ -35,7 +35,7 @@ from lora_kit.server.schemas import ChatCompletionRequest, CompletionRequest, Lo
 from lora_kit.server.state import ServerState
 
 
-async def resolve_adapter(state: ServerState, model: str, lora: Union[str, list[LoraWeight], None]) -> AdapterSpec:
+async def resolve_adapter(state: ServerState, model: str, lora: Union[str, list[LoraWeight], None]) -> ChosenAdapters:
     """The adapter a request names through ``model`` or ``lora``; 404 ``model_not_found`` if none fits."""
     if model_matches(model, state.served_model):
         return await state.resolve_lora(lora)
@@ -167,9 +167,9 @@ class OpenAIShape(ResponseShape):
 async def _generate(
     state: ServerState, request: Request, req: Union[ChatCompletionRequest, CompletionRequest], endpoint: Endpoint
 ) -> Response:
-    adapter = await resolve_adapter(state, req.model, req.lora)
-    request.state.adapter = adapter_label(adapter)
-    gen = engine_request(state.engine.tokenizer, req, adapter, state.max_tokens_cap)
+    adapters = await resolve_adapter(state, req.model, req.lora)
+    request.state.adapter = adapter_label(adapters.spec)
+    gen = engine_request(state.engine.tokenizer, req, adapters, state.max_tokens_cap)
     return await respond(state.runner, request, gen, req.stream, OpenAIShape(endpoint, req.model, req.include_usage()))
 
 

@@ -47,6 +47,7 @@ from lora_kit.engine.types import (
     InvalidRequest,
     Overloaded,
     RequestFailed,
+    ResolvedAdapter,
     SamplingParams,
     ShuttingDown,
     UnknownAdapter,
@@ -85,6 +86,8 @@ def request_payload(request: GenerationRequest) -> dict[str, Any]:
         "tools": request.tools,
         "tool_choice": request.tool_choice,
         "request_id": request.request_id,
+        # resolved once at the gateway; the registry root is one path on every node
+        "resolved": {ref: [str(r[1]), r.files] for ref, r in request.resolved_adapters.items()},
     }
 
 
@@ -100,6 +103,9 @@ def request_from_payload(payload: dict[str, Any]) -> GenerationRequest:
         tools=payload["tools"],
         tool_choice=payload["tool_choice"],
         request_id=payload["request_id"],
+        resolved_adapters={
+            ref: ResolvedAdapter(ref, path, files) for ref, (path, files) in payload.get("resolved", {}).items()
+        },
     )
 
 
@@ -208,6 +214,7 @@ class EngineReplicaBase:
         self.engine = Engine(EngineConfig(**config), registry_root=registry_root)
         self.engine.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self._given: dict[str, ResolvedAdapter] = {}  # resolutions for the multiplexed loader, by key
         self.directory = directory_actor()
         self._poller = threading.Thread(target=self._poll, name="lora-kit-directory", daemon=True)
         self._poller.start()
@@ -228,7 +235,8 @@ class EngineReplicaBase:
             time.sleep(POLL_S)
 
     async def _warm(self, key: str) -> _Lease:
-        await asyncio.to_thread(self.engine.check_adapter, key)
+        given = self._given.pop(key, None)  # the gateway's resolution, when a request brought one
+        await asyncio.to_thread(self.engine.check_adapter, given or key)
         return _Lease(self.engine, key)
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -239,10 +247,12 @@ class EngineReplicaBase:
         request_id = payload.get("request_id")
         _single_threaded()  # Serve's event-loop thread submits (small torch ops): no OpenMP pool of its own
         try:
+            request = request_from_payload(payload)
             key = serve.get_multiplexed_model_id()
             if key:
+                if key in request.resolved_adapters:
+                    self._given[key] = request.resolved_adapters[key]
                 await self.adapter(key)  # type: ignore[attr-defined]  # the multiplexed loader (see engine_deployment)
-            request = request_from_payload(payload)
             async for out in self.engine.generate(request):
                 yield {"output": dataclasses.asdict(out)}
         except Exception as err:  # noqa: BLE001 - sent back as data, rebuilt at the gateway
@@ -299,7 +309,8 @@ def engine_deployment(engine_config: EngineConfig, replicas: ReplicaConfig) -> A
 class RemoteEngine:
     """What the HTTP app needs of an engine, served by the engine replicas through Ray.
 
-    ``check_adapter`` resolves in the registry (no slot is taken here: the replica loads it);
+    ``resolve``/``check_adapter`` resolve in the registry (no slot is taken here: the replica loads
+    it, with the resolution the request carries);
     ``generate`` streams from the replica Ray picks for the request's adapter; ``stats`` sums
     the replicas' last reports; ``drop_adapter`` reaches every replica through the directory.
     """
@@ -327,9 +338,13 @@ class RemoteEngine:
                 logger.warning("gateway: reading replica reports failed: %r", err)
             time.sleep(POLL_S)
 
-    def check_adapter(self, ref: str) -> str:
-        key, _ = resolve_adapter(self._resolve, ref)
-        return key
+    def resolve(self, ref: str) -> ResolvedAdapter:
+        """What ``ref`` names, resolved in the registry (the replicas load it from the same path)."""
+        return resolve_adapter(self._resolve, ref)
+
+    def check_adapter(self, ref: str | ResolvedAdapter) -> str:
+        """The canonical reference of ``ref``; no slot is taken here (the replica loads it)."""
+        return ref.key if isinstance(ref, ResolvedAdapter) else self.resolve(ref).key
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """The request's events from a replica; engine errors raise at the first iteration."""

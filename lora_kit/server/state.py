@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from lora_kit.engine.types import AdapterSpec, AdapterWeight
+from lora_kit.engine.types import AdapterWeight, ResolvedAdapter, UnknownAdapter
+from lora_kit.server.errors import ApiError
 from lora_kit.server.finetunes import FinetuneStore
-from lora_kit.server.generation import Runner
+from lora_kit.server.generation import ChosenAdapters, Runner, engine_error
 from lora_kit.server.metrics import Metrics
 from lora_kit.server.runtime_adapters import RuntimeAdapters
 from lora_kit.server.schemas import LoraWeight
@@ -35,22 +37,40 @@ class ServerState:
         """The name clients use for the base model (the engine's model name)."""
         return str(self.engine.model_name)
 
-    async def resolve_lora(self, lora: Union[str, list[LoraWeight], None]) -> AdapterSpec:
-        """What a ``lora`` value runs with: the canonical reference of a name (NAME@V, alias, or
-        fine-tune id), or a weighted mix of canonical references; 3037/404 names the unknown one."""
-        if lora is None or isinstance(lora, str):
-            return await self._served(lora)
+    async def resolve_lora(self, lora: Union[str, list[LoraWeight], None]) -> ChosenAdapters:
+        """What a ``lora`` value runs with, resolved once, in a worker thread (the registry is SQLite
+        and loading into a slot waits for the model lock): a name (NAME@V, alias, or fine-tune id)
+        or a weighted mix, as canonical references with their resolutions. 3037/404 names the
+        unknown or unloaded one; 3039/400 a fine-tune still missing files."""
+        if lora is None:
+            return ChosenAdapters(None)
+        return await asyncio.to_thread(self._choose, lora)
+
+    def _choose(self, lora: Union[str, list[LoraWeight]]) -> ChosenAdapters:
+        if isinstance(lora, str):
+            one = self._served(lora)
+            return ChosenAdapters(one.key, {one.key: one})
+        by_name: dict[str, ResolvedAdapter] = {}
         mix = []
         for entry in lora:
-            mix.append(AdapterWeight(str(await self._served(entry.name)), entry.scale))
-        return mix
+            if entry.name not in by_name:
+                by_name[entry.name] = self._served(entry.name)
+            mix.append(AdapterWeight(by_name[entry.name].key, entry.scale))
+        return ChosenAdapters(mix, {resolved.key: resolved for resolved in by_name.values()})
 
-    async def _served(self, ref: Optional[str]) -> Optional[str]:
-        """The canonical reference of ``ref``; 3037/404 when it is unknown or its name was unloaded."""
-        if ref is None:
-            return None
-        translated = self.finetunes.translate(ref)
-        self.runtime.check_served(translated, ref)  # before loading it into a slot, when it names the name
-        canonical = await self.runner.check_adapter(translated)
-        self.runtime.check_served(canonical, ref)  # a version id or fine-tune id of an unloaded name
-        return canonical
+    def _served(self, ref: str) -> ResolvedAdapter:
+        """``ref`` resolved (one registry lookup) and warmed into a slot; blocking."""
+        asked = self.finetunes.staged_ref(ref)  # a staged fine-tune id -> its registry reference
+        self.runtime.check_served(asked, ref)  # an unloaded name is not even resolved
+        try:
+            resolved = self.engine.resolve(asked)
+            self.runtime.check_served(resolved.key, ref)  # a version id or fine-tune id of an unloaded name
+            self.engine.check_adapter(resolved)
+        except UnknownAdapter as err:
+            self.finetunes.check_pending(ref)  # a name whose upload lacks files: 3039, not 404
+            raise engine_error(err, asked) from err
+        except ApiError:
+            raise
+        except Exception as err:  # noqa: BLE001 - mapped to an API error
+            raise engine_error(err, asked) from err
+        return resolved
