@@ -180,6 +180,10 @@ class Engine:
         if not self._shutting_down:
             self._scheduler.resume()  # stopped, not closed: new requests may queue for the next start()
 
+    def loop_failed(self) -> bool:
+        """Whether the decode loop was started and has died (a health check restarts such a replica)."""
+        return self._thread is not None and not self._thread.is_alive()
+
     def __enter__(self) -> Engine:
         self.start()
         return self

@@ -190,3 +190,4 @@ class GenerationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tool_calls: list[dict] | None = None
+    replica: str | None = None  # the engine replica that produced it (Ray Serve); None in one process

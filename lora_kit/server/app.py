@@ -23,6 +23,7 @@ from lora_kit.server.finetunes import FinetuneStore
 from lora_kit.server.generation import Runner
 from lora_kit.server.metrics import CONTENT_TYPE, Metrics
 from lora_kit.server.runtime_adapters import RuntimeAdapters
+from lora_kit.server.serving import ServingEngine
 from lora_kit.server.state import ServerState
 
 access_log = logging.getLogger("lora_kit.access")
@@ -137,7 +138,7 @@ def begin_shutdown(app: FastAPI) -> None:
 
 
 def create_app(
-    engine: Any,
+    engine: ServingEngine,
     registry: Any,
     *,
     api_token: Optional[str] = None,

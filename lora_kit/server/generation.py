@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -32,6 +32,7 @@ from lora_kit.server import errors, sse
 from lora_kit.server.errors import ApiError
 from lora_kit.server.metrics import Metrics
 from lora_kit.server.schemas import ChatCompletionRequest, GenerationBody, MessagesRequest, PromptRequest
+from lora_kit.server.serving import ServingEngine
 
 CLOUDFLARE_MODEL_PREFIXES = ("@cf/", "@hf/")
 
@@ -59,8 +60,6 @@ class ServerRequest(GenerationRequest):
     tokenizing a body of megabytes takes seconds, which the event loop must not wait for."""
 
     render: Optional[Callable[[], list[int]]] = field(default=None, repr=False, compare=False)
-    # The engine replica that served it (Ray Serve; see ray_app), sent as a response header.
-    served_by: Optional[str] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -170,6 +169,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tool_calls: list[dict] = field(default_factory=list)
+    replica: Optional[str] = None  # the engine replica that served it (Ray Serve), sent as a header
 
     def add(self, out: GenerationOutput) -> None:
         self.text += out.text
@@ -188,22 +188,30 @@ class Completion:
         }
 
 
-def _submit(engine: Any, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+def _submit(engine: ServingEngine, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
     """Render a deferred prompt, then submit (building the grammar): blocking, for a worker thread."""
     if isinstance(request, ServerRequest) and request.render is not None:
         request.prompt_ids, request.render = request.render(), None
     return engine.generate(request)
 
 
+class Started(NamedTuple):
+    """A request's primed event stream, and the engine replica serving it (Ray Serve; else None)."""
+
+    events: AsyncIterator[GenerationOutput]
+    replica: Optional[str]
+
+
 class Runner:
     """Runs requests on the engine and records their token metrics."""
 
-    def __init__(self, engine: Any, metrics: Metrics) -> None:
+    def __init__(self, engine: ServingEngine, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        """The engine's events for ``request``, primed: engine errors before the first event raise here.
+    async def stream(self, request: GenerationRequest) -> Started:
+        """The engine's events for ``request``, primed: engine errors before the first event raise
+        here, and the replica serving it is known (from that first event).
 
         The returned iterator must be closed (``aclose``) or exhausted; closing cancels the request.
         """
@@ -228,7 +236,7 @@ class Runner:
             raise engine_error(err, adapter_label(request.adapter), request.request_id) from err
         label = adapter_label(request.adapter)
         self.metrics.record_first_token(label, time.monotonic() - started)
-        return self._follow(first, events, label)
+        return Started(self._follow(first, events, label), first.replica if first is not None else None)
 
     async def _follow(
         self, first: Optional[GenerationOutput], events: AsyncIterator[GenerationOutput], adapter: Optional[str]
@@ -249,10 +257,10 @@ class Runner:
         self, request: GenerationRequest, disconnected: Optional[Callable[[], Any]] = None
     ) -> Completion:
         """Run ``request`` to the end. If ``disconnected`` (an awaitable factory) finishes first, cancel it."""
-        events = await self.stream(request)
+        events, replica = await self.stream(request)
 
         async def gather() -> Completion:
-            done = Completion()
+            done = Completion(replica=replica)
             try:
                 async for out in events:
                     done.add(out)
@@ -343,15 +351,14 @@ async def respond(
     if gen.request_id is None:  # the engine logs under the id of the access log and X-Request-Id
         gen.request_id = getattr(request.state, "request_id", None)
     if stream:
-        events = await runner.stream(gen)  # primed: the first event (and the replica) is known
-        headers = sse.HEADERS | _served_by(gen)
+        events, replica = await runner.stream(gen)  # primed: the first event (and the replica) is known
+        headers = sse.HEADERS | _replica_header(replica)
         return StreamingResponse(sse_stream(events, shape), media_type=sse.MEDIA_TYPE, headers=headers)
     done = await runner.complete(gen, disconnect_waiter(request))
-    return JSONResponse(shape.body(done), headers=_served_by(gen))
+    return JSONResponse(shape.body(done), headers=_replica_header(done.replica))
 
 
-def _served_by(gen: GenerationRequest) -> dict[str, str]:
-    replica = getattr(gen, "served_by", None)
+def _replica_header(replica: Optional[str]) -> dict[str, str]:
     return {"X-Lora-Kit-Replica": replica} if replica else {}
 
 

@@ -260,8 +260,7 @@ class EngineReplicaBase:
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose decode loop died is restarted."""
-        thread = self.engine._thread
-        if thread is not None and not thread.is_alive():
+        if self.engine.loop_failed():
             raise RuntimeError("the engine's decode loop is not running")
 
 
@@ -354,15 +353,15 @@ class RemoteEngine:
         stream = self._handle.options(multiplexed_model_id=mux_id(request.adapter)).generate.remote(
             request_payload(request)
         )
+        replica = None
         try:
             async for item in stream:
                 if "replica" in item:
-                    if hasattr(request, "served_by"):
-                        request.served_by = item["replica"]  # type: ignore[attr-defined]
+                    replica = item["replica"]
                 elif "error" in item:
                     raise error_from_payload(item)
                 else:
-                    yield GenerationOutput(**item["output"])
+                    yield GenerationOutput(**{**item["output"], "replica": replica})
         except EngineError:
             raise
         except Exception as err:  # the replica died or Ray could not reach one

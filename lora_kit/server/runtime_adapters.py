@@ -39,6 +39,7 @@ from lora_kit.server.bodies import read_json
 from lora_kit.server.errors import ApiError
 from lora_kit.server.openapi import errors_for, json_body
 from lora_kit.server.schemas import LoadLoraAdapter, UnloadLoraAdapter, parse
+from lora_kit.server.serving import ServingEngine
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class RuntimeAdapters:
     """Which registry adapters the server serves: all but the unloaded names. ``roots``: the
     directories a ``lora_path`` may lie under (resolved once, here)."""
 
-    def __init__(self, registry: Any, engine: Any, roots: Sequence[Path | str] = ()) -> None:
+    def __init__(self, registry: Any, engine: ServingEngine, roots: Sequence[Path | str] = ()) -> None:
         self.registry = registry
         self.engine = engine
         self.roots = tuple(Path(os.path.realpath(root)) for root in roots)

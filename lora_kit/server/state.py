@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 from lora_kit.engine.types import AdapterWeight, ResolvedAdapter, UnknownAdapter
 from lora_kit.server.errors import ApiError
@@ -13,14 +13,12 @@ from lora_kit.server.generation import ChosenAdapters, Runner, engine_error
 from lora_kit.server.metrics import Metrics
 from lora_kit.server.runtime_adapters import RuntimeAdapters
 from lora_kit.server.schemas import LoraWeight
-
-if TYPE_CHECKING:
-    from lora_kit.engine import Engine
+from lora_kit.server.serving import ServingEngine
 
 
 @dataclass
 class ServerState:
-    engine: Engine
+    engine: ServingEngine
     registry: Any
     runner: Runner
     metrics: Metrics
