@@ -708,7 +708,7 @@ def engine_flags(command: str) -> dict[str, argparse.Action]:
 def test_every_config_field_has_a_docstring_and_serve_a_flag_with_it_as_help():
     import dataclasses
 
-    from lora_kit.engine.config import field_docs, flag_of
+    from lora_kit.config_cli import field_docs, flag_of
 
     fields = dataclasses.fields(EngineConfig)
     docs = field_docs(EngineConfig)

@@ -34,13 +34,13 @@ class ReplicaConfig:
     @classmethod
     def add_cli_args(cls, parser: Any) -> None:
         """A flag per field (``--replicas``, ``--replica-cpus``, ...), derived as EngineConfig's are."""
-        from lora_kit.engine.config import add_dataclass_args
+        from lora_kit.config_cli import add_dataclass_args
 
         add_dataclass_args(parser, cls)
 
     @classmethod
     def from_cli_args(cls, args: Any) -> ReplicaConfig:
-        from lora_kit.engine.config import dataclass_from_args
+        from lora_kit.config_cli import dataclass_from_args
 
         return dataclass_from_args(cls, args)
 
