@@ -84,7 +84,7 @@ TIMEOUTS = {"prepare": 40, "train": 70, "resume": 110, "parity": 55, "serve": 70
 
 def settings_for(device: str, quick: bool) -> Settings:
     """On CUDA the production path (NF4, bf16 compute, paged 8-bit AdamW). On the CPU, fp32 and
-    AdamW (bitsandbytes' paged optimizer needs CUDA); ``quick`` shrinks the run for the tests,
+    AdamW (tests/test_train.py covers the 8-bit optimizer on the CPU); ``quick`` shrinks the run for the tests,
     whose shared 2-core machines also get twice the time per check."""
     cuda = device == "cuda"
     return Settings(

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import cli_train, losses, make_sentiment_mistral, smoke_recipe
+import torch
+from helpers import _harness, cli_train, losses, make_sentiment_mistral, make_tiny_mistral, smoke_recipe
 from safetensors.torch import load_file
 
 from lora_kit.training import recipe as recipe_mod
@@ -107,6 +108,54 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_base):
     a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) == 28
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory):
+    """The tiny Mistral at hidden size 256: at LoRA rank 16 most of its LoRA tensors have the
+    4,096 elements bitsandbytes needs to keep a tensor's optimizer state in 8 bits."""
+    tok = _harness.make_tokenizer(_harness.sentiment_texts())
+    return make_tiny_mistral(
+        tmp_path_factory.mktemp("wide-base"), tok, hidden_size=256, intermediate_size=512, head_dim=64
+    )
+
+
+def test_8bit_optimizer_runs_on_cpu_and_resumes_after_sigkill(tmp_path, wide_base, home):
+    """#27 item 1: paged_adamw_8bit was refused on the CPU, so its state (uint8 moments, absmax,
+    one quantization map shared by every parameter) never went through a checkpoint. bitsandbytes
+    runs it unpaged on the CPU: a SIGKILL and --resume must give the uninterrupted run's adapter."""
+    from lora_kit.training import checkpoint
+
+    overrides = ["output.register_adapter=false", "train.max_steps=4", "train.checkpoint_every=2"]
+    overrides += ["train.optimizer=paged_adamw_8bit", "lora.r=16", "lora.alpha=16"]
+    overrides += ["train.eval_every=0", "eval.max_examples=0"]
+    common = [arg for o in overrides for arg in ("--set", o)]
+    full = cli_train(home, wide_base, tmp_path / "full", *common)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = cli_train(home, wide_base, tmp_path / "cut", *common, env_extra={"LORA_KIT_TEST_SIGKILL_AFTER_STEP": "3"})
+    assert killed.returncode == -signal.SIGKILL
+
+    # The checkpoint holds the 8-bit state: uint8 moments for every tensor of >= 4,096 elements.
+    ckpt = tmp_path / "cut" / "checkpoints" / "step-0000002"
+    state = checkpoint.load_state(ckpt, "optimizer")["state"]
+    adapter = load_file(str(ckpt / "adapter.safetensors"))
+    big = sum(t.numel() >= 4096 for t in adapter.values())
+    assert len(state) == len(adapter) == 28 and 0 < big < 28  # k/v_proj's lora_B (128 x 16) stay fp32
+    moments = [s["__bnb_optimizer_quant_state__"] for s in state.values()]  # bitsandbytes 0.50's layout
+    quantized = [s for s in moments if s["state1"].dtype == torch.uint8]
+    assert len(quantized) == big
+    for s in quantized:
+        assert s["state2"].dtype == torch.uint8 and s["qmap1"].dtype == torch.float32 and s["absmax1"].numel() > 0
+
+    resumed = cli_train(home, wide_base, tmp_path / "cut", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step-0000002 (step 2)" in resumed.stderr
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)

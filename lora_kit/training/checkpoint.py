@@ -24,23 +24,37 @@ from lora_kit.training.errors import TrainError
 COMPLETE = "complete.json"
 
 
-def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Replace tensors in a nested structure by {"__tensor__": key}, collecting them."""
+def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], seen: dict[int, Any] | None = None) -> Any:
+    """Replace tensors in a nested structure by {"__tensor__": key}, collecting them.
+
+    A tensor that appears more than once (bitsandbytes' 8-bit optimizers share one quantization
+    map between all their parameters' states) is stored once and referenced by every use; a
+    different tensor on the same memory is copied (safetensors refuses shared memory).
+    """
+    seen = {} if seen is None else seen
     if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return {"__tensor__": seen[id(obj)][0]}
         key = f"{prefix}"
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensor = obj.detach().cpu().contiguous()
+        storages = seen.setdefault(-1, ("", set()))[1]
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
+        seen[id(obj)] = (key, obj)  # obj kept alive: its id cannot be reused by another tensor meanwhile
         return {"__tensor__": key}
     if isinstance(obj, dict):
         return {
             "__dict__": [
-                [_split(k, f"{prefix}.k{i}", tensors), _split(v, f"{prefix}.{i}", tensors)]
+                [_split(k, f"{prefix}.k{i}", tensors, seen), _split(v, f"{prefix}.{i}", tensors, seen)]
                 for i, (k, v) in enumerate(obj.items())
             ]
         }
     if isinstance(obj, (list, tuple)):
         return {
             "__list__" if isinstance(obj, list) else "__tuple__": [
-                _split(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)
+                _split(v, f"{prefix}.{i}", tensors, seen) for i, v in enumerate(obj)
             ]
         }
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -48,7 +62,8 @@ def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     import numpy as np
 
     if isinstance(obj, np.ndarray):  # numpy's RNG state
-        return {"__ndarray__": obj.dtype.str, "data": _split(torch.from_numpy(obj.astype(np.int64)), prefix, tensors)}
+        data = _split(torch.from_numpy(obj.astype(np.int64)), prefix, tensors, seen)
+        return {"__ndarray__": obj.dtype.str, "data": data}
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix}")

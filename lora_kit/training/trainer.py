@@ -76,6 +76,23 @@ def target_modules(recipe: Recipe) -> list[str]:
     return LINEAR_TARGETS if recipe.lora.target_modules == "all-linear" else list(recipe.lora.target_modules)
 
 
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, cuda: bool) -> Any:
+    """``train.optimizer`` over ``params``: torch's AdamW, or bitsandbytes' 8-bit AdamW.
+
+    ``paged_adamw_8bit`` is paged (state in unified memory, evicted to the host under pressure)
+    where CUDA is present and unpaged on the CPU (bitsandbytes >= 0.49 runs its 8-bit optimizer
+    there; paging needs CUDA). Either way bitsandbytes keeps the moments as uint8 blocks with
+    their absmax and quantization map for every tensor of at least 4,096 elements (smaller
+    ones stay fp32), and the checkpoint saves and restores that state as it is.
+    """
+    if name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if cuda else bnb.optim.AdamW8bit
+        return cls(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _micro_batches(
     rows: list[packing.Row], mb: int, world: int, rank: int, seed: int, start_micro: int
 ) -> Iterator[tuple[int, list[packing.Row]]]:
@@ -331,14 +348,7 @@ class Trainer:
         from transformers import get_scheduler
 
         tcfg = self.recipe.train
-        if tcfg.optimizer == "paged_adamw_8bit":
-            if not self.cuda:
-                raise TrainError("train.optimizer paged_adamw_8bit needs CUDA; use adamw on the CPU")
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.PagedAdamW8bit(self.params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(self.params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
+        optimizer = make_optimizer(tcfg.optimizer, self.params, tcfg.learning_rate, tcfg.weight_decay, self.cuda)
         self.scheduler = get_scheduler(
             tcfg.scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=self.total_steps
         )
