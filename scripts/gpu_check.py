@@ -132,7 +132,7 @@ def torch_cuda_status() -> tuple[bool, str]:
     so this one stays free of torch."""
     code = (
         "import torch; ok = torch.cuda.is_available(); "
-        "print(ok, torch.__version__, torch.cuda.get_device_name(0) if ok else '-', sep='|')"
+        "print(ok, torch.__version__, torch.cuda.get_device_name(0) if ok else '-', torch.version.cuda, sep='|')"
     )
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
@@ -140,8 +140,26 @@ def torch_cuda_status() -> tuple[bool, str]:
         return False, "torch (its import or CUDA start took over 30 s)"
     if proc.returncode != 0:
         return False, f"torch does not import: {proc.stderr.strip().splitlines()[-1:]}"
-    ok, version, name = proc.stdout.strip().split("|")
-    return ok == "True", f"{name} (torch {version})" if ok == "True" else f"torch {version}"
+    ok, version, name, cuda = proc.stdout.strip().split("|")
+    if ok == "True":
+        return True, f"{name} (torch {version})"
+    return False, torch_build_advice(version, None if cuda == "None" else cuda)
+
+
+def torch_build_advice(version: str, cuda: str | None) -> str:
+    """Why torch ``version`` (built for CUDA ``cuda``, None for a CPU build) cannot use the GPU
+    here, and what to run (exit 3's message)."""
+    if cuda is None:
+        return (
+            f"torch {version} is a CPU build; install the CUDA build in place with `make setup-cuda` "
+            "(make gpu-check does it), or pick one: make setup-cuda CUDA_TORCH=torch==VERSION+cuXXX "
+            "CUDA_TORCH_INDEX=https://download.pytorch.org/whl/cuXXX"
+        )
+    return (
+        f"torch {version} (CUDA {cuda}) sees no device: CUDA_VISIBLE_DEVICES hides it, or the driver is older "
+        f"than CUDA {cuda} (nvidia-smi shows its CUDA version); for an older CUDA: make gpu-check "
+        "CUDA_TORCH=torch==VERSION+cuXXX CUDA_TORCH_INDEX=https://download.pytorch.org/whl/cuXXX"
+    )
 
 
 # -- running one check in a process of its own --------------------------------------------------
@@ -615,9 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         usable, device_name = torch_cuda_status()
         if not usable:
-            why = "a CPU build of torch, or CUDA_VISIBLE_DEVICES hides it"
-            print(f"gpu-check: an NVIDIA GPU is here but {device_name} cannot use it ({why}); for a CUDA build: "
-                  "rm -rf .venv && make gpu-check", file=sys.stderr)  # fmt: skip
+            print(f"gpu-check: an NVIDIA GPU is here but torch cannot use it: {device_name}", file=sys.stderr)
             return EXIT_TORCH_WITHOUT_CUDA
     settings = settings_for(args.device, args.quick)
     work = (args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))).resolve()  # children run in ROOT

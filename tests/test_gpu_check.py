@@ -187,3 +187,63 @@ def test_bench_verdict_needs_the_engine_to_match_peft_on_a_gpu_run():
     )
     assert not gpu_check.bench_verdict(bench_report(peft_ratio=None, mixed_tps=float("nan")))[0]
     assert not gpu_check.bench_verdict(bench_report(peft_ratio=None, mixed_tps=0.0))[0]
+
+
+def make_dry_run(tmp_path: Path, target: str, installed: str | None, *assignments: str) -> list[str]:
+    """The commands ``make -n TARGET`` would run on a set-up .venv whose torch came from ``installed``
+    (no torch stamp: None), with ``assignments`` on the command line (nothing is installed)."""
+    import os
+
+    venv, model = tmp_path / "venv", tmp_path / "home" / "models" / "smollm2-135m-instruct"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    model.mkdir(parents=True, exist_ok=True)
+    (venv / ".lora-kit-torch").unlink(missing_ok=True)
+    if installed is not None:
+        (venv / ".lora-kit-torch").write_text(installed + "\n")
+    now = time.time()
+    stamps = [venv / ".lora-kit-torch", venv / ".lora-kit-installed", venv / ".lora-kit-kernel", model / ".prepared"]
+    for i, stamp in enumerate(stamps):  # each newer than what it depends on, as a finished setup leaves them
+        if stamp.exists() or i:
+            stamp.touch()
+            os.utime(stamp, (now + i, now + i))
+    cmd = ["make", "-n", "--no-print-directory", target, f"VENV={venv}", f"LORA_KIT_HOME={tmp_path / 'home'}"]
+    proc = subprocess.run([*cmd, *assignments], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [line for line in proc.stdout.splitlines() if "Nothing to be done" not in line]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_setup_reinstalls_torch_when_the_spec_changes(tmp_path):
+    """#27 item 3: the install stamp depended on pyproject.toml only, so `make TORCH=... setup` on an
+    existing .venv kept the CPU torch. The torch stamp records the spec: the same one does nothing,
+    another reinstalls torch in place, and the CUDA setup asks for a CUDA build and checks it got one."""
+    assert make_dry_run(tmp_path, "setup", "torch==2.13.0") == []  # up to date: nothing to run
+
+    other = make_dry_run(tmp_path, "setup", "torch==2.13.0", "TORCH=torch==2.12.0")
+    assert any("--force-reinstall --no-deps" in line and '"torch==2.12.0"' in line for line in other), other
+    assert any(line.startswith("echo 'torch==2.12.0' > ") for line in other), other  # the new spec recorded
+    assert not any("torch.version.cuda" in line for line in other)  # a CPU spec is not checked for CUDA
+
+    missing = make_dry_run(tmp_path, "setup", None)  # a .venv from before the torch stamp: torch is reinstalled
+    assert any("--force-reinstall" in line and '"torch==2.13.0"' in line for line in missing), missing
+
+    cuda = make_dry_run(tmp_path, "gpu-check", "torch==2.13.0")
+    installs = [line for line in cuda if "--force-reinstall" in line]
+    assert (
+        len(installs) == 1
+        and "+cu" in installs[0]
+        and "--extra-index-url https://download.pytorch.org/whl/cu" in installs[0]
+    )
+    assert any("torch.version.cuda or sys.exit" in line and "make setup-cuda" in line for line in cuda), cuda
+    assert make_dry_run(tmp_path, "setup-cuda", "torch==2.13.0+cu128 https://download.pytorch.org/whl/cu128")[-1:] == [
+        'make --no-print-directory setup TORCH="torch==2.13.0+cu128" TORCH_INDEX="https://download.pytorch.org/whl/cu128"'
+    ]  # the CUDA build already there: only the sub-make's line
+
+
+def test_exit_3_says_what_to_run():
+    """#27 item 3: exit 3's message names the command for the build it found."""
+    cpu = gpu_check.torch_build_advice("2.13.0+cpu", None)
+    assert "CPU build" in cpu and "make setup-cuda" in cpu
+    driver = gpu_check.torch_build_advice("2.13.0+cu128", "12.8")
+    assert "CUDA_VISIBLE_DEVICES" in driver and "driver is older than CUDA 12.8" in driver
+    assert "make gpu-check CUDA_TORCH=" in driver
