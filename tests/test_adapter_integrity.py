@@ -107,12 +107,13 @@ def test_hashes_are_cached_per_file_stat(world, monkeypatch):
 
 def test_a_corrupted_adapter_is_an_error_envelope_over_http(world, tmp_path, word_tokenizer):
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     reg, engine = world
     flip_byte(reg, "bad")
     engine.start()
-    app = create_app(engine, reg, uploads_dir=tmp_path / "uploads", max_tokens_cap=8)
+    app = create_app(engine, reg, ServerConfig(uploads_dir=tmp_path / "uploads", max_tokens_cap=8))
     run = f"/client/v4/accounts/acc/ai/run/{MODEL}"
     with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
         bad = http.post(run, json={"prompt": "hello world", "raw": True, "max_tokens": 4, "lora": "bad"})

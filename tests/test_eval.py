@@ -150,6 +150,7 @@ def test_cli_eval_at_fp32_equals_the_servers_answers(world, monkeypatch, capsys)
     from lora_kit import cli, models
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
 
     monkeypatch.setenv("LORA_KIT_HOME", str(world["root"] / "home"))
     argv = ["eval", "a@1", "base", "--data", str(world["data"]), "--precision", "fp32"]
@@ -163,7 +164,9 @@ def test_cli_eval_at_fp32_equals_the_servers_answers(world, monkeypatch, capsys)
                     tokenizer=models.load_tokenizer(world["model"]), registry_root=world["registry"].root)  # fmt: skip
     engine.start()
     try:
-        with TestClient(create_app(engine, world["registry"], uploads_dir=world["root"] / "uploads")) as client:
+        with TestClient(
+            create_app(engine, world["registry"], ServerConfig(uploads_dir=world["root"] / "uploads"))
+        ) as client:
             for result in report["results"]:
                 lora = {} if result["ref"] == "base" else {"lora": result["ref"]}
                 answers = zip(result["answers"], result["answer_tokens"], strict=True)

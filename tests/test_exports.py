@@ -448,12 +448,13 @@ def test_models_and_finetunes_lists_show_export_targets(world):
 
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
 
     model = AutoModelForCausalLM.from_pretrained(world.base, dtype=torch.float32)
     engine = Engine(
         EngineConfig(model="tiny-mistral"), model=model, tokenizer=world.tokenizer, registry_root=world.reg.root
     )
-    app = create_app(engine, world.reg, uploads_dir=world.root / "uploads")
+    app = create_app(engine, world.reg, ServerConfig(uploads_dir=world.root / "uploads"))
     with TestClient(app) as client:
         models_list = client.get("/v1/models").json()["data"]
         finetunes = client.get("/client/v4/accounts/acc/ai/finetunes").json()["result"]

@@ -47,6 +47,7 @@ def server(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.registry import Registry
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     root = tmp_path_factory.mktemp("fuzz")
@@ -61,9 +62,11 @@ def server(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
     )
     engine.start()
     app = create_app(
-        engine, reg, uploads_dir=root / "uploads", max_tokens_cap=4, max_body_bytes=64 * 1024, management=True
+        engine,
+        reg,
+        ServerConfig(uploads_dir=root / "uploads", max_tokens_cap=4, max_body_bytes=64 * 1024, enable_management=True),
     )
-    locked = create_app(engine, reg, api_token="s3cret", uploads_dir=root / "uploads", max_tokens_cap=4)
+    locked = create_app(engine, reg, ServerConfig(api_token="s3cret", uploads_dir=root / "uploads", max_tokens_cap=4))
     try:
         with BackgroundServer(app) as srv, BackgroundServer(locked) as token_srv:
             with httpx.Client(base_url=srv.url, timeout=120) as http:

@@ -141,6 +141,7 @@ def server(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.registry import Registry
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     def no_adapters(ref):
@@ -150,7 +151,7 @@ def server(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
     engine = Engine(EngineConfig(model=MODEL), model=model, tokenizer=word_tokenizer, adapter_resolver=no_adapters)
     engine.start()
-    app = create_app(engine, Registry(root / "registry"), uploads_dir=root / "uploads", max_tokens_cap=8)
+    app = create_app(engine, Registry(root / "registry"), ServerConfig(uploads_dir=root / "uploads", max_tokens_cap=8))
     with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:
         yield engine, client
     engine.stop(10)

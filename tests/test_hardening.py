@@ -125,6 +125,7 @@ def server(tmp_path, reg, adapters, tiny_mistral_dir, word_tokenizer):
 
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     reg.register(adapters[1], "secret-plan")
@@ -132,7 +133,7 @@ def server(tmp_path, reg, adapters, tiny_mistral_dir, word_tokenizer):
     config = EngineConfig(model=MODEL, max_slots=2, max_rank=2)
     engine = Engine(config, model=model, tokenizer=word_tokenizer, registry_root=reg.root)
     engine.start()
-    app = create_app(engine, reg, uploads_dir=tmp_path / "uploads", max_tokens_cap=8)
+    app = create_app(engine, reg, ServerConfig(uploads_dir=tmp_path / "uploads", max_tokens_cap=8))
     try:
         with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as http:
             yield http, reg
@@ -288,7 +289,7 @@ def test_api_token_flag_warns_and_its_help_names_the_env_var(monkeypatch, caplog
 
     help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["serve"].format_help().split())
     assert "LORA_KIT_API_TOKEN" in help_text and "ps" in help_text
-    monkeypatch.setattr(server_main, "serve", lambda args: 0)
+    monkeypatch.setattr(server_main, "serve", lambda server, engine, replicas: 0)
     with caplog.at_level(logging.WARNING):
         assert serve_cli.cmd_serve(argparse.Namespace(api_token="s3cret")) == 0
     assert any("LORA_KIT_API_TOKEN" in r.getMessage() and "s3cret" not in r.getMessage() for r in caplog.records)

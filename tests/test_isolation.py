@@ -215,10 +215,13 @@ def test_internal_errors_reach_clients_as_a_request_id_only(caplog):
 def server(eng, tmp_path):
     from lora_kit.registry import Registry
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     eng.start()
-    srv = BackgroundServer(create_app(eng, Registry(tmp_path / "registry"), uploads_dir=tmp_path / "uploads"))
+    srv = BackgroundServer(
+        create_app(eng, Registry(tmp_path / "registry"), ServerConfig(uploads_dir=tmp_path / "uploads"))
+    )
     srv.start()
     yield srv
     srv.stop()

@@ -86,6 +86,7 @@ def server(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.registry import Registry
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     root = tmp_path_factory.mktemp("load")
@@ -96,7 +97,7 @@ def server(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
     config = EngineConfig(model=MODEL, max_slots=2, max_batch=16, max_queue=2 * (N_REQUESTS + N_DISCONNECT))
     engine = Engine(config, model=model, tokenizer=word_tokenizer, registry_root=reg.root)
     engine.start()
-    app = create_app(engine, reg, uploads_dir=root / "uploads", max_tokens_cap=1000)
+    app = create_app(engine, reg, ServerConfig(uploads_dir=root / "uploads", max_tokens_cap=1000))
     loops: list[asyncio.AbstractEventLoop] = []  # the server's event loop, for the stall watcher
 
     async def noting_loop(scope, receive, send):  # the app as is, noting the loop it runs on

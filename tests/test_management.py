@@ -32,6 +32,7 @@ def world(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
 
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     root = tmp_path_factory.mktemp("management")
@@ -50,16 +51,17 @@ def world(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
     engine.start()
     uploads = root / "uploads"
     apps = {
-        "closed": create_app(engine, reg, uploads_dir=uploads / "closed", max_tokens_cap=4),
+        "closed": create_app(engine, reg, ServerConfig(uploads_dir=uploads / "closed", max_tokens_cap=4)),
         "managed": create_app(
             engine,
             reg,
-            uploads_dir=uploads / "managed",
-            max_tokens_cap=4,
-            management=True,
-            adapter_roots=[adapter_root],
+            ServerConfig(
+                uploads_dir=uploads / "managed", max_tokens_cap=4, enable_management=True, adapter_roots=[adapter_root]
+            ),
         ),
-        "token": create_app(engine, reg, uploads_dir=uploads / "token", max_tokens_cap=4, api_token=TOKEN),
+        "token": create_app(
+            engine, reg, ServerConfig(uploads_dir=uploads / "token", max_tokens_cap=4, api_token=TOKEN)
+        ),
     }
     try:
         with (
@@ -195,7 +197,7 @@ def test_serve_refuses_a_public_host_without_a_token(monkeypatch, capsys, host, 
     from lora_kit.server import main as server_main
 
     calls = []
-    monkeypatch.setattr(server_main, "serve", lambda args: calls.append(args) or 0)
+    monkeypatch.setattr(server_main, "serve", lambda server, engine, replicas: calls.append(server) or 0)
     if env_token:
         monkeypatch.setenv("LORA_KIT_API_TOKEN", env_token)
     else:
@@ -203,6 +205,7 @@ def test_serve_refuses_a_public_host_without_a_token(monkeypatch, capsys, host, 
     status = main(["serve", "--host", host, "--port", "0", *flags])
     if served:
         assert status == 0 and len(calls) == 1
+        assert calls[0].host == host and calls[0].api_token == env_token  # the token from the environment
     else:
         assert status == 2 and calls == []
         assert "--allow-unauthenticated" in capsys.readouterr().err

@@ -94,6 +94,7 @@ def world(tmp_path_factory):
     server with a token, and one without the page."""
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     root = tmp_path_factory.mktemp("playground")
@@ -101,9 +102,11 @@ def world(tmp_path_factory):
     engine = Engine(EngineConfig(MODEL, max_slots=2, max_batch=4, max_queue=16), registry_root=registry.root)
     engine.start()
     apps = {
-        "open": create_app(engine, registry, uploads_dir=root / "uploads", max_tokens_cap=64),
-        "token": create_app(engine, registry, api_token=TOKEN, uploads_dir=root / "uploads", max_tokens_cap=64),
-        "no_ui": create_app(engine, registry, uploads_dir=root / "uploads", serve_ui=False),
+        "open": create_app(engine, registry, ServerConfig(uploads_dir=root / "uploads", max_tokens_cap=64)),
+        "token": create_app(
+            engine, registry, ServerConfig(api_token=TOKEN, uploads_dir=root / "uploads", max_tokens_cap=64)
+        ),
+        "no_ui": create_app(engine, registry, ServerConfig(uploads_dir=root / "uploads", serve_ui=False)),
     }
     try:
         with (
@@ -426,9 +429,10 @@ def test_token_server_asks_for_the_token_and_then_works(page, world):
 
 def test_no_ui_serves_no_page(world):
     from lora_kit.cli import build_parser
+    from lora_kit.server.config import ServerConfig
 
-    assert build_parser().parse_args(["serve", "--no-ui"]).no_ui is True
-    assert build_parser().parse_args(["serve"]).no_ui is False
+    assert ServerConfig.from_cli_args(build_parser().parse_args(["serve", "--no-ui"])).serve_ui is False
+    assert ServerConfig.from_cli_args(build_parser().parse_args(["serve"])).serve_ui is True
     response = httpx.get(world["no_ui_url"] + "/")
     assert response.status_code == 404
     assert response.json()["errors"] == [{"code": 7003, "message": "No route for GET /"}]

@@ -25,6 +25,7 @@ def world(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
 
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     root = tmp_path_factory.mktemp("resolution")
@@ -36,7 +37,7 @@ def world(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
         EngineConfig(model=MODEL, max_slots=2), model=model, tokenizer=word_tokenizer, registry_root=reg.root
     )
     engine.start()
-    app = create_app(engine, reg, uploads_dir=root / "uploads", max_tokens_cap=2, management=True)
+    app = create_app(engine, reg, ServerConfig(uploads_dir=root / "uploads", max_tokens_cap=2, enable_management=True))
     try:
         with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
             yield {"http": http}

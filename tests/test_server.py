@@ -26,6 +26,7 @@ def world(tmp_path_factory):
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.registry import Registry
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     root = tmp_path_factory.mktemp("server")
@@ -38,9 +39,13 @@ def world(tmp_path_factory):
     engine.start()
     # Open and managed (a loopback test server), loading adapter directories from under ``root``.
     app = create_app(
-        engine, registry, uploads_dir=root / "uploads", max_tokens_cap=64, management=True, adapter_roots=[root]
+        engine,
+        registry,
+        ServerConfig(uploads_dir=root / "uploads", max_tokens_cap=64, enable_management=True, adapter_roots=[root]),
     )
-    locked = create_app(engine, registry, api_token="s3cret", uploads_dir=root / "uploads", max_body_bytes=4096)
+    locked = create_app(
+        engine, registry, ServerConfig(api_token="s3cret", uploads_dir=root / "uploads", max_body_bytes=4096)
+    )
     with BackgroundServer(app) as open_srv, BackgroundServer(locked) as token_srv:
         yield {
             "engine": engine,
@@ -463,6 +468,7 @@ def wait_for(predicate, timeout=60.0):
 def test_429_when_queue_full_and_disconnect_frees_place(world):
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     engine = Engine(EngineConfig(MODEL, max_batch=1, max_queue=1), registry_root=world["registry"].root)
@@ -471,7 +477,9 @@ def test_429_when_queue_full_and_disconnect_frees_place(world):
     # ignore_eos and no cap it decodes to the model's context (8192 tokens, minutes of decoding),
     # while this test needs it for seconds. Its end is the disconnect, whatever the machine's speed.
     endless = 10**9
-    app = create_app(engine, world["registry"], uploads_dir=world["root"] / "uploads", max_tokens_cap=endless)
+    app = create_app(
+        engine, world["registry"], ServerConfig(uploads_dir=world["root"] / "uploads", max_tokens_cap=endless)
+    )
     holding = {"messages": QUESTION, "max_tokens": endless, "temperature": 0, "stream": True, "ignore_eos": True}
     try:
         with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=120) as client:

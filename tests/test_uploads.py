@@ -36,6 +36,7 @@ def world(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
 
     from lora_kit.engine import Engine, EngineConfig
     from lora_kit.server.app import create_app
+    from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     root = tmp_path_factory.mktemp("uploads")
@@ -47,11 +48,13 @@ def world(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
     engine.start()
     uploads = root / "staging"
     apps = {
-        "open": create_app(engine, reg, uploads_dir=uploads, max_tokens_cap=8, management=True),
+        "open": create_app(engine, reg, ServerConfig(uploads_dir=uploads, max_tokens_cap=8, enable_management=True)),
         "capped": create_app(
-            engine, reg, uploads_dir=uploads, max_tokens_cap=8, max_upload_bytes=SMALL_CAP, management=True
+            engine,
+            reg,
+            ServerConfig(uploads_dir=uploads, max_tokens_cap=8, max_upload_bytes=SMALL_CAP, enable_management=True),
         ),
-        "token": create_app(engine, reg, uploads_dir=uploads, max_tokens_cap=8, api_token="s3cret"),
+        "token": create_app(engine, reg, ServerConfig(uploads_dir=uploads, max_tokens_cap=8, api_token="s3cret")),
     }
     with (
         BackgroundServer(apps["open"]) as o,

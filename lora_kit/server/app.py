@@ -7,8 +7,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -18,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lora_kit.server import cloudflare, errors, openai, registry_api, runtime_adapters, ui
 from lora_kit.server import openapi as openapi_doc
+from lora_kit.server.config import ServerConfig
 from lora_kit.server.errors import ApiError, error_response
 from lora_kit.server.finetunes import FinetuneStore
 from lora_kit.server.generation import Runner
@@ -28,10 +27,6 @@ from lora_kit.server.state import ServerState
 
 access_log = logging.getLogger("lora_kit.access")
 error_log = logging.getLogger("lora_kit.server")
-
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # JSON bodies: 131072-character prompts with room to spare
-DEFAULT_MAX_UPLOAD_BYTES = 300 * 1024 * 1024  # Cloudflare's limit on an adapter file
-DEFAULT_MAX_TOKENS_CAP = 4096
 
 
 def route_label(path: str) -> str:
@@ -137,40 +132,30 @@ def begin_shutdown(app: FastAPI) -> None:
     app.state.shutting_down.set()
 
 
-def create_app(
-    engine: ServingEngine,
-    registry: Any,
-    *,
-    api_token: Optional[str] = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
-    uploads_dir: Optional[Path] = None,
-    serve_ui: bool = True,
-    management: bool = False,
-    adapter_roots: Sequence[Path | str] = (),
-) -> FastAPI:
-    """The HTTP app over a started ``engine`` and a ``registry``.
+def create_app(engine: ServingEngine, registry: Any, config: Optional[ServerConfig] = None) -> FastAPI:
+    """The HTTP app over a started ``engine`` and a ``registry``, set up by ``config`` (default: ServerConfig()).
 
-    With ``api_token`` set, every inference and management route needs
+    With ``config.api_token`` set, every inference and management route needs
     ``Authorization: Bearer <api_token>``; ``/healthz`` and ``/metrics`` stay open. Without one,
     the management routes (fine-tune creation and uploads, runtime load/unload) answer 3051/403
-    unless ``management`` is True. ``adapter_roots``: where a runtime load's ``lora_path`` may lie.
-    ``serve_ui`` serves the playground page at ``/`` (static, open: every call it makes carries the token).
+    unless ``config.enable_management``. ``config.adapter_roots``: where a runtime load's
+    ``lora_path`` may lie. ``config.serve_ui`` serves the playground page at ``/`` (static, open:
+    every call it makes carries the token).
     """
+    config = config or ServerConfig()
     metrics = Metrics(stats=engine.stats)
     state = ServerState(
         engine=engine,
         registry=registry,
         runner=Runner(engine, metrics),
         metrics=metrics,
-        finetunes=FinetuneStore(registry, uploads_dir),
-        api_token=api_token or None,
-        max_body_bytes=max_body_bytes,
-        max_upload_bytes=max_upload_bytes,
-        max_tokens_cap=max_tokens_cap,
-        runtime=RuntimeAdapters(registry, engine, adapter_roots),
-        management=management,
+        finetunes=FinetuneStore(registry, config.uploads_dir),
+        api_token=config.api_token,
+        max_body_bytes=config.max_body_bytes,
+        max_upload_bytes=config.max_upload_bytes,
+        max_tokens_cap=config.max_tokens_cap,
+        runtime=RuntimeAdapters(registry, engine, config.adapter_roots),
+        management=config.enable_management,
     )
     # The schema is served open, as /healthz is: it describes the public, documented API (no
     # adapter names, paths or settings), and clients and tools fetch it before they hold a token.
@@ -224,7 +209,7 @@ def create_app(
     app.include_router(openai.router(state))
     app.include_router(runtime_adapters.router(state))
     app.include_router(registry_api.router(state))
-    if serve_ui:
+    if config.serve_ui:
         app.include_router(ui.router())
     app.openapi = lambda: openapi_doc.build(app, secured=state.api_token is not None)  # type: ignore[method-assign]
     app.add_middleware(ShutdownGate, closing=app.state.shutting_down)

@@ -1,21 +1,23 @@
-"""Running the app: ``serve(args)`` for ``lora-kit serve``, and a background server for tests and the demo."""
+"""Running the app: ``serve(config, engine_config, replicas)`` for ``lora-kit serve``, and a background server for tests and the demo."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from lora_kit.logs import StderrHandler
+from lora_kit.server.config import ServerConfig
 
-TOKEN_ENV = "LORA_KIT_API_TOKEN"
+if TYPE_CHECKING:
+    from lora_kit.engine.config import EngineConfig
+    from lora_kit.server.ray_config import ReplicaConfig
 
 
 def configure_logging(level: str = "info") -> None:
@@ -124,66 +126,61 @@ def _draining_server_class() -> type:
     return DrainingServer
 
 
-def serve(args: Any) -> int:
+def serve(config: ServerConfig, engine_config: EngineConfig, replicas: Optional[ReplicaConfig] = None) -> int:
     """Load the base once, start the engine, serve until SIGTERM/SIGINT, then stop the engine.
 
-    On SIGTERM uvicorn stops accepting connections, new inference requests get 3050/503, and
-    in-flight requests may finish for up to ``--graceful-timeout`` seconds. Then the engine stops
-    for good: each request still waiting or running ends with ShuttingDown, which its handler
-    answers as the 3050/503 envelope (a stream: an in-band error event, then ``[DONE]``) before
-    uvicorn closes the connections.
+    With ``replicas.replicas`` > 0 the engine runs as replicas on Ray Serve instead
+    (:func:`~lora_kit.server.ray_app.serve_replicated`). On SIGTERM uvicorn stops accepting
+    connections, new inference requests get 3050/503, and in-flight requests may finish for up to
+    ``config.graceful_timeout`` seconds. Then the engine stops for good: each request still waiting
+    or running ends with ShuttingDown, which its handler answers as the 3050/503 envelope (a
+    stream: an in-band error event, then ``[DONE]``) before uvicorn closes the connections.
     """
-    from lora_kit.engine import Engine, EngineConfig
+    from lora_kit.engine import Engine
     from lora_kit.engine.threads import dedicate_cpu_threads
-    from lora_kit.registry import Registry
-    from lora_kit.server.app import begin_shutdown, create_app
-    from lora_kit.server.ray_config import ReplicaConfig
 
-    configure_logging(args.log_level)
-    token = args.api_token or os.environ.get(TOKEN_ENV) or None
-    replicas = ReplicaConfig.from_cli_args(args)
-    if replicas.replicas:
+    configure_logging(config.log_level)
+    if replicas is not None and replicas.replicas:
         from lora_kit.server.ray_app import serve_replicated
 
-        return serve_replicated(args, replicas, token)
+        return serve_replicated(config, engine_config, replicas)
     dedicate_cpu_threads()  # the decode loop gets the cores; this thread only serves HTTP
-    engine = Engine(EngineConfig.from_cli_args(args))
+    engine = Engine(engine_config)
     engine.start()
     try:
-        serve_ui = not getattr(args, "no_ui", False)
-        app = create_app(
-            engine,
-            Registry(),
-            api_token=token,
-            max_tokens_cap=args.max_tokens_cap,
-            serve_ui=serve_ui,
-            management=getattr(args, "enable_management", False),
-            adapter_roots=getattr(args, "adapter_roots", None) or (),
-        )
-        sock = bind_socket(args.host, args.port)
-        host, port = sock.getsockname()[:2]
-        server = uvicorn_server(
-            app,
-            args.host,
-            port,
-            args.graceful_timeout,
-            on_shutdown=lambda: begin_shutdown(app),
-            on_grace_end=lambda: engine.stop(SHUTDOWN_SETTLE_S / 2, shutting_down=True),
-        )
-        management = "on" if token or getattr(args, "enable_management", False) else "off"
-        print(
-            f"lora-kit: serving {engine.model_name} on http://{host}:{port} "
-            f"(Cloudflare: /client/v4/accounts/<id>/ai/run/<model>, OpenAI: /v1; auth {'on' if token else 'off'}; "
-            f"management {management}{f'; playground: http://{host}:{port}/' if serve_ui else ''})",
-            file=sys.stderr,
-            flush=True,
-        )
-        with _quiet_stop_signals():
-            server.run(sockets=[sock])
+        _serve_engine(config, engine)
     finally:
-        engine.stop(args.graceful_timeout, shutting_down=True)
+        engine.stop(config.graceful_timeout, shutting_down=True)
     print("lora-kit: server stopped", file=sys.stderr)
     return 0
+
+
+def _serve_engine(config: ServerConfig, engine: Any) -> None:
+    """Serve the app over the started ``engine`` on ``config.host:config.port`` until SIGTERM/SIGINT."""
+    from lora_kit.registry import Registry
+    from lora_kit.server.app import begin_shutdown, create_app
+
+    app = create_app(engine, Registry(), config)
+    sock = bind_socket(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    server = uvicorn_server(
+        app,
+        config.host,
+        port,
+        config.graceful_timeout,
+        on_shutdown=lambda: begin_shutdown(app),
+        on_grace_end=lambda: engine.stop(SHUTDOWN_SETTLE_S / 2, shutting_down=True),
+    )
+    print(
+        f"lora-kit: serving {engine.model_name} on http://{host}:{port} "
+        f"(Cloudflare: /client/v4/accounts/<id>/ai/run/<model>, OpenAI: /v1; "
+        f"auth {'on' if config.api_token else 'off'}; management {'on' if config.management else 'off'}"
+        f"{f'; playground: http://{host}:{port}/' if config.serve_ui else ''})",
+        file=sys.stderr,
+        flush=True,
+    )
+    with _quiet_stop_signals():
+        server.run(sockets=[sock])
 
 
 @contextlib.contextmanager

@@ -52,6 +52,7 @@ from lora_kit.engine.types import (
     ShuttingDown,
     UnknownAdapter,
 )
+from lora_kit.server.config import ServerConfig
 from lora_kit.server.ray_config import ReplicaConfig
 
 logger = logging.getLogger("lora_kit.server")
@@ -204,14 +205,14 @@ class _Lease:
 class EngineReplicaBase:
     """One engine on one Serve replica (the deployment class is built by :func:`engine_deployment`)."""
 
-    def __init__(self, config: dict[str, Any], registry_root: str) -> None:
+    def __init__(self, config: EngineConfig, registry_root: str) -> None:
         from ray import serve
 
         from lora_kit.engine import Engine
         from lora_kit.engine.threads import dedicate_cpu_threads
 
         dedicate_cpu_threads()  # as `lora-kit serve` does: the decode loop owns the only OpenMP pool
-        self.engine = Engine(EngineConfig(**config), registry_root=registry_root)
+        self.engine = Engine(config, registry_root=registry_root)
         self.engine.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._given: dict[str, ResolvedAdapter] = {}  # resolutions for the multiplexed loader, by key
@@ -410,25 +411,16 @@ class RemoteEngine:
 class GatewayBase:
     """The HTTP app over a :class:`RemoteEngine` (the ingress class is built by :func:`gateway_deployment`)."""
 
-    def __init__(self, handle: Any, config: dict[str, Any], server: dict[str, Any]) -> None:
-        self._engine = RemoteEngine(handle, directory_actor(), EngineConfig(**config), server["registry_root"])
+    def __init__(self, handle: Any, config: EngineConfig, server: ServerConfig, registry_root: str) -> None:
+        self._engine = RemoteEngine(handle, directory_actor(), config, registry_root)
         self._server = server
+        self._registry_root = registry_root
 
     def __serve_build_asgi_app__(self) -> Any:
         from lora_kit.registry import Registry
         from lora_kit.server.app import create_app
 
-        server = self._server
-        registry = Registry(Path(server["registry_root"]))
-        return create_app(
-            self._engine,
-            registry,
-            api_token=server["api_token"],
-            max_tokens_cap=server["max_tokens_cap"],
-            serve_ui=server.get("serve_ui", True),
-            management=server.get("management", False),
-            adapter_roots=server.get("adapter_roots", ()),
-        )
+        return create_app(self._engine, Registry(Path(self._registry_root)), self._server)
 
 
 def gateway_deployment() -> Any:
@@ -441,17 +433,17 @@ def gateway_deployment() -> Any:
     return serve.deployment(Gateway, name="Gateway", num_replicas=1, ray_actor_options={"num_cpus": 0})
 
 
-def build_app(engine_config: EngineConfig, replicas: ReplicaConfig, server: dict[str, Any]) -> Any:
+def build_app(engine_config: EngineConfig, replicas: ReplicaConfig, server: ServerConfig, registry_root: str) -> Any:
     """The Serve application: the gateway bound to the engine replicas."""
-    config = dataclasses.asdict(engine_config) | {"threads": replicas.threads}
-    engines = engine_deployment(engine_config, replicas).bind(config, server["registry_root"])
-    return gateway_deployment().bind(engines, config, server)
+    config = dataclasses.replace(engine_config, threads=replicas.threads)
+    engines = engine_deployment(engine_config, replicas).bind(config, registry_root)
+    return gateway_deployment().bind(engines, config, server, registry_root)
 
 
 # -- the launcher ----------------------------------------------------------------------------------------
 
 
-def serve_replicated(args: Any, replicas: ReplicaConfig, token: Optional[str]) -> int:
+def serve_replicated(server: ServerConfig, engine_config: EngineConfig, replicas: ReplicaConfig) -> int:
     """Start (or join) Ray, deploy the gateway and ``replicas.replicas`` engine replicas, and serve
     until SIGTERM/SIGINT; then delete the application (a cluster that was joined keeps running)."""
     import signal
@@ -461,24 +453,15 @@ def serve_replicated(args: Any, replicas: ReplicaConfig, token: Optional[str]) -
 
     from lora_kit.registry import Registry
 
-    engine_config = EngineConfig.from_cli_args(args)
     registry_root = str(Registry().root)
     ray.init(address=replicas.ray_address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     try:
         directory = directory_actor(create=True)  # held here: an actor without a handle is destroyed
-        serve.start(http_options={"host": args.host, "port": args.port})
-        server = {
-            "registry_root": registry_root,
-            "api_token": token,
-            "max_tokens_cap": args.max_tokens_cap,
-            "serve_ui": not getattr(args, "no_ui", False),
-            "management": getattr(args, "enable_management", False),
-            "adapter_roots": list(getattr(args, "adapter_roots", None) or ()),
-        }
-        serve.run(build_app(engine_config, replicas, server), name=APP_NAME, route_prefix="/")
+        serve.start(http_options={"host": server.host, "port": server.port})
+        serve.run(build_app(engine_config, replicas, server, registry_root), name=APP_NAME, route_prefix="/")
         print(
             f"lora-kit: serving {engine_config.model} with {replicas.replicas} engine replicas on Ray Serve at "
-            f"http://{args.host}:{args.port} (auth {'on' if token else 'off'})",
+            f"http://{server.host}:{server.port} (auth {'on' if server.api_token else 'off'})",
             file=sys.stderr,
             flush=True,
         )
