@@ -185,6 +185,7 @@ def test_resuming_fsdp_shards_on_another_world_size_or_strategy_is_refused(runs)
             ["train.optimizer=paged_adamw_8bit"],
             "fsdp cannot shard or checkpoint paged_adamw_8bit.*set train.optimizer: adamw",
         ),
+        (["model.compute_dtype=float16"], "fsdp does not scale fp16 losses.*bfloat16"),
         ([], "fsdp needs more than one process: launch with `torchrun --nproc_per_node N"),
     ],
 )

@@ -6,6 +6,7 @@ test: the CLI, a real SIGKILL mid-run and its resume, and DDP under torchrun.
 """
 
 import json
+import math
 import re
 import signal
 import sys
@@ -159,6 +160,48 @@ def test_8bit_optimizer_runs_on_cpu_and_resumes_after_sigkill(tmp_path, wide_bas
     for key in a:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+
+
+def test_fp16_compute_trains_with_autocast_and_loss_scaling(tmp_path, tiny_base, home):
+    """#27 item 2: fp16 compute (T4/V100) trained with mixed precision "no": no autocast, no loss
+    scaling. It is accelerate's fp16 now, with a GradScaler (on the CPU too, where accelerate sets
+    none up but torch has both): an overflow skips the step, the schedule and the weights stay, the
+    scale halves; the scale is checkpointed and resumed. The CUDA run is gpu-check's fp16 line."""
+    from lora_kit.training.trainer import mixed_precision
+
+    assert [mixed_precision(d) for d in (torch.float16, torch.bfloat16, torch.float32)] == ["fp16", "bf16", "no"]
+    overrides = ["model.compute_dtype=float16", "train.max_steps=3", "train.warmup_steps=0", "eval.max_examples=0"]
+    trainer = Trainer(smoke_recipe(tiny_base, tmp_path / "run", *overrides), log=lambda _msg: None)
+    trainer.setup()
+    acc = trainer.accelerator
+    assert acc.mixed_precision == "fp16" and acc.scaler is not None and trainer.optimizer.scaler is acc.scaler
+    with acc.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+    trainer.model.train()
+    trainer.tokens_seen, trainer.t_loop, trainer.peak_rss_mb = 0, 0.0, 0.0
+
+    def scale(value):
+        acc.scaler.load_state_dict(
+            {"scale": value, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0}
+        )
+
+    before, lr = [p.detach().clone() for p in trainer.params], trainer.scheduler.get_last_lr()
+    scale(3e38)  # the scaled loss overflows: the step is skipped
+    trainer._train_step(1)
+    assert acc.optimizer_step_was_skipped and acc.scaler.get_scale() == pytest.approx(1.5e38)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params)) and trainer.scheduler.get_last_lr() == lr
+    scale(1024.0)
+    record = trainer._train_step(2)
+    assert not acc.optimizer_step_was_skipped and math.isfinite(record["grad_norm"])
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.params)) and trainer.scheduler.get_last_lr() != lr
+    assert {p.dtype for p in trainer.params} == {torch.float32}  # fp32 master weights, unscaled updates
+    trainer._save_checkpoint(2)
+    trainer.metrics_logger.close()
+
+    resumed = Trainer(smoke_recipe(tiny_base, tmp_path / "run", *overrides), resume=True, log=lambda _msg: None)
+    resumed.setup()
+    resumed.metrics_logger.close()
+    assert resumed.start_step == 2 and resumed.accelerator.scaler.get_scale() == 1024.0
 
 
 def test_changed_recipe_refuses_to_resume(tmp_path, tiny_base, home):

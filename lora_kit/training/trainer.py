@@ -71,6 +71,22 @@ def _compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     return getattr(torch, recipe.model.compute_dtype)
 
 
+def mixed_precision(compute_dtype: torch.dtype) -> str:
+    """accelerate's ``mixed_precision`` for the compute dtype, on any device: ``fp16`` (autocast to
+    float16 with a GradScaler's loss scaling: T4/V100, which lack bf16), ``bf16`` (autocast, no
+    scaling needed) or ``no`` (fp32). The LoRA weights, their gradients and the optimizer stay fp32."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(compute_dtype, "no")
+
+
+def _scale_fp16_on_cpu(accelerator: Any) -> None:
+    """fp16 on the CPU: accelerate leaves it without autocast or a GradScaler there, though torch
+    has both; give it them, so an fp16 run takes the CUDA run's branch (autocast, scaled backward,
+    unscale before clipping, steps skipped on overflow) wherever it runs."""
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None and accelerator.device.type == "cpu":
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+        accelerator.native_amp = True
+
+
 def target_modules(recipe: Recipe) -> list[str]:
     """The module names LoRA adapts (``all-linear`` = every projection of a Mistral/Llama layer)."""
     return LINEAR_TARGETS if recipe.lora.target_modules == "all-linear" else list(recipe.lora.target_modules)
@@ -168,6 +184,7 @@ class Trainer:
     def _setup_accelerator(self) -> None:
         """The accelerate state (one process, or this rank of a DDP group) and the global seed."""
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
@@ -178,8 +195,12 @@ class Trainer:
             )
         self.cuda = torch.cuda.is_available()
         self.compute_dtype = _compute_dtype(self.recipe, models.default_device())
-        bf16 = self.cuda and self.compute_dtype == torch.bfloat16
-        self.accelerator = Accelerator(cpu=not self.cuda, mixed_precision="bf16" if bf16 else "no")
+        # accelerate keeps one AcceleratorState per process and refuses a later Accelerator another
+        # mixed precision: a process that trains several recipes (train() in-process) starts each
+        # from a fresh one (the process group, PartialState, is kept).
+        AcceleratorState._reset_state()
+        self.accelerator = Accelerator(cpu=not self.cuda, mixed_precision=mixed_precision(self.compute_dtype))
+        _scale_fp16_on_cpu(self.accelerator)
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.device = self.accelerator.device
@@ -196,6 +217,11 @@ class Trainer:
             raise TrainError(
                 "train.distributed fsdp cannot shard or checkpoint paged_adamw_8bit's state (bitsandbytes keeps it "
                 "outside the sharded parameters); set train.optimizer: adamw, whose state FSDP shards across processes"
+            )
+        if strategy == "fsdp" and self.compute_dtype == torch.float16:
+            raise TrainError(
+                "train.distributed fsdp does not scale fp16 losses (its optimizer is not accelerate's): "
+                "set model.compute_dtype: bfloat16 (or float32), or train fp16 with train.distributed: ddp"
             )
         if strategy == "fsdp" and self.world < 2:
             raise TrainError(
@@ -376,6 +402,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             rng = state["rng"][self.rank]
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.scaler is not None and "grad_scaler" in state["meta"]:
+            self.accelerator.scaler.load_state_dict(state["meta"]["grad_scaler"])
         checkpoint.set_rng_state(rng)
         self.start_step = state["meta"]["step"]
         self._info(f"resumed from {self.ckpt_path.name} (step {self.start_step})")
@@ -425,7 +453,8 @@ class Trainer:
                 else float(self.accelerator.clip_grad_norm_(self.params, tcfg.max_grad_norm))
             )
         self.optimizer.step()
-        self.scheduler.step()
+        if not self.accelerator.optimizer_step_was_skipped:  # fp16: an overflow skips the step (and halves the scale)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         local = torch.tensor([float(step_loss), float(n_local), float(step_tokens)], device=self.device)
         totals = self.accelerator.reduce(local, reduction="sum")
@@ -497,9 +526,14 @@ class Trainer:
                 self.optimizer.state_dict(),
                 self.scheduler.state_dict(),
                 rngs,
-                {"recipe_hash": self.recipe.content_hash()},
+                {"recipe_hash": self.recipe.content_hash(), **self._scaler_meta()},
             )
         self.accelerator.wait_for_everyone()
+
+    def _scaler_meta(self) -> dict[str, Any]:
+        """fp16: the GradScaler's state (its scale and growth tracker), for a resume to continue from."""
+        scaler = self.accelerator.scaler
+        return {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
 
     def _save_sharded_checkpoint(self, step: int) -> None:
         """FSDP: every rank writes its shards of the LoRA weights and optimizer state and its RNG
