@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Depends, Request
@@ -97,18 +98,21 @@ class RunShape(ResponseShape):
 def router(state: ServerState) -> APIRouter:
     """The Cloudflare-compatible routes, all behind the bearer token when one is set; creating a
     fine-tune and uploading its files are management (3051/403 while it is off)."""
-    api = APIRouter(dependencies=[Depends(require_token(state.api_token))])
     check_management = require_management(state.api_token, state.management)
+    api = APIRouter(dependencies=[Depends(require_token(state.api_token))])
+    api.include_router(run_routes(state))
+    api.include_router(finetune_routes(state, check_management))
+    combined = APIRouter()
+    combined.include_router(api)
+    # The upload route checks management and the token with its own dependency (before the body is
+    # read, as FastAPI reads no body for a route without body parameters), so it lives outside ``api``.
+    combined.include_router(upload_routes(state, check_management))
+    return combined
 
-    async def check_management_then_close(request: Request) -> None:
-        # The upload route's own check: a refused upload's connection is closed after at most a
-        # small drain (bodies.drain_body), never after reading a large body.
-        try:
-            check_management(request)
-        except ApiError as err:
-            err.headers.setdefault("Connection", "close")
-            await drain_body(request)
-            raise
+
+def run_routes(state: ServerState) -> APIRouter:
+    """``POST .../ai/run/{model}``: a prompt or chat completion, streamed or whole."""
+    api = APIRouter()
 
     @api.post(
         PREFIX + "/run/{model_name:path}", openapi_extra=json_body(PromptRequest, MessagesRequest, api="cloudflare")
@@ -120,6 +124,13 @@ def router(state: ServerState) -> APIRouter:
         request.state.adapter = adapter_label(adapters.spec)
         gen = engine_request(state.engine.tokenizer, req, adapters, state.max_tokens_cap)
         return await respond(state.runner, request, gen, req.stream, RunShape(gen.response_format is not None))
+
+    return api
+
+
+def finetune_routes(state: ServerState, check_management: Callable[[Request], None]) -> APIRouter:
+    """Creating a fine-tune (management) and listing fine-tunes (``.../finetunes``, ``.../finetunes/public``)."""
+    api = APIRouter()
 
     async def create_finetune(account_id: str, request: Request) -> Any:
         spec = parse(FinetuneCreate, await read_json(request, state.max_body_bytes))
@@ -133,41 +144,6 @@ def router(state: ServerState) -> APIRouter:
 
     async def list_public_finetunes(account_id: str) -> Any:
         return envelope([])  # no public (Cloudflare-hosted) LoRAs here
-
-    async def upload_asset(account_id: str, finetune_id: str, request: Request) -> Any:
-        """Auth (this route's dependency) and the fine-tune id are checked before a byte of the body is
-        read; the file part is then streamed to the fine-tune's staging directory under its cap
-        (:func:`asset_limit`) and moved into place by path. Every refusal closes the connection after
-        reading at most 1 MiB more (so a small refused upload still gets its answer, see drain_body)."""
-        form = None
-        try:
-            stage = state.finetunes.staging_dir(finetune_id)
-
-            def file_limit(fields: dict[str, str], filename: Optional[str]) -> int:
-                name = fields["file_name"].strip() if "file_name" in fields else filename
-                if name and "file_name" in fields:
-                    check_asset_name(name)  # a wrong name is refused before its file is read
-                return asset_limit(name or "", state.max_upload_bytes)
-
-            form = await receive_upload(
-                request, stage, file_limit=file_limit, body_limit=state.max_upload_bytes + FORM_OVERHEAD_BYTES
-            )
-            file_name = form.fields["file_name"].strip() if "file_name" in form.fields else form.filename
-            if form.path is None or not file_name:
-                raise missing_files(finetune_id, ["the multipart fields 'file_name' and 'file'"])
-            check_asset_name(file_name)
-            limit = asset_limit(file_name, state.max_upload_bytes)
-            if form.size > limit:  # the name came after the file
-                raise file_too_large(limit, file_name)
-            meta = await run_in_threadpool(state.finetunes.upload, finetune_id, file_name, form.path)
-            return envelope(public_row(meta))
-        except ApiError as err:
-            err.headers.setdefault("Connection", "close")
-            await drain_body(request)
-            raise
-        finally:
-            if form is not None:
-                form.discard()  # moved into place already, or refused
 
     # Cloudflare's docs put trailing slashes on these paths; the SDK and wrangler do not: serve both.
     for suffix in ("", "/"):
@@ -187,8 +163,35 @@ def router(state: ServerState) -> APIRouter:
             methods=["GET"],
             responses=errors_for("cloudflare"),
         )
-    # The upload route checks management and the token with its own dependency (before the body is
-    # read, as FastAPI reads no body for a route without body parameters), so it lives outside ``api``.
+    return api
+
+
+def upload_routes(state: ServerState, check_management: Callable[[Request], None]) -> APIRouter:
+    """``POST .../finetunes/{id}/finetune-assets``: one file of a fine-tune, streamed to its staging
+    directory. Management and the token are this router's own dependency, checked before the body is read."""
+
+    async def check_management_then_close(request: Request) -> None:
+        # A refused upload's connection is closed after at most a small drain (bodies.drain_body),
+        # never after reading a large body.
+        try:
+            check_management(request)
+        except ApiError as err:
+            err.headers.setdefault("Connection", "close")
+            await drain_body(request)
+            raise
+
+    async def upload_asset(account_id: str, finetune_id: str, request: Request) -> Any:
+        """Auth (this route's dependency) and the fine-tune id are checked before a byte of the body is
+        read; the file part is then streamed to the fine-tune's staging directory under its cap
+        (:func:`asset_limit`) and moved into place by path. Every refusal closes the connection after
+        reading at most 1 MiB more (so a small refused upload still gets its answer, see drain_body)."""
+        try:
+            return await _upload(state, finetune_id, request)
+        except ApiError as err:
+            err.headers.setdefault("Connection", "close")
+            await drain_body(request)
+            raise
+
     uploads = APIRouter(dependencies=[Depends(check_management_then_close)])
     for suffix in ("", "/"):
         uploads.add_api_route(
@@ -197,7 +200,34 @@ def router(state: ServerState) -> APIRouter:
             methods=["POST"],
             openapi_extra=multipart_body(),
         )
-    combined = APIRouter()
-    combined.include_router(api)
-    combined.include_router(uploads)
-    return combined
+    return uploads
+
+
+async def _upload(state: ServerState, finetune_id: str, request: Request) -> Any:
+    """Receive one asset of ``finetune_id`` under its cap and hand it to the fine-tune store; the
+    received file is discarded in any case (moved into place already, or refused)."""
+    form = None
+    try:
+        stage = state.finetunes.staging_dir(finetune_id)
+
+        def file_limit(fields: dict[str, str], filename: Optional[str]) -> int:
+            name = fields["file_name"].strip() if "file_name" in fields else filename
+            if name and "file_name" in fields:
+                check_asset_name(name)  # a wrong name is refused before its file is read
+            return asset_limit(name or "", state.max_upload_bytes)
+
+        form = await receive_upload(
+            request, stage, file_limit=file_limit, body_limit=state.max_upload_bytes + FORM_OVERHEAD_BYTES
+        )
+        file_name = form.fields["file_name"].strip() if "file_name" in form.fields else form.filename
+        if form.path is None or not file_name:
+            raise missing_files(finetune_id, ["the multipart fields 'file_name' and 'file'"])
+        check_asset_name(file_name)
+        limit = asset_limit(file_name, state.max_upload_bytes)
+        if form.size > limit:  # the name came after the file
+            raise file_too_large(limit, file_name)
+        meta = await run_in_threadpool(state.finetunes.upload, finetune_id, file_name, form.path)
+        return envelope(public_row(meta))
+    finally:
+        if form is not None:
+            form.discard()
