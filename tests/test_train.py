@@ -235,6 +235,11 @@ def test_two_process_ddp_keeps_ranks_in_sync_and_rank0_writes(tmp_path, tiny_bas
     assert out.returncode == 0, out.stderr[-3000:]
     sums = dict(re.findall(r"\[rank (\d)\] adapter checksum ([0-9a-f]{64})", out.stderr))  # logged by every rank
     assert set(sums) == {"0", "1"} and sums["0"] == sums["1"]
+    # #27 item 4: every rank frees its training model and leaves the process group before rank 0's
+    # task eval, instead of rank 1 waiting at a barrier (NCCL's timeout) while rank 0 loads the base.
+    freed = re.findall(r"\[rank (\d)\] training model freed, process group left", out.stderr)
+    assert sorted(freed) == ["0", "1"], out.stderr[-3000:]
+    assert out.stderr.index("[rank 0] training model freed") < out.stderr.index("held-out exact match")
     assert out.stdout.strip().splitlines()[-1] == "tiny-smoke@1"
     assert out.stdout.count("tiny-smoke@") == 1  # rank 1 printed no reference
     steps = [

@@ -555,29 +555,45 @@ class Trainer:
     # -- finalize --------------------------------------------------------------------------------
 
     def finalize(self) -> TrainResult:
-        """Final eval loss and adapter checksum on every rank; then, on the main process, publishing."""
+        """Final eval loss and adapter checksum on every rank; the main process exports the adapter;
+        then every rank frees its training model and leaves the process group, and only after that
+        does the main process measure the task metric and register the adapter (minutes at 7B,
+        loading the base afresh: no rank waits for it in a collective, whose timeout it could pass)."""
         run_metrics = self._final_metrics()
         # FSDP: the LoRA weights gathered from every rank (a collective), for rank 0 to export.
         full_state = fsdp.full_lora_state(self.model) if self.strategy == "fsdp" else None
         self._log_checksum(full_state)
         logger.info("[rank %d] peak RSS %.1f MB", self.rank, self.peak_rss_mb)
         adapter_dir = self.run_dir / "adapter"
-        ref = self._publish(adapter_dir, run_metrics, full_state) if self.main else None
-        self.accelerator.wait_for_everyone()
-        if self.world > 1:
-            torch.distributed.destroy_process_group()
+        if self.main:
+            self._export(adapter_dir, run_metrics, full_state)
+        self._leave_training()
+        ref = self._publish(adapter_dir, run_metrics) if self.main else None
         return TrainResult(self.run_dir, adapter_dir, ref, run_metrics, self.main)
 
-    def _publish(
+    def _export(
         self, adapter_dir: Path, run_metrics: dict[str, Any], full_state: dict[str, torch.Tensor] | None
-    ) -> str | None:
-        """Main process: export the adapter, measure its task metric, write its lineage and register
-        it, mark the run done, and keep the task eval with the version. Returns NAME@VERSION or None."""
+    ) -> None:
+        """Main process: the loss plot, and the adapter exported from the training model."""
         if "eval_loss" in run_metrics:
             self._say(f"eval loss: {run_metrics['eval_loss']:.4f}   train loss: {self.last_loss:.4f}")
         self.metrics_logger.close()
         metrics.plot_losses(self.run_dir)
         publish.export_adapter(self.peft_model, self.tokenizer, self.recipe, adapter_dir, state_dict=full_state)
+
+    def _leave_training(self) -> None:
+        """Every rank: the last barrier (the adapter is exported), then the training model freed and,
+        under torchrun, the process group left, so the main process's evaluation holds no other rank."""
+        self.accelerator.wait_for_everyone()
+        self._release_training_model()
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+        logger.info("[rank %d] training model freed, process group left", self.rank)
+
+    def _publish(self, adapter_dir: Path, run_metrics: dict[str, Any]) -> str | None:
+        """Main process, after :meth:`_leave_training`: measure the exported adapter's task metric,
+        write its lineage and register it, mark the run done, and keep the task eval with the
+        version. Returns NAME@VERSION or None."""
         reports = self.task_eval.run(adapter_dir, run_metrics, release=self._release_training_model)
         run_metrics["wall_s"] = round(time.time() - self.t_start, 1)
         ref = publish.register_run(adapter_dir, self.run_dir, self.recipe, self._training_facts(run_metrics))
