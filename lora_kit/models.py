@@ -228,6 +228,10 @@ def load_model(
     qconfig = quantization_config(quantization, double_quant, compute_dtype, quant_storage)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
+    # Straight onto the device, weight by weight: a full-precision base built on the host and then
+    # moved would hold all of it in host memory first (about 15 GB for a 7B in bf16).
+    on_device = qconfig is not None or device.type != "cpu"
+    if on_device:
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -235,7 +239,7 @@ def load_model(
         if source == spec and _HUB_ID.match(spec):
             raise _hub_error(spec, err) from err
         raise ModelError(f"could not load '{spec}': {err}") from err
-    if qconfig is None:
+    if not on_device:
         model.to(device)
     model.eval()
     return model

@@ -89,3 +89,35 @@ def test_bitsandbytes_optional_kernel_notice_is_not_shown():
     assert "kernels-community" not in stderr_of(
         "import lora_kit.logs as l; l.configure(); import bitsandbytes.backends.cpu.ops"
     )
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_a_cuda_load_goes_straight_onto_the_device(tiny_mistral_dir, monkeypatch, quantization):
+    """#27 item 5: a full-precision base for CUDA was built on the host and then moved with
+    .to(device) (about 15 GB of host memory at 7B in bf16). Every load for a non-CPU device now
+    asks transformers to place each weight on it as it loads (device_map), and nothing moves it
+    afterwards. The load itself is faked: no GPU here (gpu-check's parity loads for real)."""
+    from transformers import AutoModelForCausalLM
+
+    calls = {}
+
+    class Loaded:
+        def to(self, *args, **kwargs):
+            calls["to"] = args
+            return self
+
+        def eval(self):
+            return self
+
+    def from_pretrained(source, **kwargs):
+        calls["kwargs"] = kwargs
+        return Loaded()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    cuda = torch.device("cuda", 0)
+    models.load_model(str(tiny_mistral_dir), quantization, compute_dtype=torch.bfloat16, device=cuda)
+    assert calls["kwargs"]["device_map"] == {"": cuda} and calls["kwargs"]["dtype"] == torch.bfloat16
+    assert "to" not in calls
+    calls.clear()  # on the CPU a full-precision load stays as it was: built there, no device_map
+    models.load_model(str(tiny_mistral_dir), "none", compute_dtype=torch.float32, device=torch.device("cpu"))
+    assert "device_map" not in calls["kwargs"]
