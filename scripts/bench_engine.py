@@ -55,16 +55,43 @@ def timed_generate(model, tokenizer, prompts: list[list[int]], tokens: int, **kw
 
 
 def _timed_generate(model, tokenizer, prompts: list[list[int]], tokens: int, **kwargs) -> float:
-    batch = padded(tokenizer, prompts)
+    batch = {k: v.to(model.device) for k, v in padded(tokenizer, prompts).items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
             **batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad, **kwargs
         )
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
     took = time.perf_counter() - start
     assert out.shape[1] - batch["input_ids"].shape[1] == tokens
     return took
+
+
+def baseline_placement(engine) -> tuple[torch.device, torch.dtype]:
+    """Where PEFT and transformers run, to compare like with like: the engine's device, and on it
+    the engine's dtype (bf16 on CUDA); on the CPU fp32, the engine's activations (its packed bf16
+    weights are its own optimisation, measured against the fp32 reference)."""
+    if engine.device.type == "cpu":
+        return engine.device, torch.float32
+    return engine.device, engine.dtype
+
+
+def load_baselines(base_dir: Path, dirs: dict[str, Path], names: list[str], device: torch.device, dtype: torch.dtype):
+    """PEFT with the adapters ``names`` loaded, and plain transformers: both on ``device`` in
+    ``dtype``, loaded straight there (models.load_model)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(
+        models.load_model(str(base_dir), "none", compute_dtype=dtype, device=device),
+        dirs[names[0]],
+        adapter_name=names[0],
+    )
+    for n in names[1:]:
+        peft_model.load_adapter(dirs[n], adapter_name=n)
+    plain = models.load_model(str(base_dir), "none", compute_dtype=dtype, device=device)
+    return peft_model.eval(), plain.eval()
 
 
 def adapter_bytes(adapter_dir: Path, element_size: int) -> int:
@@ -118,16 +145,8 @@ def main() -> None:
             engine.check_adapter(n)
         timed_engine(engine, p8, names[:8], 2)  # warm-up
 
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        peft_model = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), dirs["a0"], adapter_name="a0"
-        )
-        for n in names[1:8]:
-            peft_model.load_adapter(dirs[n], adapter_name=n)
-        peft_model.eval()
-        plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        # On the engine's device: on CUDA, PEFT and transformers on the same GPU, not on the CPU.
+        peft_model, plain = load_baselines(base_dir, dirs, names[:8], *baseline_placement(engine))
 
         # Every round runs every measurement once, so a ratio compares runs minutes apart at
         # most; a shared CPU's speed drifts more than that between separate passes.
@@ -189,7 +208,9 @@ def main() -> None:
     )
     lora_path = f"{engine.backend.lora_path} ({engine.backend.name} backend)"
     adapter_dtype = str(engine.adapter_dtype).removeprefix("torch.")
-    print(f"\nmodel {args.model} on {engine.device}, fp32 activations, base linear weights {weights}, "
+    print(f"\nmodel {args.model} on {engine.device}, {str(engine.dtype).removeprefix('torch.')} activations, "
+          f"PEFT and transformers on {engine.device} in {str(baseline_placement(engine)[1]).removeprefix('torch.')}, "
+          f"base linear weights {weights}, "
           f"adapters {adapter_dtype} via {lora_path}, {threads} threads\nCPU: {cpu}\n"
           f"{tokens} tokens/request, {rounds} round(s); tok/s = median, ratio = median of per-round ratios")  # fmt: skip
     print("| measurement | lora-kit tok/s | baseline | tok/s | ratio | goal |")

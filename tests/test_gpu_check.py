@@ -133,10 +133,11 @@ def test_cpu_quick_run_passes_every_check(tmp_path):
     )
     rows = table_rows(proc.stdout)
     assert {name: row[1] for name, row in rows.items()} == {
-        name: "PASS" for name in ("prepare", "train", "resume", "parity", "serve", "bench")
+        name: "PASS" for name in ("prepare", "train", "fp16", "resume", "parity", "serve", "bench")
     }, proc.stdout + proc.stderr[-3000:]
     assert proc.returncode == 0
-    assert "6/6 checks passed" in proc.stdout
+    assert "7/7 checks passed" in proc.stdout
+    assert rows["fp16"][2].startswith("fp16 + GradScaler: loss ")
     assert rows["prepare"][2] == "tiny Mistral + 3 adapters; gpu-check@1 registered"
     assert rows["resume"][2].startswith("resumed at step 4; max loss diff vs the uninterrupted run 0.0e+00")
     assert rows["parity"][2].startswith("fp32 batch of 4: tokens equal, 4 distinct, max logit diff")
@@ -147,7 +148,7 @@ def test_cpu_quick_run_passes_every_check(tmp_path):
     # every check left its log; the training runs their metrics
     assert sorted(p.name for p in (work / "logs").iterdir()) == [
         "bench.log", "parity.log", "prepare.log", "serve.log", "train-cut-resumed.log", "train-cut.log",
-        "train-full.log",
+        "train-fp16.log", "train-full.log",
     ]  # fmt: skip
     assert len(gpu_check.step_losses(work / "runs" / "full")) == 10
     assert "\n-- exit -9 --\n" in (work / "logs" / "train-cut.log").read_text()  # a real SIGKILL
@@ -247,3 +248,20 @@ def test_exit_3_says_what_to_run():
     driver = gpu_check.torch_build_advice("2.13.0+cu128", "12.8")
     assert "CUDA_VISIBLE_DEVICES" in driver and "driver is older than CUDA 12.8" in driver
     assert "make gpu-check CUDA_TORCH=" in driver
+
+
+def test_bench_compares_with_peft_on_the_engines_device():
+    """#27 item 6: on CUDA bench_engine.py ran the engine on the GPU and PEFT and transformers on the
+    CPU. They run on the engine's device now (in its dtype off the CPU); the whole script runs in
+    the CPU quick run above, and gpu-check's bench row needs >= 1.0x PEFT on the GPU."""
+    import types
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "scripts" / "bench_engine.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # its `import _harness` resolves: gpu_check put scripts/ on sys.path
+    cuda = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    assert bench.baseline_placement(cuda) == (torch.device("cuda", 0), torch.bfloat16)
+    cpu = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    assert bench.baseline_placement(cpu) == (torch.device("cpu"), torch.float32)

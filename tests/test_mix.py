@@ -178,18 +178,14 @@ def test_mix_equals_peft_weighted_adapter(which, weights, request, word_tokenize
 
 
 def first_logits(eng, prompt: list[int], spec) -> torch.Tensor:
-    """The engine's logits for the next token after ``prompt``, run with ``spec``."""
-    seq = eng._sequence(greedy(prompt, spec))
-    seq.slots = [eng._runner.acquire_slot(u.key, u.path) for u in seq.adapters]
-    try:
-        with torch.inference_mode(), eng._runner._lock:
-            eng._ctx.set_rows([seq.row_adapters()], eng._runner._slots.zero_slot, eng.device)
-            eng._runner._rows_version = None
-            logits = eng.model(input_ids=torch.tensor([prompt]), logits_to_keep=1).logits[0, -1]
-    finally:
-        for slot in seq.slots:
-            eng._runner.release_slot(slot)
-    return logits.float()
+    """The engine's logits for the next token after ``prompt``, run with ``spec`` (read through the
+    engine's supported Engine.recording_logits, #27 item 7)."""
+    req = greedy(prompt, spec, max_tokens=1)
+    req.request_id = "first-logits"
+    with eng.recording_logits() as seen:
+        eng.generate_sync(req)
+    assert len(seen["first-logits"]) == 1
+    return seen["first-logits"][0]
 
 
 @pytest.mark.parametrize("which", ENGINES)
@@ -246,3 +242,23 @@ def test_mix_waits_for_all_its_slots_and_takes_none_until_then(tiny_mistral_dir,
         assert sorted(eng.stats()["resident_adapters"]) == ["mlp", "qv"] and not eng._runner._slots._refs
     finally:
         eng.stop()
+
+
+def test_recording_logits_gives_each_tokens_logits_and_stops_after(cpu_engine, word_tokenizer):
+    """#27 item 7: the engine's supported logits API (gpu_check's parity and these tests used to
+    wrap the private runner's ``sample``): one (V,) fp32 row per generated token, the greedy token
+    its argmax, a row per request of a batch, and nothing recorded once the block ends."""
+    reqs = [greedy(p, spec, max_tokens=4) for p, spec in zip(prompts(word_tokenizer)[:2], ["all", None])]
+    for i, req in enumerate(reqs):
+        req.params.ignore_eos = True
+        req.request_id = f"r{i}"
+    with cpu_engine.recording_logits() as seen:
+        outs = run_together(cpu_engine, reqs)
+    assert sorted(seen) == ["r0", "r1"]
+    for i, out in enumerate(outs):
+        rows = seen[f"r{i}"]
+        assert len(rows) == 4 and all(r.dtype == torch.float32 and r.dim() == 1 for r in rows)
+        assert [int(r.argmax()) for r in rows] == out.token_ids
+    assert cpu_engine._runner.logits_observers == ()
+    cpu_engine.generate_sync(reqs[0])
+    assert len(seen["r0"]) == 4  # the block ended: no more rows

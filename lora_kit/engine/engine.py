@@ -9,9 +9,10 @@ scheduler (admission), the runner (forwards, sampling, the model lock) and the o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +355,27 @@ class Engine:
                     completion_tokens=item.completion_tokens,
                     tool_calls=item.tool_calls,
                 )
+
+    @contextlib.contextmanager
+    def recording_logits(self) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """While inside, record the logits every generated token is drawn from:
+        ``{request_id: [(V,) fp32 CPU tensor per token]}``, as the model gave them (before any
+        grammar mask, penalty or temperature). The supported way to compare the engine's logits
+        with a reference's (the parity tests, scripts/gpu_check.py); only copies are taken, the
+        computation is untouched. V is the model's (possibly padded) vocabulary.
+        """
+        seen: dict[str, list[torch.Tensor]] = {}
+
+        def keep(logits: torch.Tensor, rows: list[Sequence]) -> None:
+            for i, row in enumerate(rows):
+                seen.setdefault(row.request_id, []).append(logits[i].detach().float().cpu().clone())
+
+        runner = self._runner
+        runner.logits_observers = (*runner.logits_observers, keep)
+        try:
+            yield seen
+        finally:
+            runner.logits_observers = tuple(o for o in runner.logits_observers if o is not keep)
 
     def stats(self) -> dict[str, Any]:
         """Queue depth, running requests, resident adapters (least recently used first), slots,

@@ -47,6 +47,9 @@ class ModelRunner:
         self._lock = threading.RLock()
         self._rows_version: int | None = None  # the batch version ``ctx`` holds the rows of
         self._lean = LeanDecoder.for_model(model)  # decode steps without transformers' machinery
+        # Observers of the logits each token is drawn from (Engine.recording_logits), replaced
+        # whole (a tuple) so the loop thread reads a consistent set.
+        self.logits_observers: tuple[Callable[[torch.Tensor, list[Sequence]], None], ...] = ()
 
     # -- adapter slots, under the model lock (any thread) --------------------------------
 
@@ -144,6 +147,8 @@ class ModelRunner:
         Never raises for one row: a row whose grammar, penalties, draw or bookkeeping fails is
         marked failed (:meth:`Sequence.fail`, token 0 as a placeholder) and the others go on.
         """
+        for observe in self.logits_observers:  # before any grammar mask or penalty touches them
+            observe(logits, rows)
         failed: dict[int, Exception] = {}
         constrained = [i for i, s in enumerate(rows) if s.constraint is not None]
         if constrained:

@@ -206,6 +206,10 @@ class Trainer:
         self.device = self.accelerator.device
         self.strategy = self._strategy()
         self.run_dir = run_dir_for(self.recipe)
+        scaling = " with loss scaling" if self.accelerator.scaler is not None else ""
+        self._info(
+            f"compute {str(self.compute_dtype).removeprefix('torch.')}, mixed precision {self.accelerator.mixed_precision}{scaling}"
+        )
         set_seed(self.recipe.train.seed)
 
     def _strategy(self) -> str:
