@@ -2,11 +2,18 @@
 # (virtualenv, dependencies, the embedded model) and is quick the second time.
 PYTHON ?= python3
 VENV ?= .venv
-# torch: the small CPU wheel by default. TORCH is a pip requirement, TORCH_INDEX an extra index
-# to find it on. `make setup` with another TORCH (or TORCH_INDEX) than the one .venv was set up
-# with reinstalls torch (--force-reinstall): the stamp .venv/.lora-kit-torch records the spec.
+# torch: TORCH is a pip requirement, TORCH_INDEX an extra index to find it on. The stamp
+# .venv/.lora-kit-torch records the spec torch was installed from; without TORCH= the recorded
+# one stays (make test keeps a CUDA build), and a new .venv gets the small CPU wheel. `make setup
+# TORCH=...` with another spec reinstalls torch in place (--force-reinstall).
 # A CUDA build: make setup-cuda (CUDA_TORCH from CUDA_TORCH_INDEX; gpu-check does it itself).
-TORCH ?= torch==2.13.0
+TORCH_RECORDED := $(shell cat $(VENV)/.lora-kit-torch 2>/dev/null)
+ifeq ($(origin TORCH),undefined)
+TORCH := $(or $(word 1,$(TORCH_RECORDED)),torch==2.13.0)
+ifeq ($(origin TORCH_INDEX),undefined)
+TORCH_INDEX := $(word 2,$(TORCH_RECORDED))
+endif
+endif
 TORCH_INDEX ?=
 # A local version (+cuXXX) only the CUDA index has: pip cannot satisfy it with a CPU wheel it
 # finds elsewhere (a local wheelhouse, PyPI's CPU-only builds). Another CUDA version:

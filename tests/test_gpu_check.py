@@ -225,6 +225,14 @@ def test_setup_reinstalls_torch_when_the_spec_changes(tmp_path):
     assert any(line.startswith("echo 'torch==2.12.0' > ") for line in other), other  # the new spec recorded
     assert not any("torch.version.cuda" in line for line in other)  # a CPU spec is not checked for CUDA
 
+    # A CUDA build stays through a plain `make setup` / `make test`; TORCH= goes back to the CPU wheel
+    # (from the default indexes, not the CUDA one, whose +cu128 build would satisfy torch==2.13.0).
+    cuda_spec = "torch==2.13.0+cu128 https://download.pytorch.org/whl/cu128"
+    assert make_dry_run(tmp_path, "setup", cuda_spec) == []
+    back = make_dry_run(tmp_path, "setup", cuda_spec, "TORCH=torch==2.13.0")
+    assert any("--force-reinstall" in line and '"torch==2.13.0"' in line for line in back), back
+    assert not any("--extra-index-url" in line for line in back), back
+
     missing = make_dry_run(tmp_path, "setup", None)  # a .venv from before the torch stamp: torch is reinstalled
     assert any("--force-reinstall" in line and '"torch==2.13.0"' in line for line in missing), missing
 
