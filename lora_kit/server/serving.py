@@ -18,28 +18,21 @@ class ServingEngine(Protocol):
 
     def resolve(self, ref: str) -> ResolvedAdapter:
         """What ``ref`` names: canonical ``NAME@VERSION``, directory, files; engine errors otherwise."""
-        ...
 
     def check_adapter(self, ref: str | ResolvedAdapter) -> str:
         """Load ``ref`` where it will run (a resolution is not looked up again); its canonical reference."""
-        ...
 
     def drop_adapter(self, key: str) -> bool:
         """Free resident adapter ``key`` once its running requests finish (a runtime unload)."""
-        ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """The request's events; errors known at submission raise at this call."""
-        ...
 
     def stats(self) -> dict[str, Any]:
         """Queue depth, running requests, finished counts, resident adapters, slots."""
-        ...
 
     def start(self) -> None:
         """Start serving (idempotent)."""
-        ...
 
     def stop(self, timeout: float = 10.0, *, shutting_down: bool = False) -> None:
         """Stop; ``shutting_down``: for good, failing what is left with ShuttingDown."""
-        ...
