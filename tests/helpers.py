@@ -95,6 +95,24 @@ def mistral_engine(tiny_mistral_dir, word_tokenizer, adapters, backend=None, **s
     )
 
 
+def registry_engine(root: Path, names, tiny_mistral_dir, word_tokenizer, **settings) -> tuple[Any, Any]:
+    """A registry under ``root`` holding one random adapter per name in ``names`` (seeds 1, 2, ...)
+    and an engine (not started) over a fresh fp32 tiny Mistral resolving through it; ``settings``
+    are EngineConfig fields."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora_kit.engine import Engine, EngineConfig
+    from lora_kit.registry import Registry
+
+    reg = Registry(root / "registry")
+    for seed, name in enumerate(names, start=1):
+        reg.register(make_adapter(tiny_mistral_dir, root / name, seed=seed), name)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
+    config = EngineConfig(model="tiny-mistral", **settings)
+    return reg, Engine(config, model=model, tokenizer=word_tokenizer, registry_root=reg.root)
+
+
 def prompts(tok) -> list[list[int]]:
     from lora_kit import chat
 

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from helpers import make_adapter
+from helpers import registry_engine
 
 from lora_kit import chat
 from lora_kit.adapters.format import CONFIG_FILE, WEIGHTS_FILE
-from lora_kit.engine import AdapterError, Engine, EngineConfig, GenerationRequest, SamplingParams
+from lora_kit.engine import AdapterError, GenerationRequest, SamplingParams
 from lora_kit.engine import adapters as engine_adapters
 from lora_kit.registry import Registry
 
@@ -35,15 +34,7 @@ def flip_byte(reg: Registry, ref: str, fname: str = WEIGHTS_FILE) -> Path:
 @pytest.fixture
 def world(tmp_path, tiny_mistral_dir, word_tokenizer):
     """A registry with ``good`` and ``bad`` (two different adapters) and an engine over it."""
-    from transformers import AutoModelForCausalLM
-
-    reg = Registry(tmp_path / "registry")
-    for name, seed in (("good", 1), ("bad", 2)):
-        reg.register(make_adapter(tiny_mistral_dir, tmp_path / name, seed=seed), name)
-    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
-    engine = Engine(
-        EngineConfig(model=MODEL, max_slots=2), model=model, tokenizer=word_tokenizer, registry_root=reg.root
-    )
+    reg, engine = registry_engine(tmp_path, ("good", "bad"), tiny_mistral_dir, word_tokenizer, max_slots=2)
     yield reg, engine
     engine.stop()
 

@@ -11,7 +11,7 @@ import asyncio
 import httpx
 import pytest
 import torch
-from helpers import make_adapter
+from helpers import make_adapter, registry_engine
 
 from lora_kit.registry import Registry
 
@@ -21,21 +21,12 @@ RUN = f"/client/v4/accounts/acc/ai/run/{MODEL}"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_mistral_dir, word_tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    from lora_kit.engine import Engine, EngineConfig
     from lora_kit.server.app import create_app
     from lora_kit.server.config import ServerConfig
     from lora_kit.server.main import BackgroundServer
 
     root = tmp_path_factory.mktemp("resolution")
-    reg = Registry(root / "registry")
-    for name, seed in (("one", 1), ("two", 2)):
-        reg.register(make_adapter(tiny_mistral_dir, root / name, seed=seed), name)
-    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
-    engine = Engine(
-        EngineConfig(model=MODEL, max_slots=2), model=model, tokenizer=word_tokenizer, registry_root=reg.root
-    )
+    reg, engine = registry_engine(root, ("one", "two"), tiny_mistral_dir, word_tokenizer, max_slots=2)
     engine.start()
     app = create_app(engine, reg, ServerConfig(uploads_dir=root / "uploads", max_tokens_cap=2, enable_management=True))
     try:
