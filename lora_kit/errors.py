@@ -27,6 +27,12 @@ def is_user_error(err: BaseException) -> bool:
     return isinstance(err, LoraKitError)
 
 
+def not_utf8(err: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, for an error message: ``byte 0xe9 at offset 46``."""
+    bad = err.object[err.start : err.start + 1]
+    return f"byte 0x{bad.hex()} at offset {err.start}" if isinstance(bad, bytes) and bad else str(err.reason)
+
+
 def hide_paths(value: Any, known: Iterable[str | os.PathLike[str]] = ()) -> Any:
     """``value`` (a message, or JSON-like data) fit for a client: every absolute path cut to its last
     component (``/srv/reg/blobs/ab/abcd`` -> ``abcd``). The ``known`` directories are cut first, in

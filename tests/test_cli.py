@@ -69,3 +69,87 @@ def test_models_list_json():
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert rows[0]["name"] == "smollm2-135m-instruct" and rows[0]["prepared"] is True
+
+
+# -- issue 29 item 8: a user file that is not UTF-8, or is nested 100,000 deep, is one error line ------
+
+DEEP = "[" * 100_000
+NOT_UTF8 = b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'
+
+
+def run_home(home, *args):
+    env = {**os.environ, "LORA_KIT_HOME": str(home)}
+    return subprocess.run([*LORA_KIT, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def one_error_line(out, *needles):
+    """The command failed as the CLI reports a user error: exit status 2, one `lora-kit: error:` line."""
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lora-kit: error: "), out.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("content", [NOT_UTF8, b"\xff\xfe" + "{}\n".encode("utf-16-le"), DEEP.encode() + b"\n"])
+def test_eval_data_not_utf8_or_nested_too_deep_is_one_error_line(tmp_path, content):
+    data = tmp_path / "held out.jsonl"
+    data.write_bytes(content)
+    out = run_home(tmp_path / "home", "eval", "base", "--model", "smollm2-135m-instruct", "--data", str(data))
+    line = one_error_line(out, "held out.jsonl")
+    assert ("UTF-8" in line) if content != DEEP.encode() + b"\n" else ("nested" in line)
+
+
+@pytest.mark.parametrize("config", [DEEP.encode(), b'{"r": 8, "peft_type": "LORA\xff"}', ('{"a":' * 50_000).encode()])
+def test_adapters_add_config_not_utf8_or_nested_too_deep_is_one_error_line(tmp_path, config):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_bytes(config)
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    out = run_home(tmp_path / "home", "adapters", "add", str(adapter), "--name", "deep")
+    line = one_error_line(out, "adapter_config.json")
+    assert ("UTF-8" in line) if b"\xff" in config else ("nested" in line)
+
+
+def test_adapters_add_safetensors_header_nested_too_deep_is_one_error_line(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}')
+    header = DEEP.encode()
+    (adapter / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    out = run_home(tmp_path / "home", "adapters", "add", str(adapter), "--name", "deep")
+    one_error_line(out, "adapter_model.safetensors", "nested")
+
+
+@pytest.mark.parametrize("command", ["plan", "train"])
+@pytest.mark.parametrize("content", [b"model: caf\xe9\n", b"model: " + DEEP.encode() + b"\n"])
+def test_recipe_not_utf8_or_nested_too_deep_is_one_error_line(tmp_path, command, content):
+    recipe = tmp_path / "my recipe.yaml"
+    recipe.write_bytes(content)
+    out = run_home(tmp_path / "home", command, str(recipe))
+    line = one_error_line(out, "my recipe.yaml")
+    assert ("UTF-8" in line) if b"\xe9" in content else ("nested" in line)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "content"),
+    [
+        (".jsonl", NOT_UTF8),
+        (".jsonl", DEEP.encode()),
+        (".json", NOT_UTF8),
+        (".json", DEEP.encode()),
+        (".json", b"[{"),
+        (".csv", b"prompt,completion\ncaf\xe9,x\n"),
+    ],
+)
+def test_training_data_not_utf8_or_nested_too_deep_is_a_data_error(tmp_path, suffix, content):
+    """What `lora-kit train` reads as its data: a DataError (a LoraKitError, one CLI line) naming the file."""
+    from lora_kit.errors import LoraKitError
+    from lora_kit.training.data import load_records
+
+    data = tmp_path / f"train set{suffix}"
+    data.write_bytes(content)
+    with pytest.raises(LoraKitError, match="train set"):
+        load_records(str(data))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_kit.errors import LoraKitError
+from lora_kit.errors import LoraKitError, not_utf8
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -142,8 +142,12 @@ def parse_config(raw: str | bytes | Path) -> dict[str, Any]:
             raise InvalidAdapter(f"cannot read {CONFIG_FILE}: {err.strerror}") from None
     try:
         config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise InvalidAdapter(f"{CONFIG_FILE} is not UTF-8 text ({not_utf8(err)})") from None
+    except json.JSONDecodeError as err:
         raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: its brackets are nested too deeply") from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
     peft_type = config.get("peft_type", "LORA")

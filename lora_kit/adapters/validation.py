@@ -85,6 +85,8 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InvalidAdapter(f"{path.name}: the safetensors header is not valid JSON ({err})") from None
+    except RecursionError:
+        raise InvalidAdapter(f"{path.name}: the safetensors header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise InvalidAdapter(f"{path.name}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)

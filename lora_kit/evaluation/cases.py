@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_kit.errors import not_utf8
 from lora_kit.evaluation.metrics import EvalError
 from lora_kit.registry.lineage import sha256_file
 
@@ -58,7 +59,11 @@ def load_cases(path: Path | str, max_examples: int | None = None) -> list[EvalCa
     if not path.is_file():
         raise EvalError(f"no such data file: {path}")
     cases: list[EvalCase] = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise EvalError(f"{path}: not UTF-8 text ({not_utf8(err)}); the data is JSONL in UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if max_examples is not None and len(cases) >= max_examples:
             break
         if not line.strip():
@@ -67,6 +72,8 @@ def load_cases(path: Path | str, max_examples: int | None = None) -> list[EvalCa
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise EvalError(f"{path}:{n}: not valid JSON ({err.msg}); the data is JSONL, one example a line") from None
+        except RecursionError:
+            raise EvalError(f"{path}:{n}: not valid JSON (nested too deeply); the data is JSONL") from None
         cases.append(case_of(_messages_of(row, f"{path}:{n}"), f"{path}:{n}"))
     if not cases:
         raise EvalError(f"{path}: no examples")

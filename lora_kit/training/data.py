@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_kit import chat
-from lora_kit.errors import LoraKitError
+from lora_kit.errors import LoraKitError, not_utf8
 from lora_kit.training.recipe import DataSection
 
 if TYPE_CHECKING:
@@ -80,10 +80,19 @@ class Audit:
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({not_utf8(err)})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -91,15 +100,21 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
                     raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
         return rows
     if suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json dataset must be a list of records")
         return data
     if suffix == ".csv":
-        with path.open(newline="") as fh:
-            return list(csv.DictReader(fh))
+        with path.open(newline="", encoding="utf-8") as fh:
+            try:
+                return list(csv.DictReader(fh))
+            except csv.Error as err:
+                raise DataError(f"{path}: not valid CSV ({err})") from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lora_kit.errors import LoraKitError
+from lora_kit.errors import LoraKitError, not_utf8
 from lora_kit.models import DEFAULT_MODEL
 
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -210,11 +210,15 @@ def load(path: str | Path, overrides: Sequence[str] = (), name: str | None = Non
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"no such recipe: {path}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text ({not_utf8(err)}); a recipe is YAML in UTF-8") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: not valid YAML: nested too deeply") from None
     data = data or {}
     for assignment in overrides:
         apply_override(data, assignment)
