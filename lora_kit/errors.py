@@ -12,10 +12,13 @@ import os
 import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote
 
 # An absolute POSIX path inside a string: a "/" that starts a token (not "a/b", not "http://").
 _ABS_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"()\[\]{},;]+")
 _WINDOWS_PATH = re.compile(r"\b[A-Za-z]:\\[^\s'\"()\[\]{},;]*")
+# A file: URL (file:///srv/x, file:/srv/x): cut like a path, not left whole for "://" to shield it.
+_FILE_URL = re.compile(r"(?<![\w.:/~-])file:[^\s'\"()\[\]{},;]*", re.IGNORECASE)
 
 
 class LoraKitError(Exception):
@@ -35,7 +38,7 @@ def not_utf8(err: UnicodeDecodeError) -> str:
 
 def hide_paths(value: Any, known: Iterable[str | os.PathLike[str]] = ()) -> Any:
     """``value`` (a message, or JSON-like data) fit for a client: every absolute path cut to its last
-    component (``/srv/reg/blobs/ab/abcd`` -> ``abcd``). The ``known`` directories are cut first, in
+    component (``/srv/reg/blobs/ab/abcd`` -> ``abcd``, ``file:///srv/x`` -> ``x``). The ``known`` directories are cut first, in
     their plain and resolved forms, so one holding spaces or quotes goes too (a file under one keeps
     its name: ``/srv/up/1/adapter_config.json`` -> ``adapter_config.json``)."""
     if isinstance(value, dict):
@@ -48,9 +51,13 @@ def hide_paths(value: Any, known: Iterable[str | os.PathLike[str]] = ()) -> Any:
     forms = {d.rstrip("/") for d in dirs} | {os.path.realpath(d) for d in dirs}
     for form in sorted((f for f in forms if len(f) > 1), key=len, reverse=True):
         value = value.replace(form + "/", "").replace(form, os.path.basename(form))
+    value = _FILE_URL.sub(_last_part, value)
     return _WINDOWS_PATH.sub(_last_part, _ABS_PATH.sub(_last_part, value))
 
 
 def _last_part(match: re.Match[str]) -> str:
-    parts = [p for p in re.split(r"[/\\]", match.group(0)) if p]
+    text = match.group(0)
+    if text[:5].lower() == "file:":
+        text = unquote(text[5:])
+    parts = [p for p in re.split(r"[/\\]", text) if p]
     return parts[-1] if parts else ""

@@ -1,9 +1,11 @@
 """Read-only registry routes for the playground and other clients: ``/v1/lora-kit/adapters[/{ref}]``.
 
 They sit behind the same bearer token as the inference routes and answer OpenAI-shaped errors
-(their paths are under ``/v1``). What they return never names a server path: every absolute path
-in a version's lineage or verify report is cut to its last component (``/srv/runs/x`` -> ``x``,
-by :func:`lora_kit.errors.hide_paths`).
+(their paths are under ``/v1``). What they return never names a server path: the fields of a
+version's record that hold paths (its lineage's source and run directories, base model, dataset
+paths...) are cut to their last component (``/srv/John Smith/run dir`` -> ``run dir``), and so are
+those paths and the stored files' where a warning or a verify problem quotes them, by
+:func:`lora_kit.registry.targets.public_json`. Free text (a description, tags) is returned as written.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lora_kit.errors import hide_paths
 from lora_kit.registry import AdapterNotFound, AdapterVersion, InvalidReference, RegistryError
-from lora_kit.registry.targets import version_json
+from lora_kit.registry.targets import public_json, stored_paths, version_json
 from lora_kit.server import errors
 from lora_kit.server.auth import require_token
 from lora_kit.server.errors import ApiError
@@ -41,8 +43,8 @@ SUMMARY_FIELDS = (
 
 
 def version_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """One version as listed: the :data:`SUMMARY_FIELDS` of its JSON record (``version_json``)."""
-    return hide_paths({key: record[key] for key in SUMMARY_FIELDS})
+    """One version as listed: the :data:`SUMMARY_FIELDS` of its JSON record (``version_json``), none a path."""
+    return {key: record[key] for key in SUMMARY_FIELDS}
 
 
 def adapters_listing(registry: Any, versions: list[AdapterVersion]) -> list[dict[str, Any]]:
@@ -60,7 +62,8 @@ def version_detail(registry: Any, v: AdapterVersion) -> dict[str, Any]:
     """One version in full: its JSON record (files, warnings, lineage, ``export_targets``, ...) and
     ``verify: {ok, problems}`` (the stored files re-hashed now)."""
     problems = registry.verify(v.id)
-    return hide_paths({**version_json(registry, v), "verify": {"ok": not problems, "problems": problems}})
+    record = {**version_json(registry, v), "verify": {"ok": not problems, "problems": problems}}
+    return public_json(record, known=stored_paths(registry, v))
 
 
 def _resolve(registry: Any, ref: str) -> AdapterVersion:
