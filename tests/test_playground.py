@@ -216,6 +216,50 @@ def test_copy_snippets_carry_the_columns_request(page, world):
     compile(python, "snippet.py", "exec")  # valid Python
 
 
+TRICKY_PROMPT = 'Answer: false, true or null? {"ok": true, "x": null} \\ "quoted" é\u2028line — 😀'
+
+
+def test_copy_as_python_sends_the_same_request_as_the_column(page, world):
+    """The Python snippet, run (against a stand-in for the SDK that records its call), sends exactly
+    the messages the column sends: `true`/`false`/`null` inside a string stay as typed."""
+    page.goto(world["url"] + "/")
+    page.get_by_label("Prompt").fill(TRICKY_PROMPT)
+    tuned = column(page, 2)
+    tuned.get_by_role("button", name="Copy as curl").click()
+    curl = tuned.locator("pre.snippet").inner_text()
+    sent = json.loads(re.search(r"-d '(.*)'$", curl, re.S).group(1).replace("'\"'\"'", "'"))
+    assert sent["messages"][-1] == {"role": "user", "content": TRICKY_PROMPT}
+    tuned.get_by_role("button", name="Copy as Python (cloudflare SDK)").click()
+    python = tuned.locator("pre.snippet").inner_text()
+
+    calls = []
+
+    class Ai:
+        def run(self, model, **kwargs):
+            calls.append({"model": model, **kwargs})
+            return {"response": ""}
+
+    class Cloudflare:
+        def __init__(self, **kwargs):
+            self.ai = Ai()
+
+    stub = type(sys)("cloudflare")
+    stub.Cloudflare = Cloudflare
+    saved = sys.modules.get("cloudflare")
+    sys.modules["cloudflare"] = stub
+    try:
+        exec(compile(python, "snippet.py", "exec"), {"__name__": "snippet", "print": lambda *a: None})
+    finally:
+        if saved is None:
+            del sys.modules["cloudflare"]
+        else:
+            sys.modules["cloudflare"] = saved
+    (call,) = calls
+    assert call["messages"] == sent["messages"]
+    assert call["messages"][-1]["content"] == TRICKY_PROMPT
+    assert call["lora"] == sent["lora"] == "sentiment" and call["model"] == sent["model"]
+
+
 def test_unknown_adapter_shows_the_servers_error_in_its_column(page, world):
     page.goto(world["url"] + "/")
     page.get_by_label("Model or adapter (column 2)").fill("no-such-adapter")

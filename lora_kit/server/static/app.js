@@ -346,13 +346,31 @@ function curlSnippet(column) {
   );
 }
 
-function pyValue(value) {
-  // JSON is valid Python for these bodies once true/false/null are spelled the Python way.
-  return JSON.stringify(value, null, 4)
-    .replace(/\n/g, "\n    ")
-    .replace(/: true\b/g, ": True")
-    .replace(/: false\b/g, ": False")
-    .replace(/: null\b/g, ": None");
+function pyString(text) {
+  // JSON's string escapes (\" \\ \n \uXXXX ...) are Python's; U+2028/U+2029 are escaped too, so
+  // that no editor takes them for line breaks inside the literal.
+  return JSON.stringify(text).replace(/[\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16)}`);
+}
+
+function pyValue(value, depth = 1) {
+  // Python source for a JSON value, written from the value itself (never by rewriting JSON text,
+  // which would turn a "false" inside a string into "False"), laid out as JSON.stringify(_, null, 4)
+  // is, each line indented by `depth` levels after the first.
+  const pad = "    ".repeat(depth + 1);
+  const end = "    ".repeat(depth);
+  if (value === null || value === undefined) return "None";
+  if (value === true) return "True";
+  if (value === false) return "False";
+  if (typeof value === "number") return Number.isFinite(value) ? String(value) : "None";
+  if (typeof value === "string") return pyString(value);
+  if (Array.isArray(value)) {
+    if (!value.length) return "[]";
+    return `[\n${value.map((v) => pad + pyValue(v, depth + 1)).join(",\n")}\n${end}]`;
+  }
+  const keys = Object.keys(value).filter((k) => value[k] !== undefined);
+  if (!keys.length) return "{}";
+  const items = keys.map((k) => `${pad}${pyString(k)}: ${pyValue(value[k], depth + 1)}`);
+  return `{\n${items.join(",\n")}\n${end}}`;
 }
 
 function pythonSnippet(column) {
