@@ -1,5 +1,6 @@
 """The `lora-kit` command through a subprocess."""
 
+import json
 import os
 import subprocess
 import sys
@@ -153,3 +154,41 @@ def test_training_data_not_utf8_or_nested_too_deep_is_a_data_error(tmp_path, suf
     data.write_bytes(content)
     with pytest.raises(LoraKitError, match="train set"):
         load_records(str(data))
+
+
+def tiny_adapter(directory):
+    """A valid rank-2 LoRA on layers.0.self_attn.q_proj (in 8, out 8)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    directory.mkdir()
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{prefix}.lora_A.weight": np.ones((2, 8), np.float32),
+        f"{prefix}.lora_B.weight": np.ones((8, 2), np.float32),
+    }
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("fname", "content"),
+    [
+        ("config.json", DEEP.encode()),
+        ("config.json", b'{"model_type": "caf\xe9"}'),
+        ("model.safetensors.index.json", DEEP.encode()),
+        ("model.safetensors.index.json", b'{"weight_map": "\xff"}'),
+    ],
+)
+def test_adapters_add_base_json_not_utf8_or_nested_too_deep_is_one_error_line(tmp_path, fname, content):
+    """`adapters add --base DIR` reads the base's config.json and weight index: the user's files too."""
+    adapter = tiny_adapter(tmp_path / "adapter")
+    base = tmp_path / "my base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "mistral"}')
+    (base / fname).write_bytes(content)
+    out = run_home(tmp_path / "home", "adapters", "add", str(adapter), "--name", "deep", "--base", str(base))
+    line = one_error_line(out, fname)
+    assert ("UTF-8" in line) if b"\xe9" in content or b"\xff" in content else ("nested" in line)

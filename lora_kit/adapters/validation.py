@@ -35,6 +35,7 @@ from lora_kit.adapters.format import (
     targets_module,
     unservable_reasons,
 )
+from lora_kit.errors import not_utf8
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -293,12 +294,32 @@ def _warnings(info: AdapterInfo) -> list[str]:
 # -- the base model ----------------------------------------------------------------------------
 
 
+def read_base_json(base_dir: Path, fname: str) -> Any:
+    """A JSON file of a local base model (``config.json``, the weight index): InvalidAdapter naming
+    the base and the file when it is not UTF-8, not JSON, or nested too deeply to parse."""
+    where = f"base model '{base_dir}': {fname}"
+    try:
+        return json.loads((Path(base_dir) / fname).read_bytes())
+    except OSError as err:
+        raise InvalidAdapter(f"{where} cannot be read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise InvalidAdapter(f"{where} is not UTF-8 text ({not_utf8(err)})") from None
+    except json.JSONDecodeError as err:
+        raise InvalidAdapter(f"{where} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise InvalidAdapter(f"{where} is not valid JSON: nested too deeply") from None
+
+
 def base_weight_shapes(base_dir: Path) -> dict[str, list[int]]:
     """Parameter name -> shape of a local Hugging Face model, from its safetensors headers only."""
     base_dir = Path(base_dir)
     index = base_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        data = read_base_json(base_dir, index.name)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InvalidAdapter(f"base model '{base_dir}': {index.name} has no 'weight_map' of file names")
+        shards = sorted(set(weight_map.values()))
     else:
         shards = sorted(p.name for p in base_dir.glob("*.safetensors"))
     if not shards:
@@ -315,7 +336,9 @@ def check_against_base(info: AdapterInfo, base_dir: Path) -> None:
     config_path = base_dir / "config.json"
     if not config_path.is_file():
         raise InvalidAdapter(f"base model '{base_dir}' has no config.json")
-    base_config = json.loads(config_path.read_text())
+    base_config = read_base_json(base_dir, "config.json")
+    if not isinstance(base_config, dict):
+        raise InvalidAdapter(f"base model '{base_dir}': config.json must hold a JSON object")
     if base_config.get("quantization_config"):
         # Packed 4-bit weights have other shapes; the module names can still be checked.
         info.warnings.append(f"base '{base_dir}' is stored quantized: module names checked, shapes not")
@@ -369,7 +392,8 @@ def base_model_type(base_dir: Path) -> str | None:
     path = Path(base_dir) / "config.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text()).get("model_type")
-        except json.JSONDecodeError:
+            config = json.loads(path.read_bytes())
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deeply
             return None
+        return config.get("model_type") if isinstance(config, dict) else None
     return None
