@@ -134,6 +134,15 @@ def test_recipe_not_utf8_or_nested_too_deep_is_one_error_line(tmp_path, command,
     assert ("UTF-8" in line) if b"\xe9" in content else ("nested" in line)
 
 
+@pytest.mark.parametrize("value", ["[" * 100_000, "[1, 2"])
+def test_set_override_not_yaml_or_nested_too_deep_is_one_error_line(tmp_path, value):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {base: smollm2-135m-instruct}\ndata: {train: x.jsonl}\noutput: {name: x}\n")
+    out = run_home(tmp_path / "home", "plan", str(recipe), "--set", f"lora.r={value}")
+    line = one_error_line(out, "--set lora.r")
+    assert ("nested" in line) if value.startswith("[[") else ("not valid YAML" in line)
+
+
 @pytest.mark.parametrize(
     ("suffix", "content"),
     [

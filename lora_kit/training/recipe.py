@@ -200,7 +200,12 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"--set {key}: '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"--set {key}: the value is not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise RecipeError(f"--set {key}: the value is not valid YAML: nested too deeply") from None
 
 
 def load(path: str | Path, overrides: Sequence[str] = (), name: str | None = None) -> Recipe:
