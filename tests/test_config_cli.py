@@ -61,7 +61,7 @@ def test_serve_keeps_its_server_flags_with_the_fields_docstrings_as_help():
     flags = serve_actions()
     expected = [
         "--host", "--port", "--api-token", "--allow-unauthenticated", "--enable-management", "--adapter-root",
-        "--max-tokens-cap", "--graceful-timeout", "--no-ui", "--log-level",
+        "--allowed-host", "--max-tokens-cap", "--graceful-timeout", "--no-ui", "--log-level",
     ]  # fmt: skip
     with_flags = [f for f in dataclasses.fields(ServerConfig) if flag_of(f) is not None]
     assert [flag_of(f) for f in with_flags] == expected

@@ -178,6 +178,16 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=8,
 )
+# An integer literal past Python's 4,300-digit conversion limit, which json.dumps cannot write:
+# a marker string drawn in its place is swapped for the digits by :func:`dumps`.
+HUGE_MARK = "\u0000huge-integer\u0000"
+HUGE_DIGITS = "9" * 5000
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value).replace(json.dumps(HUGE_MARK), HUGE_DIGITS).encode()
+
+
 NUMBERS = st.sampled_from([0, 1, -1, 1e-40, 5e-324, 1e308, -1e308, 2**63, 9999999999, 10000000000, 0.5])
 TEXTS = st.sampled_from(
     ["", "x", "hello world", "sentiment", "sentiment@1", "sentiment@99999999999999999999999", "../x"]
@@ -202,8 +212,10 @@ def from_schema(schema: Any, components: dict, depth: int = 0) -> st.SearchStrat
         return object_from(schema, components, depth)
     typed = {
         "string": st.text(max_size=40) | TEXTS,
-        "integer": st.integers(min_value=-(2**70), max_value=2**70) | NUMBERS.filter(lambda n: isinstance(n, int)),
-        "number": st.floats(allow_nan=False, allow_infinity=False) | NUMBERS,
+        "integer": st.integers(min_value=-(2**70), max_value=2**70)
+        | NUMBERS.filter(lambda n: isinstance(n, int))
+        | st.just(HUGE_MARK),
+        "number": st.floats(allow_nan=False, allow_infinity=False) | NUMBERS | st.just(HUGE_MARK),
         "boolean": st.booleans(),
         "null": st.none(),
         "array": st.lists(from_schema(schema.get("items"), components, depth + 1), max_size=3),
@@ -216,18 +228,40 @@ def from_schema(schema: Any, components: dict, depth: int = 0) -> st.SearchStrat
     return st.one_of(typed, typed, typed, JSON)
 
 
+# Hostile values the schemas cannot express, mixed into those fields' strategies (issue 29):
+# mixes repeating an adapter or giving its scale as a string or boolean, and runtime-load names
+# and paths that are references, escapes or system directories.
+HOSTILE = {
+    "lora": st.sampled_from(
+        [
+            [{"name": "sentiment", "scale": 2}, {"name": "sentiment", "scale": 2}],
+            [{"name": "sentiment", "scale": 1}, {"name": "sentiment@1", "scale": 1}],
+            [{"name": "sentiment", "scale": "0.5"}],
+            [{"name": "sentiment", "scale": True}],
+            [{"name": "sentiment", "scale": HUGE_MARK}],
+        ]
+    ),
+    "lora_name": st.sampled_from(["sentiment", "sentiment@1", "sentiment:stable", "../x", "nope", "a" * 200]),
+    "lora_path": st.sampled_from(["/etc", "/etc/passwd", "/nonexistent", "relative/dir", "/", "\u0000"]),
+}
+
+
 def object_from(schema: dict, components: dict, depth: int) -> st.SearchStrategy:
     props = schema.get("properties", {})
     required = set(schema.get("required", []))
+
+    def field(name: str, sub: Any) -> st.SearchStrategy:
+        values = from_schema(sub, components, depth + 1)
+        return values | HOSTILE[name] if name in HOSTILE else values
 
     @st.composite
     def build(draw):
         out = {}
         for name, sub in props.items():
             if name in required and draw(st.integers(0, 9)) > 0:  # required fields, usually
-                out[name] = draw(from_schema(sub, components, depth + 1))
+                out[name] = draw(field(name, sub))
             elif name not in required and draw(st.integers(0, 3)) == 0:  # optional ones, sometimes
-                out[name] = draw(from_schema(sub, components, depth + 1))
+                out[name] = draw(field(name, sub))
         if draw(st.integers(0, 5)) == 0:
             out[draw(st.text(max_size=6))] = draw(JSON)
         return out
@@ -249,6 +283,7 @@ DOMAIN = {  # values the server can serve, for the fields whose schema alone can
     # kept away from 0: a valid body must get past validation (0 is refused: "must be > 0")
     "repetition_penalty": st.floats(min_value=0.5, max_value=2),
     "name": st.text(alphabet="abcdefghij-", min_size=1, max_size=8),  # fine-tune names
+    "lora_name": st.just("sentiment"),  # the runtime routes: the served adapter
 }
 
 
@@ -300,8 +335,8 @@ def valid_from(schema: Any, components: dict, depth: int = 0) -> st.SearchStrate
 def request_bodies(doc: dict, path: str) -> st.SearchStrategy:
     schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
     components = doc["components"]["schemas"]
-    body = from_schema(schema, components).map(lambda b: json.dumps(b).encode())
-    valid = valid_from(schema, components).map(lambda b: json.dumps(b).encode())
+    body = from_schema(schema, components).map(dumps)
+    valid = valid_from(schema, components).map(dumps)
     junk = st.sampled_from([b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe", b"[" * 5000, b"{}"]) | st.binary(
         max_size=32
     )
@@ -356,6 +391,8 @@ JSON_OPERATIONS = [
     T + "/finetunes",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/unload_lora_adapter",  # before the load: the load serves the adapter again
+    "/v1/load_lora_adapter",
 ]
 # Inputs issue 12 found (500s before the fixes), always tried first.
 _RUN_BAD = [
@@ -369,8 +406,22 @@ _RUN_BAD = [
     {"prompt": "x", "lora": [None]},
     b"[" * 100_000,
     b'{"a":' * 100_000,
+    # issue 29: a repeated adapter in a mix, scales that are not numbers, huge integers
+    {"prompt": "x", "lora": [{"name": "sentiment", "scale": 2}, {"name": "sentiment", "scale": 2}]},
+    {"prompt": "x", "lora": [{"name": "sentiment", "scale": "0.5"}]},
+    {"prompt": "x", "lora": [{"name": "sentiment", "scale": True}]},
+    dumps({"prompt": "x", "seed": HUGE_MARK}),
+    dumps({"prompt": "x", "lora": [{"name": "sentiment", "scale": HUGE_MARK}]}),
+]
+_RUNTIME_BAD = [
+    {"lora_name": "sentiment"},  # served: a 200 for each route
+    {"lora_name": "sentiment@1"},
+    {"lora_name": "sentiment", "lora_path": "/etc"},
+    dumps({"lora_name": "sentiment", "lora_int_id": HUGE_MARK}),
 ]
 EXPLICIT = {
+    "/v1/unload_lora_adapter": _RUNTIME_BAD,
+    "/v1/load_lora_adapter": _RUNTIME_BAD,
     T + "/run/{model_name}": _RUN_BAD,
     "/v1/chat/completions": [{"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 1e-40}],
     "/v1/completions": [{"model": MODEL, "prompt": "x", "lora": "sentiment@99999999999999999999999"}],

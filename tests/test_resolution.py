@@ -61,7 +61,6 @@ def lookups(monkeypatch):
         (RUN, {"prompt": "hi", "lora": "one"}, ["one"]),
         (RUN, {"prompt": "hi", "lora": "one", "stream": True}, ["one"]),
         (RUN, {"prompt": "hi", "lora": [{"name": "one", "scale": 0.5}, {"name": "two", "scale": 0.5}]}, ["one", "two"]),
-        (RUN, {"prompt": "hi", "lora": [{"name": "one", "scale": 0.5}, {"name": "one", "scale": 0.5}]}, ["one"]),
         ("/v1/chat/completions", {"model": "two@1", "messages": [{"role": "user", "content": "hi"}]}, ["two@1"]),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "lora": "two"}, ["two"]),
     ],

@@ -19,7 +19,16 @@ METHODS = [name for name, member in vars(ServingEngine).items() if inspect.isfun
 
 @pytest.mark.parametrize("cls", [Engine, RemoteEngine])
 def test_both_engines_meet_the_serving_protocol(cls):
-    assert set(METHODS) == {"resolve", "check_adapter", "drop_adapter", "generate", "stats", "start", "stop"}
+    assert set(METHODS) == {
+        "resolve",
+        "check_adapter",
+        "validate_adapter",
+        "drop_adapter",
+        "generate",
+        "stats",
+        "start",
+        "stop",
+    }
     engine = cls.__new__(cls)  # no model or Ray needed: the protocol is the class's methods and two fields
     engine.model_name, engine.tokenizer = "m", object()
     assert isinstance(engine, ServingEngine)

@@ -226,6 +226,11 @@ class Engine:
         self._runner.check_adapter(*resolved)
         return resolved.key
 
+    def validate_adapter(self, path: Path | str, name: str) -> None:
+        """Check that the adapter directory ``path`` can be served here (format, modules, shapes,
+        rank) without taking a slot or registering it; AdapterError names it ``name``, never ``path``."""
+        load_adapter(name, Path(path), self._base_shapes, self.adapter_dtype, torch.device("cpu"), self.max_rank)
+
     def drop_adapter(self, key: str) -> bool:
         """Free the slot of resident adapter ``key`` (canonical, as :meth:`check_adapter` returns
         it): at once when idle, else when its running requests finish; they finish with it.

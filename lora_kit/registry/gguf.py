@@ -50,7 +50,7 @@ def base_config(av: AdapterVersion) -> dict[str, Any] | None:
         return None
     try:
         config = json.loads((base_dir / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable now: as if the base were not here
         return None
     return config if isinstance(config, dict) else None
 

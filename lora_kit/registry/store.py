@@ -363,8 +363,13 @@ class Registry:
         tags: tuple[str, ...] | list[str] = (),
         lineage: dict | None = None,
         parent: str | None = None,
+        unless_latest_is_identical: bool = False,
     ) -> AdapterVersion:
         """Validate the PEFT directory ``adapter_dir`` and store it as the next version of ``name``.
+
+        ``unless_latest_is_identical``: when the latest version of ``name`` holds exactly these files
+        (by sha256), return it and add no version. The check runs inside the registry's write
+        lock, so concurrent registrations of the same files add one version in all.
 
         ``base_model`` defaults to the adapter config's ``base_model_name_or_path``; when that base
         is available locally, target modules and shapes are checked against it. ``parent`` is a
@@ -387,13 +392,15 @@ class Registry:
             _kill_hook("staged")
             version_id = str(uuid.uuid4())
             with self._write() as db:
-                self._store_blobs(stage, staged.files)
-                _kill_hook("blobs")
-                self._insert_version(db, version_id, name, description, tags, staged)
-                _kill_hook("inserted")
+                same = self._latest_with_files(db, name, staged.files) if unless_latest_is_identical else None
+                if same is None:
+                    self._store_blobs(stage, staged.files)
+                    _kill_hook("blobs")
+                    self._insert_version(db, version_id, name, description, tags, staged)
+                    _kill_hook("inserted")
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        return self.resolve(version_id)
+        return self.resolve(same or version_id)
 
     def _stage(
         self, adapter_dir: Path, stage: Path, base_model: str | None, parent: dict | None, facts: dict | None
@@ -405,7 +412,10 @@ class Registry:
         config_base = parse_config(stage / CONFIG_FILE).get("base_model_name_or_path")
         base_spec = base_model or config_base or None
         base_dir = local_base_dir(base_spec)
-        info = validation.validate_adapter_dir(stage, base_dir)
+        try:
+            info = validation.validate_adapter_dir(stage, base_dir)
+        except validation.InvalidAdapter as err:  # name the user's directory, not the staging copy
+            raise validation.InvalidAdapter(str(err).replace(str(stage), str(adapter_dir))) from None
         warnings = list(info.warnings)
         if base_spec and base_dir is None:
             warnings.append(
@@ -421,6 +431,17 @@ class Registry:
             with open(stage / fname, "rb") as fh:
                 os.fsync(fh.fileno())
         return _Staged(base_spec, info.rank, info.alpha, info.target_modules, files, lineage, warnings)
+
+    @staticmethod
+    def _latest_with_files(db: sqlite3.Connection, name: str, files: dict[str, dict]) -> str | None:
+        """The id of ``name``'s latest version when it holds exactly ``files`` (same sha256 each), else None."""
+        row = db.execute(
+            "SELECT id, files FROM versions WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+        ).fetchone()
+        if row is None:
+            return None
+        stored = {fname: meta["sha256"] for fname, meta in json.loads(row["files"]).items()}
+        return row["id"] if stored == {fname: meta["sha256"] for fname, meta in files.items()} else None
 
     def _store_blobs(self, stage: Path, files: dict[str, dict]) -> None:
         """Move staged files into ``blobs/`` (atomic renames; a file already stored is kept once)."""

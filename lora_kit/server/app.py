@@ -71,17 +71,27 @@ class AccessLog:
         request_id = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        status = {"code": 500}
+        status: dict[str, Any] = {"code": 500}
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                status["started"] = True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:  # noqa: BLE001 - answered here, inside the access log, so it carries the id
+            error_log.exception(
+                "internal error on %s %s (request %s)", scope.get("method"), scope.get("path"), request_id
+            )
+            if status.get("started"):
+                return  # a response is under way (a stream): its client sees it end early
+            err = errors.with_request_id(ApiError(errors.INTERNAL, "Internal server error"), request_id)
+            state["error_code"] = err.code
+            await error_response(err, scope.get("path", ""))(scope, receive, send_wrapper)
         finally:
             seconds = time.monotonic() - started
             route = route_label(scope.get("path", ""))
@@ -120,8 +130,9 @@ class ShutdownGate:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and self.closing.is_set() and route_label(path) in INFERENCE_ROUTES:
-            err = errors.shutting_down()
-            scope.setdefault("state", {})["error_code"] = err.code
+            state = scope.setdefault("state", {})
+            err = errors.with_request_id(errors.shutting_down(), state.get("request_id"))
+            state["error_code"] = err.code
             await error_response(err, path)(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -156,6 +167,7 @@ def create_app(engine: ServingEngine, registry: Any, config: Optional[ServerConf
         max_tokens_cap=config.max_tokens_cap,
         runtime=RuntimeAdapters(registry, engine, config.adapter_roots),
         management=config.enable_management,
+        allowed_hosts=tuple(config.allowed_hosts),
     )
     # The schema is served open, as /healthz is: it describes the public, documented API (no
     # adapter names, paths or settings), and clients and tools fetch it before they hold a token.
@@ -171,7 +183,7 @@ def create_app(engine: ServingEngine, registry: Any, config: Optional[ServerConf
 
     def _fail(request: Request, err: ApiError) -> JSONResponse:
         request.state.error_code = err.code
-        return error_response(err, request.url.path)
+        return error_response(errors.with_request_id(err, getattr(request.state, "request_id", None)), request.url.path)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -191,10 +203,8 @@ def create_app(engine: ServingEngine, registry: Any, config: Optional[ServerConf
             api = ApiError((err.status_code, err.status_code), str(err.detail))
         return _fail(request, api)
 
-    @app.exception_handler(Exception)
-    async def on_crash(request: Request, err: Exception) -> JSONResponse:
-        error_log.exception("internal error on %s %s", request.method, request.url.path)
-        return _fail(request, ApiError(errors.INTERNAL, "Internal server error"))
+    # An unexpected exception is answered by AccessLog (3001/500 naming the request id, which its
+    # X-Request-Id carries too): Starlette would answer it outside every middleware, without the id.
 
     @app.get("/healthz")
     async def healthz() -> Any:

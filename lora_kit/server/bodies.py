@@ -47,8 +47,9 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object; 5006/400 naming the problem otherwise."""
     if not body.strip():
         raise errors.bad_input("the request body is empty: send a JSON object")
+    huge: list[_HugeInt] = []
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_int=lambda digits: _parse_int(digits, huge))
     except UnicodeDecodeError:
         raise errors.bad_input("the request body is not UTF-8 JSON") from None
     except json.JSONDecodeError as err:
@@ -61,11 +62,61 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(value, dict):
         raise errors.bad_input(f"the request body must be a JSON object, not {type(value).__name__}")
+    if huge:
+        where, digits = _find_huge(value)
+        raise errors.bad_input(
+            f"{where}: an integer of {digits} digits; this server reads integers of at most {MAX_INT_DIGITS} digits",
+            where,
+        )
     return value
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """Read and parse a JSON object body under ``limit`` bytes."""
+# Python refuses to convert longer digit strings (sys.get_int_max_str_digits, 4300 by default);
+# no field of any body needs more than a few dozen.
+MAX_INT_DIGITS = 4300
+
+
+class _HugeInt:
+    """Stands for an integer literal too long to convert, so its field can be named after parsing."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+def _parse_int(text: str, huge: list[_HugeInt]) -> Any:
+    if len(text.lstrip("-")) <= MAX_INT_DIGITS:
+        return int(text)
+    huge.append(_HugeInt(len(text.lstrip("-"))))
+    return huge[-1]
+
+
+def _find_huge(value: Any) -> tuple[str, int]:
+    """The field path (``lora[0].scale``) and digit count of the first :class:`_HugeInt` in ``value``;
+    iterative, as the parsed body may be nested as deep as the parser allows."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, _HugeInt):
+            return where or "body", node.digits
+        if isinstance(node, dict):
+            stack.extend((f"{where}.{key}" if where else str(key), child) for key, child in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((f"{where}[{i}]", child) for i, child in reversed(list(enumerate(node))))
+    return "body", MAX_INT_DIGITS + 1
+
+
+async def read_json(request: Request, limit: int, *, json_type_only: bool = False) -> dict[str, Any]:
+    """Read and parse a JSON object body under ``limit`` bytes.
+
+    ``json_type_only`` (the management routes): 5006/415 unless ``Content-Type`` is
+    ``application/json`` (or ``+json``). A browser sends such a body cross-site only after a CORS
+    preflight, which this server never grants; ``text/plain`` and form bodies it sends freely."""
+    if json_type_only:
+        kind, _ = _header_params(request.headers.get("content-type", ""))
+        if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+            raise errors.unsupported_media_type(
+                "this route takes a JSON body sent with 'Content-Type: application/json'"
+            )
     return parse_json_object(await read_body(request, limit))
 
 

@@ -98,7 +98,7 @@ class RunShape(ResponseShape):
 def router(state: ServerState) -> APIRouter:
     """The Cloudflare-compatible routes, all behind the bearer token when one is set; creating a
     fine-tune and uploading its files are management (3051/403 while it is off)."""
-    check_management = require_management(state.api_token, state.management)
+    check_management = require_management(state.api_token, state.management, state.allowed_hosts)
     api = APIRouter(dependencies=[Depends(require_token(state.api_token))])
     api.include_router(run_routes(state))
     api.include_router(finetune_routes(state, check_management))
@@ -133,7 +133,7 @@ def finetune_routes(state: ServerState, check_management: Callable[[Request], No
     api = APIRouter()
 
     async def create_finetune(account_id: str, request: Request) -> Any:
-        spec = parse(FinetuneCreate, await read_json(request, state.max_body_bytes))
+        spec = parse(FinetuneCreate, await read_json(request, state.max_body_bytes, json_type_only=True))
         check_model(state, spec.model)
         base = state.engine.model_name
         meta = state.finetunes.create(spec.name, spec.model, spec.description or "", spec.public, base_model=base)

@@ -50,6 +50,9 @@ class ServerConfig:
     adapter_roots: list[str] = field(default_factory=list, metadata={"flag": "--adapter-root", "metavar": "DIR"})
     """a directory whose adapters /v1/load_lora_adapter may register by lora_path (repeatable; symlinks resolved). Default: none, only registered names can be loaded"""
 
+    allowed_hosts: list[str] = field(default_factory=list, metadata={"flag": "--allowed-host", "metavar": "NAME"})
+    """a host name (besides IP addresses and localhost) under which the management routes answer on a server without an API token (repeatable); other Host headers are refused, against DNS rebinding"""
+
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
     """upper bound applied to max_tokens"""
 
@@ -75,6 +78,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         self.api_token = self.api_token or None  # an empty token is no token
         self.adapter_roots = list(self.adapter_roots)
+        self.allowed_hosts = list(self.allowed_hosts)
         allowed = literal_choices(field_types(type(self))["log_level"])
         if self.log_level not in allowed:
             raise ValueError(f"log_level must be one of {', '.join(allowed)}, not {self.log_level!r}")

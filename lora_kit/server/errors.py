@@ -5,7 +5,8 @@ Codes and statuses follow the error table of Cloudflare's Workers AI docs (5007/
 codes its API returns in practice (5006 bad input, 3037 fine-tune not found, 10000 auth, 3001 internal).
 Cloudflare documents no code for a server that is going away; lora-kit's 3050/503 says "shutting down"
 (SIGTERM: new requests, and those still unfinished when the grace period ends), and its 3051/403 says
-"management is off on this server" (uploads and runtime load/unload without a token or ``--enable-management``).
+"management is off on this server" (uploads and runtime load/unload without a token or ``--enable-management``), and 3052/403 refuses
+a management request without a token that a web page could have sent (a foreign ``Origin`` or ``Host``).
 Errors always carry a 4xx/5xx status: the official SDK ignores ``success: false`` on a 200.
 """
 
@@ -26,8 +27,10 @@ OVERLOADED = (3040, 429)
 INTERNAL = (3001, 500)
 NO_ROUTE = (7003, 404)
 METHOD_NOT_ALLOWED = (7001, 405)
+UNSUPPORTED_MEDIA_TYPE = (5006, 415)
 SHUTTING_DOWN = (3050, 503)
 MANAGEMENT_OFF = (3051, 403)
+CROSS_SITE = (3052, 403)
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -36,6 +39,7 @@ _OPENAI_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -58,6 +62,20 @@ class ApiError(Exception):
         self.param = param
         self.headers = headers or {}
         self.openai_code = openai_code
+
+
+def with_request_id(err: ApiError, request_id: Optional[str]) -> ApiError:
+    """``err``, naming ``request_id`` in its message when it is a 5xx (the log holds the details under it)."""
+    if err.status < 500 or not request_id or request_id in err.message:
+        return err
+    kind = (err.code, err.status)
+    message = f"{err.message} (request id {request_id})"
+    return ApiError(kind, message, param=err.param, headers=err.headers, openai_code=err.openai_code)
+
+
+def unsupported_media_type(message: str) -> ApiError:
+    """5006/415: a management route's JSON body came without ``Content-Type: application/json``."""
+    return ApiError(UNSUPPORTED_MEDIA_TYPE, message)
 
 
 def bad_input(message: str, param: Optional[str] = None) -> ApiError:
@@ -88,6 +106,16 @@ def management_off() -> ApiError:
         "Management routes are off on this server: start it with an API token (LORA_KIT_API_TOKEN) "
         "or with --enable-management to create fine-tunes, upload their files or load/unload adapters",
         openai_code="management_disabled",
+    )
+
+
+def cross_site(why: str) -> ApiError:
+    """3052/403: a management route on a server without a token, asked by what may be a web page."""
+    return ApiError(
+        CROSS_SITE,
+        f"Management request refused: {why}. Without an API token, management routes answer only "
+        "same-site requests to an IP address, localhost or an --allowed-host name",
+        openai_code="cross_site_request",
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from lora_kit import paths
 from lora_kit.adapters.format import ADAPTER_FILES, InvalidAdapter
 from lora_kit.errors import hide_paths
-from lora_kit.registry.targets import version_json
+from lora_kit.registry.targets import public_json, version_json
 from lora_kit.server import errors
 from lora_kit.server.errors import ApiError
 
@@ -257,7 +257,7 @@ def version_row(record: dict[str, Any], served_model: str) -> dict[str, Any]:
         "id": record["id"],
         "name": record["name"],
         "description": record["description"] or "",
-        "model": record["base_model"] or served_model,
+        "model": public_json(record)["base_model"] or served_model,  # a local base: its name, not its path
         "public": False,
         "created_at": record["created_at"],
         "modified_at": record["created_at"],

@@ -119,11 +119,12 @@ def prompt_ids(tokenizer: Any, req: GenerationBody, tools: Optional[list[dict]])
 
 
 def adapter_label(spec: AdapterSpec) -> Optional[str]:
-    """How metrics and the access log name what a request ran with: its reference, or a mix's
-    references joined by ``+`` (no scales: one series per set of adapters, not per weighting)."""
+    """How metrics and the access log name what a request ran with: its canonical reference, or a
+    mix's canonical references sorted and joined by ``+`` (no scales, no order: one series per set
+    of adapter versions, whatever the weighting or the order the client gave)."""
     if spec is None or isinstance(spec, str):
         return spec
-    return "+".join(entry.ref for entry in spec)
+    return "+".join(sorted({entry.ref for entry in spec}))
 
 
 def engine_error(err: Exception, adapter: Optional[str] = None, request_id: Optional[str] = None) -> ApiError:

@@ -12,6 +12,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Distinct ``adapter`` label values kept; later ones share OVERFLOW_LABEL, so a stream of new
+# adapters or mixes cannot grow the series (and the scrape) without bound.
+MAX_ADAPTER_LABELS = 256
+OVERFLOW_LABEL = "_other"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 Labels = tuple[tuple[str, str], ...]
@@ -65,13 +69,25 @@ class Metrics:
         self.prompt_tokens: dict[Labels, float] = {}
         self.latency: dict[Labels, _Histogram] = {}
         self.ttft: dict[Labels, _Histogram] = {}
+        self._adapters: set[str] = set()
+
+    def _adapter(self, adapter: Optional[str]) -> str:
+        """The ``adapter`` label for ``adapter`` (canonical, from the server): itself while fewer than
+        :data:`MAX_ADAPTER_LABELS` are known, else :data:`OVERFLOW_LABEL`. Called under the lock."""
+        if not adapter or adapter in self._adapters:
+            return adapter or ""
+        if len(self._adapters) >= MAX_ADAPTER_LABELS:
+            return OVERFLOW_LABEL
+        self._adapters.add(adapter)
+        return adapter
 
     def record_request(self, route: str, adapter: Optional[str], status: int, seconds: float) -> None:
         """One finished inference request (any status)."""
         with self._lock:
-            key = _labels(route=route, adapter=adapter or "", status=str(status))
+            adapter = self._adapter(adapter)
+            key = _labels(route=route, adapter=adapter, status=str(status))
             self.requests[key] = self.requests.get(key, 0) + 1
-            lat_key = _labels(route=route, adapter=adapter or "")
+            lat_key = _labels(route=route, adapter=adapter)
             self.latency.setdefault(lat_key, _Histogram(LATENCY_BUCKETS)).observe(seconds)
 
     def record_error(self, route: str, code: int) -> None:
@@ -81,12 +97,12 @@ class Metrics:
 
     def record_first_token(self, adapter: Optional[str], seconds: float) -> None:
         with self._lock:
-            key = _labels(adapter=adapter or "")
+            key = _labels(adapter=self._adapter(adapter))
             self.ttft.setdefault(key, _Histogram(LATENCY_BUCKETS)).observe(seconds)
 
     def record_tokens(self, adapter: Optional[str], prompt_tokens: int, completion_tokens: int) -> None:
         with self._lock:
-            key = _labels(adapter=adapter or "")
+            key = _labels(adapter=self._adapter(adapter))
             self.tokens[key] = self.tokens.get(key, 0) + completion_tokens
             self.prompt_tokens[key] = self.prompt_tokens.get(key, 0) + prompt_tokens
 

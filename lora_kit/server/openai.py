@@ -31,7 +31,7 @@ from lora_kit.server.generation import (
     respond,
 )
 from lora_kit.server.openapi import errors_for, json_body
-from lora_kit.server.schemas import ChatCompletionRequest, CompletionRequest, LoraWeight, parse
+from lora_kit.server.schemas import ChatCompletionRequest, CompletionRequest, LoraWeight, describe_lora, parse
 from lora_kit.server.state import ServerState
 
 
@@ -41,7 +41,9 @@ async def resolve_adapter(state: ServerState, model: str, lora: Union[str, list[
         return await state.resolve_lora(lora)
     if lora is not None and lora != model:
         raise errors.bad_input(
-            f"model names {model!r} but lora names {lora!r}: name the adapter in one of them", "lora"
+            f"model names the adapter {model!r} but lora names {describe_lora(lora)}: "
+            "name the adapter in one of them (model the base model, lora the adapter or mix)",
+            "lora",
         )
     try:
         return await state.resolve_lora(model)
@@ -192,7 +194,7 @@ def router(state: ServerState) -> APIRouter:
                 "parent": None,
             }
         ]
-        versions = state.registry.list()
+        versions = [v for v in state.registry.list() if state.runtime.is_served(v.name)]  # not the unloaded
         latest: dict[str, Any] = {}
         for v in versions:
             latest[v.name] = v  # list() is ordered by name, then version

@@ -259,6 +259,14 @@ class EngineReplicaBase:
         except Exception as err:  # noqa: BLE001 - sent back as data, rebuilt at the gateway
             yield error_payload(err, request_id)
 
+    def validate_adapter(self, path: str, name: str) -> Optional[dict[str, Any]]:
+        """A runtime load's check (the gateway has no model): None, or the AdapterError as data."""
+        try:
+            self.engine.validate_adapter(path, name)
+        except Exception as err:  # noqa: BLE001 - sent back as data, rebuilt at the gateway
+            return error_payload(err, None)
+        return None
+
     def check_health(self) -> None:
         """Serve's health check: a replica whose decode loop died is restarted."""
         if self.engine.loop_failed():
@@ -320,6 +328,7 @@ class RemoteEngine:
         from lora_kit.engine.adapters import registry_resolver
 
         self._handle = handle.options(stream=True)
+        self._unary = handle
         self._directory = directory
         self._resolve = registry_resolver(registry_root)
         self.model_name = config.model
@@ -345,6 +354,12 @@ class RemoteEngine:
     def check_adapter(self, ref: str | ResolvedAdapter) -> str:
         """The canonical reference of ``ref``; no slot is taken here (the replica loads it)."""
         return ref.key if isinstance(ref, ResolvedAdapter) else self.resolve(ref).key
+
+    def validate_adapter(self, path: str, name: str) -> None:
+        """Check ``path`` on one replica (the gateway holds no model); blocking, off the event loop."""
+        failure = self._unary.validate_adapter.remote(path, name).result()
+        if failure is not None:
+            raise error_from_payload(failure)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """The request's events from a replica; engine errors raise at the first iteration."""

@@ -15,7 +15,18 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from lora_kit.engine import SamplingParams
 from lora_kit.engine.constraints import MAX_SCHEMA_BYTES
@@ -46,17 +57,49 @@ class LoraWeight(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=256)
-    scale: float = Field(default=1.0, ge=-MAX_MIX_SCALE, le=MAX_MIX_SCALE, allow_inf_nan=False)
+    # strict: a JSON number only ("0.5" and true are refused, not coerced)
+    scale: float = Field(default=1.0, ge=-MAX_MIX_SCALE, le=MAX_MIX_SCALE, allow_inf_nan=False, strict=True)
+
+    def describe(self) -> str:
+        """The entry in the API's words: ``'a2' (scale 0.5)``."""
+        return f"{self.name!r} (scale {self.scale:g})"
 
 
-# ``lora``: an adapter reference, or a weighted mix of up to MAX_MIX_ADAPTERS adapters whose
-# LoRA deltas are added, each times its scale (llama.cpp's per-request scales; see README).
+def _distinct_names(mix: list[LoraWeight]) -> list[LoraWeight]:
+    """A mix names each adapter once: a repeated one would multiply its scale past the bound."""
+    seen: set[str] = set()
+    for entry in mix:
+        if entry.name in seen:
+            raise ValueError(f"the mix names {entry.name!r} twice: give each adapter once, with its whole scale")
+        seen.add(entry.name)
+    return mix
+
+
+# ``lora``: an adapter reference, or a weighted mix of up to MAX_MIX_ADAPTERS distinct adapters
+# whose LoRA deltas are added, each times its scale (llama.cpp's per-request scales; see README).
+# A string is a reference, anything else must be a mix: the error then names the mix's problem
+# only, not also "Input should be a valid string".
 LoraField = Optional[
-    Union[
-        Annotated[str, Field(min_length=1)],
-        Annotated[list[LoraWeight], Field(min_length=1, max_length=MAX_MIX_ADAPTERS)],
+    Annotated[
+        Union[
+            Annotated[str, Field(min_length=1), Tag("lora-ref")],
+            Annotated[
+                list[LoraWeight],
+                Field(min_length=1, max_length=MAX_MIX_ADAPTERS),
+                AfterValidator(_distinct_names),
+                Tag("lora-mix"),
+            ],
+        ],
+        Discriminator(lambda value: "lora-ref" if isinstance(value, str) else "lora-mix"),
     ]
 ]
+
+
+def describe_lora(lora: Union[str, list[LoraWeight]]) -> str:
+    """A ``lora`` value in the API's words, for messages: ``'a1'`` or ``a mix of 'a1' (scale 1), ...``."""
+    if isinstance(lora, str):
+        return repr(lora)
+    return "a mix of " + ", ".join(entry.describe() for entry in lora)
 
 
 class ContentPart(_Lenient):
@@ -286,6 +329,17 @@ class MessagesRequest(Sampling):
 
 # -- OpenAI-compatible -----------------------------------------------------------------------------
 
+# The values of unimplemented OpenAI fields that ask for nothing (compared by value and type:
+# ``False`` is neutral for ``echo`` but 0 is not neutral ``logprobs`` of a completion).
+UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+}
+
 
 class OpenAISampling(_Lenient):
     # As Cloudflare's default; OpenAI's "until the context ends" is rarely wanted.
@@ -315,6 +369,18 @@ class OpenAISampling(_Lenient):
     stream_options: Optional[dict[str, Any]] = None
     lora: LoraField = None
     response_format: Optional[ResponseFormat] = None
+    # OpenAI fields this server does not implement: accepted only at their neutral values, refused
+    # otherwise (as n > 1 is), so no client silently gets an answer it did not ask for.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+
+    @field_validator("logprobs", "top_logprobs", "logit_bias", "echo", "best_of", "suffix", check_fields=False)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if any(value == neutral and type(value) is type(neutral) for neutral in UNSUPPORTED_NEUTRAL[info.field_name]):
+            return value
+        raise ValueError("not supported by this server; leave it out")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -349,6 +415,9 @@ class CompletionRequest(OpenAISampling):
     DEFAULT_MAX_TOKENS: ClassVar[int] = 16  # OpenAI's default for /v1/completions
 
     prompt: Union[str, list[str]]
+    echo: Any = None  # unsupported unless neutral (see OpenAISampling._unsupported)
+    best_of: Any = None
+    suffix: Any = None
 
     @field_validator("prompt")
     @classmethod
@@ -381,7 +450,11 @@ def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
         for piece in item["loc"]:
             if isinstance(piece, int):
                 loc += f"[{piece}]"
-            elif not piece.startswith("function-") and piece not in ("str", "list[ContentPart]", "constrained-str"):
+            elif not piece.startswith(("function-", "lora-")) and piece not in (
+                "str",
+                "list[ContentPart]",
+                "constrained-str",
+            ):
                 loc += f".{piece}" if loc else piece
         msg = item["msg"].removeprefix("Value error, ")
         parts.append(f"{prefix}{loc or 'body'}: {msg}")

@@ -22,6 +22,9 @@ class ServingEngine(Protocol):
     def check_adapter(self, ref: str | ResolvedAdapter) -> str:
         """Load ``ref`` where it will run (a resolution is not looked up again); its canonical reference."""
 
+    def validate_adapter(self, path: str, name: str) -> None:
+        """Check that directory ``path`` could be served as ``name`` (nothing loaded or kept); AdapterError if not."""
+
     def drop_adapter(self, key: str) -> bool:
         """Free resident adapter ``key`` once its running requests finish (a runtime unload)."""
 

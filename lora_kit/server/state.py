@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from lora_kit.engine.types import AdapterWeight, ResolvedAdapter, UnknownAdapter
+from lora_kit.server import errors
 from lora_kit.server.errors import ApiError
 from lora_kit.server.finetunes import FinetuneStore
 from lora_kit.server.generation import ChosenAdapters, Runner, engine_error
@@ -29,6 +30,7 @@ class ServerState:
     max_tokens_cap: int
     runtime: RuntimeAdapters  # which registry adapters are served (vLLM's runtime load/unload)
     management: bool = False  # uploads and runtime load/unload without a token (--enable-management)
+    allowed_hosts: tuple[str, ...] = ()  # Host names management answers under without a token (--allowed-host)
 
     @property
     def served_model(self) -> str:
@@ -48,13 +50,19 @@ class ServerState:
         if isinstance(lora, str):
             one = self._served(lora)
             return ChosenAdapters(one.key, {one.key: one})
-        by_name: dict[str, ResolvedAdapter] = {}
+        by_key: dict[str, ResolvedAdapter] = {}
         mix = []
-        for entry in lora:
-            if entry.name not in by_name:
-                by_name[entry.name] = self._served(entry.name)
-            mix.append(AdapterWeight(by_name[entry.name].key, entry.scale))
-        return ChosenAdapters(mix, {resolved.key: resolved for resolved in by_name.values()})
+        for entry in lora:  # names are distinct (the schema); two may still name one version
+            resolved = self._served(entry.name)
+            if resolved.key in by_key:
+                raise errors.bad_input(
+                    f"lora: the mix names {resolved.key} twice ({entry.name!r} is another name for it): "
+                    "give each adapter once, with its whole scale",
+                    "lora",
+                )
+            by_key[resolved.key] = resolved
+            mix.append(AdapterWeight(resolved.key, entry.scale))
+        return ChosenAdapters(mix, by_key)
 
     def _served(self, ref: str) -> ResolvedAdapter:
         """``ref`` resolved (one registry lookup) and warmed into a slot; blocking."""
