@@ -211,18 +211,24 @@ def load_model(
     log: Callable[[str], None] | None = None,
     attn_implementation: str | None = None,
     quant_storage: torch.dtype | None = None,
+    linear_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM: 4-bit (NF4/FP4, bitsandbytes) or full precision, on ``device``.
 
     ``attn_implementation`` ("sdpa", "eager", ...) picks the attention kernel; None or "auto"
     leaves transformers' default for the architecture. ``quant_storage``: see :func:`quantization_config`.
+    ``linear_dtype`` (full precision only): load the checkpoint in this dtype and keep the linear
+    layers' weights in it, everything else (embeddings, norms) in ``compute_dtype``: a serving
+    engine that multiplies in bf16 (see ``lora_kit.engine.fit``) then never holds an fp32 copy of
+    the weights (29 GB for a 7B), and a bf16 checkpoint's tensors are read as they are stored.
     """
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
     source = resolve(spec, log)
-    kwargs: dict[str, Any] = {"dtype": compute_dtype, "trust_remote_code": False}
+    load_dtype = linear_dtype if linear_dtype is not None and quantization == "none" else compute_dtype
+    kwargs: dict[str, Any] = {"dtype": load_dtype, "trust_remote_code": False}
     if attn_implementation not in (None, "auto"):
         kwargs["attn_implementation"] = attn_implementation
     qconfig = quantization_config(quantization, double_quant, compute_dtype, quant_storage)
@@ -241,8 +247,114 @@ def load_model(
         raise ModelError(f"could not load '{spec}': {err}") from err
     if not on_device:
         model.to(device)
+    if load_dtype != compute_dtype:
+        _widen_all_but_linear_weights(model, compute_dtype)
     model.eval()
     return model
+
+
+def _widen_all_but_linear_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Cast every floating parameter and buffer to ``dtype`` except the weights and biases of
+    ``nn.Linear`` layers (a head tied to the input embeddings is widened with them: the lookup
+    must return ``dtype``)."""
+    import torch
+
+    embedding = model.get_input_embeddings().weight
+    keep = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)} - {
+        id(embedding)
+    }
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point() and tensor.dtype != dtype and id(tensor) not in keep:
+                tensor.data = tensor.data.to(dtype)
+    model.config.dtype = dtype  # what the model computes in (transformers reads it for new buffers)
+
+
+def _safetensors_headers(spec: str) -> list[dict[str, Any]] | None:
+    """The JSON headers of ``spec``'s safetensors files (no tensor is read); None when it is not on
+    this machine (a hub id), holds no safetensors, or a header cannot be read."""
+    import json
+
+    try:
+        source = Path(resolve(spec))
+    except ModelError:
+        return None
+    files = sorted(source.glob("*.safetensors")) if source.is_dir() else []
+    headers = []
+    for file in files:
+        try:
+            with open(file, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(header, dict):
+            return None
+        headers.append({k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)})
+    return headers or None
+
+
+def checkpoint_numel(spec: str) -> int | None:
+    """How many parameters the checkpoint of ``spec`` holds, from its safetensors headers."""
+    headers = _safetensors_headers(spec)
+    if headers is None:
+        return None
+    total = 0
+    for header in headers:
+        for info in header.values():
+            count = 1
+            for dim in info.get("shape", []):
+                count *= int(dim)
+            total += count
+    return total or None
+
+
+_SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def checkpoint_float_dtype(spec: str) -> str | None:
+    """The one floating dtype every tensor of ``spec``'s checkpoint is stored in (``bfloat16``,
+    ``float16``, ``float32``), or None (mixed, unknown, not on this machine)."""
+    headers = _safetensors_headers(spec)
+    found = {_SAFETENSORS_FLOATS.get(str(info.get("dtype"))) for h in headers or [] for info in h.values()}
+    found.discard(None)
+    return found.pop() if len(found) == 1 else None
+
+
+MEMORY_ENV = "LORA_KIT_MEMORY_LIMIT"
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still take: ``$LORA_KIT_MEMORY_LIMIT`` (bytes, or with a K/M/G
+    suffix) when set, else the least of the kernel's MemAvailable and the cgroup's free share
+    (a container's limit, which /proc/meminfo does not show). None when neither can be read."""
+    override = os.environ.get(MEMORY_ENV, "").strip()
+    if override:
+        return parse_bytes(override, MEMORY_ENV)
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def parse_bytes(text: str, what: str) -> int:
+    """``"24G"``, ``"512M"``, ``"1000"`` -> bytes (binary units); ModelError naming ``what`` otherwise."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
+    if not match:
+        raise ModelError(f"{what} must be a size like 24G, 512M or a number of bytes, not {text!r}")
+    return int(float(match.group(1)) * units[match.group(2)])
 
 
 def load(

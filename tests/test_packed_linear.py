@@ -45,7 +45,8 @@ def test_bf16_packed_linear_is_close(isa, monkeypatch):
     packed = PackedLinear(layer, 8)
     with torch.inference_mode():
         got = packed(x)
-    assert packed.onednn == can_pack(layer) == onednn_bf16()
+    assert packed.onednn == onednn_bf16()
+    assert can_pack(layer)  # held dense where oneDNN cannot take bf16: a bf16-loaded base is wrapped too
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 

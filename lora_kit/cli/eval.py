@@ -131,7 +131,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--precision",
         choices=list(PRECISIONS),
         default=None,
-        help="how the base is loaded (default: as `lora-kit serve` loads it: fp32 on a CPU, bf16 on CUDA)",
+        help="how the base is loaded (default: as `lora-kit serve` loads it: on a CPU fp32, or bf16 weights "
+        "(bf16w) where the CPU multiplies bf16 natively or fp32 would take over half the free memory; bf16 on CUDA)",
     )
     p.add_argument("--max-examples", type=int, default=None, metavar="N", help="the first N examples only")
     p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="answer length limit (default: 256)")

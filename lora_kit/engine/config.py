@@ -60,7 +60,7 @@ class EngineConfig:
     """dtype adapters are held in (default: the model's, or bfloat16 when the base's weights are held in bf16; bfloat16 halves the bytes an adapter row reads per step, rounding its weights to bf16)"""
 
     weight_dtype: WeightDtype = "auto"
-    """dtype the base model's dense weights are held in on the CPU: bfloat16 halves the bytes a decode step reads (weights, and each product's input and output, rounded to bf16; norms, attention, residuals and LoRA stay fp32); float32 is exact (results equal transformers'/PEFT's); auto: bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else float32"""
+    """dtype the base model's dense weights are held in on the CPU: bfloat16 halves the bytes a decode step reads (weights, and each product's input and output, rounded to bf16; norms, attention, residuals and LoRA stay fp32); float32 is exact (results equal transformers'/PEFT's); auto: bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX) or where float32 weights would take more than half the free memory (a 7B base on a 24 GiB machine; read from a bf16 checkpoint as bf16, never copied to float32), else float32. A base that does not fit at all is refused before loading, naming the flag that fits it"""
 
     def __post_init__(self) -> None:
         # A torch dtype or "torch.bfloat16" names the same choice; this module does not import torch.

@@ -20,9 +20,10 @@ import torch
 
 from lora_kit import chat
 from lora_kit.engine.adapters import Resolver, load_adapter, registry_resolver, resolve_adapter
-from lora_kit.engine.backends import Backend, select_backend
+from lora_kit.engine.backends import Backend, backend_choice, select_backend
 from lora_kit.engine.config import EngineConfig
 from lora_kit.engine.constraints import GrammarCache
+from lora_kit.engine.fit import base_fit, half_precision_linears
 from lora_kit.engine.loop import EngineLoop
 from lora_kit.engine.lora_layer import LoraContext, wrap_linear_layers
 from lora_kit.engine.output import OutputProcessor
@@ -75,7 +76,7 @@ class Engine:
     ) -> None:
         self.config = config = config or EngineConfig()
         self.threads = config.threads or engine_threads()
-        model, tokenizer = self._load(config, model, tokenizer)
+        model, tokenizer = self._load(config, model, tokenizer, backend)
         self.model, self.tokenizer = model, tokenizer
         self.model_name = config.model
         self.max_slots, self.max_rank = config.max_slots, config.max_rank
@@ -90,7 +91,7 @@ class Engine:
         self._resolver = adapter_resolver or registry_resolver(registry_root)
         self._expected_files: dict[str, Any] = {}  # adapter key -> {file: {"sha256", "size"}} from its resolver
         self.backend: Backend = select_backend(
-            self.device, self.dtype, self.adapter_dtype, self.max_rank, backend, config.weight_dtype
+            self.device, self.dtype, self.adapter_dtype, self.max_rank, backend, self._weight_dtype
         )
         if config.adapter_dtype is None and self.backend.weight_dtype == torch.bfloat16:
             # The base's weights are rounded to bf16 already: the adapters' are too, halving the
@@ -130,12 +131,22 @@ class Engine:
         output = OutputProcessor(self.tokenizer, self.stop_ids, self.max_length)
         self._loop = EngineLoop(self._scheduler, self._runner, output, self.threads)
 
-    def _load(self, config: EngineConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
-        """The model and tokenizer: as given, else loaded from ``config.model``."""
+    def _load(self, config: EngineConfig, model: Any, tokenizer: Any, backend: str | None) -> tuple[Any, Any]:
+        """The model and tokenizer: as given, else loaded from ``config.model``, its weights held as
+        :func:`~lora_kit.engine.fit.base_fit` decides on the CPU (checked to fit before loading)."""
         from lora_kit import models
 
+        self._weight_dtype = config.weight_dtype
         if model is None:
-            model = run_in_thread(lambda: models.load_model(config.model, config.quantization), self.threads)
+            linear_dtype = None
+            if models.default_device().type == "cpu" and backend_choice(models.default_device(), backend) == "cpu":
+                fit = base_fit(config.model, config.quantization, config.weight_dtype)
+                if config.quantization == "none":
+                    self._weight_dtype = fit.weight_dtype
+                    linear_dtype = half_precision_linears(config.model, fit.weight_dtype)
+            model = run_in_thread(
+                lambda: models.load_model(config.model, config.quantization, linear_dtype=linear_dtype), self.threads
+            )
         if tokenizer is None:
             tokenizer = models.load_tokenizer(config.model)
         model.eval()

@@ -261,12 +261,13 @@ class BatchedLoraLinear(nn.Module):
         new_b[:, : b.shape[1]] = b
         self.lora_A, self.lora_B = new_a, new_b
 
-    def pack(self, batch_hint: int, dtype: torch.dtype | None = None) -> bool:
-        """Run the base product with a oneDNN-packed weight, in ``dtype`` (default: the base's)
-        (the CPU backend; see ``backends.packed_linear``), when it can."""
+    def pack(self, batch_hint: int, dtype: torch.dtype | None = None, io_dtype: torch.dtype | None = None) -> bool:
+        """Run the base product with a oneDNN-packed weight, in ``dtype`` (default: the base's),
+        taking and returning ``io_dtype`` (default: the base's) (the CPU backend; see
+        ``backends.packed_linear``), when it can."""
         if not can_pack(self.base):
             return False
-        self.base = PackedLinear(self.base, batch_hint, dtype)
+        self.base = PackedLinear(self.base, batch_hint, dtype, io_dtype)
         return True
 
     def extra_repr(self) -> str:

@@ -66,13 +66,17 @@ def precision_of(quantization: str, compute_dtype: Any = None) -> str:
     return _DTYPE_NAMES[str(compute_dtype).removeprefix("torch.")]
 
 
-def serving_precision() -> str:
-    """The precision ``lora-kit serve`` loads the base in with no flags, on this machine."""
+def serving_precision(model_spec: str | None = None) -> str:
+    """The precision ``lora-kit serve --model model_spec`` loads the base in with no flags, on this
+    machine: on a CPU fp32, or bf16 weights (``bf16w``) where the CPU multiplies bf16 natively or
+    the base is too large for fp32 here (:func:`lora_kit.engine.fit.cpu_weight_dtype`)."""
+    from lora_kit.engine.fit import cpu_weight_dtype
+
     precision = precision_of(EngineConfig().quantization)
     if precision == "fp32" and models.default_device().type == "cpu":
-        from lora_kit.engine.backends.packed_linear import native_bf16
-
-        return "bf16w" if native_bf16() else "fp32"  # EngineConfig.weight_dtype "auto"
+        numel = models.checkpoint_numel(model_spec) if model_spec else None
+        dtype = cpu_weight_dtype(EngineConfig().weight_dtype, numel, models.available_memory_bytes())
+        return "bf16w" if dtype == "bfloat16" else "fp32"
     return precision
 
 
@@ -96,10 +100,16 @@ def load_engine(
     import torch
 
     from lora_kit.engine import Engine
+    from lora_kit.engine.fit import BaseFit, check_fits, half_precision_linears
 
     quantization, dtype, weight_dtype = PRECISIONS[check_precision(precision)]
     compute_dtype = getattr(torch, dtype) if dtype else None
-    model = models.load_model(model_spec, quantization, compute_dtype=compute_dtype)  # type: ignore[arg-type]
+    if models.default_device().type == "cpu":  # refused before loading when it cannot fit
+        held = quantization if quantization != "none" else {"auto": dtype}.get(weight_dtype, weight_dtype)
+        check_fits(BaseFit(held, models.checkpoint_numel(model_spec), models.available_memory_bytes()), model_spec)
+    # bf16 weights under fp32 activations: a 16-bit checkpoint is read as stored, never copied to fp32
+    linear_dtype = half_precision_linears(model_spec, "bfloat16") if precision == "bf16w" else None
+    model = models.load_model(model_spec, quantization, compute_dtype=compute_dtype, linear_dtype=linear_dtype)  # type: ignore[arg-type]
     defaults = EngineConfig()
     config = EngineConfig(
         model=model_spec,
@@ -251,7 +261,7 @@ def evaluate(
     registry_root: Path | str | None = None,
 ) -> EvalReport:
     """Load ``model_spec`` at ``precision`` (default: the server's), evaluate ``refs`` in one pass, free the engine."""
-    precision = check_precision(precision or serving_precision())
+    precision = check_precision(precision or serving_precision(model_spec))
     check_refs(refs)
     check_references(metric, [c.reference for c in cases])
     n_adapters = sum(ref != BASE_REF for ref in refs)

@@ -71,7 +71,10 @@ class TaskEval:
         if not self.enabled:
             return []
         cases = self.cases()
-        served, trained = serving_precision(), precision_of(self.recipe.model.quantization, self.compute_dtype)
+        served, trained = (
+            serving_precision(self.recipe.model.base),
+            precision_of(self.recipe.model.quantization, self.compute_dtype),
+        )
         fingerprint = self._data_fingerprint()
         release()
         reports = []

@@ -82,10 +82,16 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, lora_kernel: Callable[..., None] | None, weight_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        lora_kernel: Callable[..., None] | None,
+        weight_dtype: torch.dtype | None = None,
+        io_dtype: torch.dtype | None = None,
+    ) -> None:
         self.lora_kernel = lora_kernel
         self.lora_mix_kernel = bgmv.mix_op() if lora_kernel is not None else None
         self.weight_dtype = weight_dtype
+        self.io_dtype = io_dtype  # what the layers take and return (None: their weights' dtype)
 
     def prepare(self, model: Any, layers: Iterable[Any], batch_hint: int) -> int:
         """Pack every dense layer and the output head, releasing each dense weight's checkpoint
@@ -95,11 +101,11 @@ class CpuBackend(Backend):
         packed = released = 0
         for layer in layers:
             dense = layer.base.weight
-            if layer.pack(batch_hint, dtype):
+            if layer.pack(batch_hint, dtype, self.io_dtype):
                 packed += 1
                 released += memory.drop_file_pages(dense, mappings)
             del dense
-        packed += int(pack_output_head(model, batch_hint, dtype))
+        packed += int(pack_output_head(model, batch_hint, dtype, self.io_dtype))
         if packed and dtype == torch.bfloat16:
             narrow_input_embeddings(model, dtype)
         if packed:
@@ -124,16 +130,23 @@ def select_backend(
     torch backend leaves the weights as loaded. Building the BGMV kernel (the first time on a
     machine) happens here, for the CPU backend.
     """
+    if backend_choice(device, choice) == "torch":
+        return TorchBackend()
+    if device.type != "cpu":
+        raise ValueError(f"the cpu backend serves models on the CPU, not on {device.type}")
+    return CpuBackend(
+        _cpu_kernel(compute_dtype, adapter_dtype, max_rank), _packing_dtype(compute_dtype, weight_dtype), compute_dtype
+    )
+
+
+def backend_choice(device: torch.device, choice: str | None = None) -> str:
+    """``cpu`` or ``torch``: ``choice``, else ``$LORA_KIT_ENGINE_BACKEND``, else by ``device``."""
     choice = (choice or os.environ.get(ENV) or "auto").strip().lower()
     if choice not in CHOICES:
         raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, not {choice!r}")
     if choice == "auto":
-        choice = "cpu" if device.type == "cpu" else "torch"
-    if choice == "torch":
-        return TorchBackend()
-    if device.type != "cpu":
-        raise ValueError(f"the cpu backend serves models on the CPU, not on {device.type}")
-    return CpuBackend(_cpu_kernel(compute_dtype, adapter_dtype, max_rank), _packing_dtype(compute_dtype, weight_dtype))
+        return "cpu" if device.type == "cpu" else "torch"
+    return choice
 
 
 def _packing_dtype(compute_dtype: torch.dtype, weight_dtype: str) -> torch.dtype:
@@ -156,4 +169,4 @@ def _cpu_kernel(compute_dtype: torch.dtype, adapter_dtype: torch.dtype, max_rank
     return bgmv.op() if fits and bgmv.load() else None
 
 
-__all__ = ["CHOICES", "ENV", "Backend", "CpuBackend", "TorchBackend", "select_backend"]
+__all__ = ["CHOICES", "ENV", "Backend", "CpuBackend", "TorchBackend", "backend_choice", "select_backend"]

@@ -87,9 +87,8 @@ def can_pack(layer: nn.Module) -> bool:
     weight = layer.weight
     if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES or weight.is_mkldnn:
         return False
-    if not torch.backends.mkldnn.is_available():
-        return False
-    return weight.dtype != torch.bfloat16 or onednn_bf16()
+    # A bf16 weight oneDNN cannot take here is held dense by PackedLinear (torch's bf16 product).
+    return weight.dtype == torch.bfloat16 or torch.backends.mkldnn.is_available()
 
 
 class PackedLinear(nn.Module):
@@ -98,11 +97,15 @@ class PackedLinear(nn.Module):
     an fp32 layer, ``x`` is rounded to bf16 for the product and ``y`` widened back. A bf16
     weight oneDNN cannot take here (:func:`onednn_bf16`) stays dense, multiplied by torch."""
 
-    def __init__(self, layer: nn.Linear, batch_hint: int, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, layer: nn.Linear, batch_hint: int, dtype: torch.dtype | None = None, io_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.in_features = layer.in_features
         self.out_features = layer.out_features
-        self.io_dtype = layer.weight.dtype
+        # A base loaded with bf16 linear weights under fp32 activations (models.load_model's
+        # linear_dtype) passes its activations' dtype: the layer still takes and returns fp32.
+        self.io_dtype = io_dtype or layer.weight.dtype
         weight = layer.weight.detach().to(dtype or self.io_dtype)
         self.onednn = weight.dtype != torch.bfloat16 or onednn_bf16()
         if self.onednn:
@@ -135,7 +138,9 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {held} {dtype}"
 
 
-def pack_output_head(model: PreTrainedModel, batch_hint: int, dtype: torch.dtype | None = None) -> bool:
+def pack_output_head(
+    model: PreTrainedModel, batch_hint: int, dtype: torch.dtype | None = None, io_dtype: torch.dtype | None = None
+) -> bool:
     """Replace the model's output head by a packed copy; False when it cannot be packed.
 
     A head tied to the input embeddings shares its table with the embedding lookup, which
@@ -145,7 +150,7 @@ def pack_output_head(model: PreTrainedModel, batch_hint: int, dtype: torch.dtype
     head = model.get_output_embeddings()
     if head is None or not can_pack(head):
         return False
-    model.set_output_embeddings(PackedLinear(head, batch_hint, dtype))
+    model.set_output_embeddings(PackedLinear(head, batch_hint, dtype, io_dtype))
     return True
 
 

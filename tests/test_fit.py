@@ -1,0 +1,150 @@
+"""Issue 23: a base that fp32 would not fit is held in bf16 (read as bf16, never copied to fp32),
+and one that fits in nothing offered is refused before loading, naming the flag that fits it.
+
+The machine's memory is set with ``$LORA_KIT_MEMORY_LIMIT`` relative to the tiny Mistral's size,
+so the decisions a 7B base meets on a 24 GiB machine are taken here on a model of kilobytes.
+The AVX2 paths are forced (``LORA_KIT_CPU_ISA=avx2``) so ``auto`` decides by size on any CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import greedy, mistral_engine, prompts, run_together
+
+from lora_kit import models
+from lora_kit.engine.fit import DoesNotFit, base_fit, check_fits, cpu_weight_dtype
+
+
+@pytest.fixture
+def avx2(monkeypatch):
+    monkeypatch.setenv("LORA_KIT_CPU_ISA", "avx2")
+
+
+@pytest.fixture
+def numel(tiny_mistral_dir):
+    n = models.checkpoint_numel(str(tiny_mistral_dir))
+    assert n is not None and n > 0
+    return n
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory, tiny_mistral_dir):
+    """The tiny Mistral saved as a bf16 checkpoint, as Mistral-7B's is."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-mistral-bf16")
+    AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.bfloat16).save_pretrained(out)
+    assert models.checkpoint_float_dtype(str(out)) == "bfloat16"
+    return out
+
+
+def test_checkpoint_numel_counts_every_tensor_from_the_headers(tiny_mistral_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
+    stored = {k: v.numel() for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    assert models.checkpoint_numel(str(tiny_mistral_dir)) == sum(stored.values()) - (
+        stored["lm_head.weight"] if tied else 0
+    )
+    assert models.checkpoint_numel("someone/not-here") is None
+
+
+def test_auto_picks_by_size_on_a_cpu_without_native_bf16(avx2):
+    giga = 10**9
+    assert cpu_weight_dtype("auto", 7_241_732_096, 22 * 2**30) == "bfloat16"  # a 7B on a 24 GiB machine
+    assert cpu_weight_dtype("auto", 134_515_008, 22 * 2**30) == "float32"  # the embedded 135M
+    assert cpu_weight_dtype("auto", giga, 8 * giga) == "float32"  # fp32 = half the memory: still fp32
+    assert cpu_weight_dtype("auto", giga, 8 * giga - 1) == "bfloat16"
+    assert cpu_weight_dtype("auto", None, None) == "float32"  # nothing known: exact
+    assert cpu_weight_dtype("float32", 7_241_732_096, 22 * 2**30) == "float32"  # asked for: kept
+
+
+def test_a_base_that_fits_nowhere_is_refused_naming_the_flags(avx2):
+    from lora_kit.engine.fit import BaseFit
+
+    seven_b, machine = 7_241_732_096, 22 * 2**30
+    with pytest.raises(DoesNotFit) as err:
+        check_fits(BaseFit("float32", seven_b, machine), "mistral-7b")
+    message = str(err.value)
+    assert "29.0 GB in float32" in message and "--weight-dtype bfloat16 (14.5 GB)" in message
+    assert "--quantization nf4 (4.3 GB)" in message and "LORA_KIT_MEMORY_LIMIT" in message
+    check_fits(BaseFit("bfloat16", seven_b, machine), "mistral-7b")  # fits: no error
+    with pytest.raises(DoesNotFit, match=r"fits with --quantization nf4 \(4.3 GB\)"):
+        check_fits(BaseFit("bfloat16", seven_b, 15 * 2**30), "mistral-7b")
+    with pytest.raises(DoesNotFit, match="no precision lora-kit offers fits it here"):
+        check_fits(BaseFit("nf4", seven_b, 4 * 2**30), "mistral-7b")
+
+
+def test_an_engine_holds_a_base_too_large_for_fp32_in_bf16_as_if_packed_from_fp32(
+    avx2, monkeypatch, bf16_dir, word_tokenizer, numel
+):
+    """Under a memory limit where fp32 takes over half, ``auto`` holds bf16 weights, read from the
+    bf16 checkpoint as bf16; the tokens and logits equal an engine that loads the checkpoint in
+    fp32 and packs it in bf16 (the same values and roundings)."""
+    from lora_kit.engine import Engine, EngineConfig
+    from lora_kit.engine.backends.packed_linear import PackedLinear
+
+    monkeypatch.setenv(models.MEMORY_ENV, str(4 * numel))
+    assert base_fit(str(bf16_dir), "none").weight_dtype == "bfloat16"
+    loads, load_model = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(k) or load_model(*a, **k))
+    fitted = Engine(EngineConfig(model=str(bf16_dir), max_slots=1), tokenizer=word_tokenizer)
+    assert loads == [{"linear_dtype": torch.bfloat16}]  # read as stored: no fp32 copy of the weights
+    packed = [m for m in fitted.model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.weight.dtype == torch.bfloat16 and m.io_dtype == torch.float32 for m in packed)
+    assert fitted.dtype == torch.float32  # norms, embeddings' lookups, residuals: fp32
+    linears = [m for m in fitted.model.modules() if type(m) is torch.nn.Linear]
+    assert not any(m.weight.dtype == torch.float32 for m in linears)  # no fp32 copy of a linear weight
+    reference = mistral_engine(bf16_dir, word_tokenizer, {}, weight_dtype="bfloat16", max_slots=1)
+    tokens, logits = [], []
+    for eng in (fitted, reference):
+        requests = [greedy(p, None, max_tokens=6) for p in prompts(word_tokenizer)]
+        for i, request in enumerate(requests):
+            request.request_id = f"r{i}"
+        with eng.recording_logits() as seen:
+            done = run_together(eng, requests)
+        eng.stop()
+        tokens.append([out.token_ids for out in done])
+        logits.append([seen[f"r{i}"] for i in range(len(requests))])
+    assert tokens[0] == tokens[1] and all(tokens[0])
+    for ours, theirs in zip(*logits):
+        assert len(ours) == len(theirs) > 0 and all(torch.equal(x, y) for x, y in zip(ours, theirs))
+
+
+def test_a_base_that_does_not_fit_is_refused_before_loading(avx2, monkeypatch, tiny_mistral_dir, word_tokenizer, numel):
+    from lora_kit.engine import Engine, EngineConfig
+    from lora_kit.evaluation.runner import load_engine, serving_precision
+
+    monkeypatch.setenv(models.MEMORY_ENV, str(2 * numel))
+    loads = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a))
+    with pytest.raises(DoesNotFit, match=r"fits with --quantization nf4"):
+        Engine(EngineConfig(model=str(tiny_mistral_dir)), tokenizer=word_tokenizer)
+    with pytest.raises(DoesNotFit, match=r"kB in float32, .* fits with --quantization nf4"):
+        load_engine(str(tiny_mistral_dir), "fp32")
+    assert loads == []  # refused before anything was read
+    monkeypatch.setenv(models.MEMORY_ENV, str(4 * numel))
+    assert serving_precision(str(tiny_mistral_dir)) == "bf16w"  # what eval and the end-of-run eval use
+    monkeypatch.setenv(models.MEMORY_ENV, "1G")
+    assert serving_precision(str(tiny_mistral_dir)) == "fp32"
+
+
+def test_the_cli_says_it_in_one_line(tiny_mistral_dir, numel):
+    env = {**os.environ, models.MEMORY_ENV: str(2 * numel), "LORA_KIT_CPU_ISA": "avx2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_kit", "generate", "--model", str(tiny_mistral_dir), "--max-tokens", "2", "hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("lora-kit: error: the base model") and "--quantization nf4" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
