@@ -321,6 +321,16 @@ def checkpoint_float_dtype(spec: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def checkpoint_shard_bytes(spec: str) -> list[int] | None:
+    """The sizes of ``spec``'s safetensors files, largest first (None: not on this machine)."""
+    try:
+        source = Path(resolve(spec))
+    except ModelError:
+        return None
+    sizes = sorted((f.stat().st_size for f in source.glob("*.safetensors")), reverse=True) if source.is_dir() else []
+    return sizes or None
+
+
 MEMORY_ENV = "LORA_KIT_MEMORY_LIMIT"
 
 

@@ -43,8 +43,9 @@ disk of ``--work-dir`` and MemAvailable (``/proc/meminfo``) are checked against 
 with what it needs and what there is (``--force`` only warns). Where the base is loaded to serve (the
 end-of-run evaluation, ``eval``, ``serve``) the need follows the precision it is loaded at: the
 step's flags (``--eval-args '--precision bf16w'``, ``--serve-args '--weight-dtype bfloat16'``), else
-the product's serving default on this CPU (``lora_kit.evaluation.runner.serving_precision``); at
-fp32 a 7B base needs ~31 GiB, and the step is refused on a 24 GiB machine. Every temporary home,
+the product's serving default for this checkpoint on this CPU
+(``lora_kit.evaluation.runner.serving_precision``: bf16 weights for a 7B on a 24 GiB machine,
+where fp32 would take ~31 GiB). Every temporary home,
 registry and run directory is under ``--work-dir`` (``LORA_KIT_HOME=WORK/home``, sharing the real
 home's compiled kernels); nothing is written to the user's registry.
 
@@ -463,7 +464,7 @@ class Bench:
         try:
             from lora_kit.evaluation.runner import serving_precision
 
-            default = serving_precision()
+            default = serving_precision(str(self.model)) if self.model is not None else serving_precision()
         except Exception:  # noqa: BLE001 - a guess for the preflight only
             default = "fp32"
         extra = {"eval": self.args.eval_args, "serve": self.args.serve_args}.get(step, "")

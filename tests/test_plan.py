@@ -3,6 +3,7 @@ CPU plan against the peak RSS of a real training run of the embedded model."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,41 @@ def test_plan_cli_counts_the_demo_tokens():
     report = json.loads(out.stdout)
     assert report["data"]["train_examples"] == 200 and report["data"]["supervised_tokens"] == 400
     assert report["data"]["steps"] == report["data"]["steps_per_epoch"] * 2
-    assert report["memory"]["total_bytes"] == sum(t["bytes"] for t in report["memory"]["terms"])
+    memory = report["memory"]
+    assert memory["training_bytes"] == sum(t["bytes"] for t in memory["terms"])
+    assert memory["total_bytes"] == max(memory["training_bytes"], memory["loading_bytes"])
+
+
+def test_a_16_bit_checkpoint_peaks_while_it_is_quantized(tmp_path, tiny_mistral_dir):
+    """Issue 23: a bf16 checkpoint (Mistral-7B's) is quantized from its file-mapped shards; the
+    plan's peak is the larger of loading (the checkpoint's pages, the 4-bit weights and fp32
+    embeddings made so far, a tensor widened per loading thread) and training, where no term for
+    the file remains."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.bfloat16).save_pretrained(
+        base, max_shard_size="50KB"
+    )
+    for file in tiny_mistral_dir.iterdir():  # its tokenizer: the plan counts the data's tokens
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, base / file.name)
+    shards = plan.models.checkpoint_shard_bytes(str(base))
+    assert len(shards) > 1 and plan.models.checkpoint_float_dtype(str(base)) == "bfloat16"
+    r = recipe.load(ROOT / "recipes" / "tiny-mistral-smoke.yaml", [f"model.base={base}", "model.quantization=nf4"])
+    shape = plan.model_shape(str(base))
+    loading = {name: b for name, b, _ in plan.loading_terms(r, shape, cuda=False)}
+    assert loading["checkpoint pages mapped while loading"] == sum(shards)  # every shard, till the end
+    h, i, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    assert loading["tensors widened to fp32 while loading"] == plan.LOAD_WORKERS * max(h * i, h * vocab) * 4
+    training = {name: b for name, b, _ in plan.estimate(r, shape, seq_len=64, cuda=False)}
+    assert loading["4-bit linear weights"] == training["4-bit linear weights"]
+    assert "fp32 checkpoint kept mapped" not in training
+    memory = plan.plan(r, device="cpu")["memory"]
+    assert memory["total_bytes"] == max(memory["training_bytes"], memory["loading_bytes"])
+    assert memory["loading_bytes"] == int(sum(loading.values()))
+    assert plan.loading_terms(r, shape, cuda=True) == []
 
 
 def test_cpu_plan_counts_the_saved_activations_and_the_heap():
@@ -59,7 +94,11 @@ def test_cpu_plan_counts_the_saved_activations_and_the_heap():
     assert terms["allocator slack (glibc heap)"] > 0  # its size is checked against a measured peak below
     params = 30 * (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536) + 49152 * 576 + 576 + 30 * 2 * 576
     assert params == 134_515_008
-    assert terms["base loaded before quantizing (freed, kept by the heap)"] == params * 4
+    # its checkpoint is one fp32 file: the embeddings are views of it, which keep it all mapped
+    checkpoint = plan.models.checkpoint_shard_bytes("smollm2-135m-instruct")
+    assert terms["fp32 checkpoint kept mapped"] == sum(checkpoint)
+    assert 0 < sum(checkpoint) - params * 4 < 64 * 1024  # the tensors and a header
+    assert plan.loading_terms(r, shape, cuda=False) == []  # an fp32 checkpoint peaks in training
     no_dropout = recipe.load(ROOT / "recipes" / "demo-sentiment.yaml", ["lora.dropout=0"])
     lean = {name: b for name, b, _ in plan.estimate(no_dropout, shape, seq_len=256, cuda=False)}
     assert activations - lean["activations, all layers"] == 30 * 4 * 256 * (6 * 576 + 1536)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,36 @@ def test_two_processes_register_concurrently(tmp_path, adapters):
     reg = Registry(root)
     assert len({v.id for v in reg.list()}) == 2
     assert reg.verify() == []
+
+
+def test_identical_registrations_at_once_add_one_version_whose_files_stay_readable(tmp_path, adapters, monkeypatch):
+    """Issue 29 item 3: concurrent registrations of the same files (unless_latest_is_identical) add
+    one version; every caller reads its directory at once, while the others (re)build it, and
+    never finds a file missing (a twin's complete directory is never removed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg = Registry(tmp_path / "reg")
+    link = os.link
+    monkeypatch.setattr(os, "link", lambda *a: time.sleep(0.02) or link(*a))  # builders overlap readers
+
+    def register_and_read(_: int) -> tuple[str, int]:
+        av = reg.register(adapters[0], "same", unless_latest_is_identical=True)
+        where = reg.version_dir(av)
+        return av.ref, sum(len((where / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors"))
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(register_and_read, range(6)))
+    assert {ref for ref, _ in results} == {"same@1"} and len({size for _, size in results}) == 1
+    assert [v.ref for v in reg.list()] == ["same@1"]
+    av = reg.resolve("same@1")
+    for _ in range(10):  # the version directory rebuilt by several readers at once
+        shutil.rmtree(reg.root / "versions" / av.id)
+        with ThreadPoolExecutor(6) as pool:
+            sizes = list(
+                pool.map(lambda _: (reg.version_dir(av) / "adapter_model.safetensors").stat().st_size, range(6))
+            )
+        assert len(set(sizes)) == 1
+    assert reg.register(adapters[1], "same", unless_latest_is_identical=True).ref == "same@2"  # new files: new version
 
 
 @pytest.mark.parametrize("point", ["staged", "blobs", "inserted"])

@@ -568,7 +568,9 @@ class Registry:
                     os.link(blob, tmp / fname)
                 except OSError:
                     shutil.copyfile(blob, tmp / fname)
-            if target.exists():
+            # Only an incomplete directory is removed: a complete one may be a twin's (two
+            # requests resolving one version at once), which its caller is reading right now.
+            if target.exists() and not all((target / f).is_file() for f in STORED_FILES):
                 shutil.rmtree(target, ignore_errors=True)
             try:
                 os.replace(tmp, target)

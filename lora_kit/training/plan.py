@@ -253,17 +253,67 @@ def _cpu_heap_terms(recipe: Recipe, shape: dict[str, Any], terms: list[tuple[str
             f"{HEAP_SLACK} x activations (freed forward temporaries between saved tensors, measured)",
         )
     ]
-    if recipe.model.quantization != "none":
-        linear, (root, norms) = _linear_params(shape), _other_params(shape)
-        n = linear + root + norms
+    if recipe.model.quantization != "none" and _checkpoint(recipe)["stored"] == "float32":
+        total = _checkpoint(recipe)["total"]
         out.append(
             (
-                "base loaded before quantizing (freed, kept by the heap)",
-                n * 4,
-                f"{n:,} params x 4 B (read at full precision, then quantized to 4 bits)",
+                "fp32 checkpoint kept mapped",
+                total,
+                f"{total:,} B of checkpoint file: its embeddings and norms are views of it (fp32 as computed)",
             )
         )
     return out
+
+
+def _checkpoint(recipe: Recipe) -> dict[str, Any]:
+    """What the base's checkpoint files are: the dtype its tensors are stored in and its bytes. A
+    base not on this machine (a hub id) is taken to be stored in bf16, as Mistral-7B is."""
+    spec = recipe.model.base
+    shards, numel = models.checkpoint_shard_bytes(spec), models.checkpoint_numel(spec)
+    if shards is None or numel is None:
+        shape = model_shape(spec)
+        params = _linear_params(shape) + sum(_other_params(shape))
+        return {"stored": "bfloat16", "total": params * 2, "known": False}
+    return {"stored": models.checkpoint_float_dtype(spec), "total": sum(shards), "known": True}
+
+
+# transformers (5.x) converts and quantizes up to min(4, CPUs) tensors at once while loading.
+LOAD_WORKERS = min(4, os.cpu_count() or 4)
+
+
+def loading_terms(recipe: Recipe, shape: dict[str, Any], cuda: bool) -> list[tuple[str, float, str]]:
+    """The peak while a 16-bit checkpoint is quantized to 4 bits on the CPU, before training starts:
+    the 4-bit weights and fp32 embeddings and norms made so far, the tensors being widened to fp32
+    (one per loading thread), and the checkpoint's pages: transformers maps every shard at the
+    start and unmaps them at the end, so each page read stays resident (clean page cache, which the
+    kernel reclaims under pressure: counted in RSS, not a hard need). Empty where it is not the load
+    that peaks this way (CUDA, full precision, an fp32 checkpoint)."""
+    facts = _checkpoint(recipe) if recipe.model.quantization != "none" and not cuda else None
+    if facts is None or facts["stored"] == "float32":
+        return []
+    terms = [t for t in _replicated_weight_terms(recipe, shape, 4) if t[0] in QUANTIZED_LOAD_TERMS]
+    h, i, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    widest = max(h * i, h * vocab)
+    terms.append(
+        (
+            "tensors widened to fp32 while loading",
+            LOAD_WORKERS * widest * 4,
+            f"{LOAD_WORKERS} loading threads x {widest:,} params x 4 B (the widest matrix)",
+        )
+    )
+    terms.append(("runtime (Python, torch, libraries)", 0.5 * GiB, "as in training"))
+    where = "" if facts["known"] else " (taken as bf16: not on this machine)"
+    terms.append(
+        (
+            "checkpoint pages mapped while loading",
+            facts["total"],
+            f"{facts['total']:,} B of checkpoint{where}: reclaimable page cache, in RSS while memory allows",
+        )
+    )
+    return terms
+
+
+QUANTIZED_LOAD_TERMS = ("4-bit linear weights", "embeddings, lm_head, norms (fp32)")
 
 
 def plan(recipe: Recipe, device: str | None = None, strategy: str | None = None, world_size: int = 1) -> dict[str, Any]:
@@ -308,9 +358,14 @@ def plan(recipe: Recipe, device: str | None = None, strategy: str | None = None,
         report["data"] = {"error": str(err)}
     shape = model_shape(recipe.model.base)
     terms = estimate(recipe, shape, seq_len, cuda, share, strategy, world_size)
-    total = sum(b for _, b, _ in terms)
+    loading = loading_terms(recipe, shape, cuda) if strategy == "none" else []
+    training, load_peak = sum(b for _, b, _ in terms), sum(b for _, b, _ in loading)
+    total = max(training, load_peak)  # the process peaks while loading or while training
     report["memory"] = {
         "terms": [{"name": n, "bytes": int(b), "formula": f} for n, b, f in terms],
+        "training_bytes": int(training),
+        "loading_terms": [{"name": n, "bytes": int(b), "formula": f} for n, b, f in loading],
+        "loading_bytes": int(load_peak),
         "total_bytes": int(total),
         "seq_len": seq_len,
     }
@@ -367,7 +422,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"estimated peak memory (sequence length {m['seq_len']}):")
     for t in m["terms"]:
         lines.append(f"  {t['bytes'] / GiB:8.3f} GiB  {t['name']:<36} {t['formula']}")
-    lines.append(f"  {m['total_bytes'] / GiB:8.3f} GiB  total" + (" per rank" if dist["world_size"] > 1 else ""))
+    if m.get("loading_terms"):
+        lines.append(f"  {m['training_bytes'] / GiB:8.3f} GiB  while training")
+        lines.append("while loading (quantizing the 16-bit checkpoint, before training):")
+        for t in m["loading_terms"]:
+            lines.append(f"  {t['bytes'] / GiB:8.3f} GiB  {t['name']:<36} {t['formula']}")
+        lines.append(f"  {m['loading_bytes'] / GiB:8.3f} GiB  while loading")
+    lines.append(f"  {m['total_bytes'] / GiB:8.3f} GiB  total (peak)" + (" per rank" if dist["world_size"] > 1 else ""))
     if "per_rank_bytes" in m:
         per_rank = ", ".join(f"{s} {b / GiB:.3f} GiB" for s, b in m["per_rank_bytes"].items())
         lines.append(f"per rank at {dist['world_size']} processes: {per_rank}")
