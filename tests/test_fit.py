@@ -22,7 +22,11 @@ from lora_kit.engine.fit import DoesNotFit, base_fit, check_fits, cpu_weight_dty
 
 @pytest.fixture
 def avx2(monkeypatch):
+    """The AVX2 paths, and no fixed part of the reserve: the limits below scale with the tiny model."""
+    from lora_kit.engine import fit
+
     monkeypatch.setenv("LORA_KIT_CPU_ISA", "avx2")
+    monkeypatch.setattr(fit, "RESERVE_MIN", 0)
 
 
 @pytest.fixture
@@ -76,7 +80,7 @@ def test_a_base_that_fits_nowhere_is_refused_naming_the_flags(avx2):
     assert "--quantization nf4 (4.3 GB)" in message and "LORA_KIT_MEMORY_LIMIT" in message
     check_fits(BaseFit("bfloat16", seven_b, machine), "mistral-7b")  # fits: no error
     with pytest.raises(DoesNotFit, match=r"fits with --quantization nf4 \(4.3 GB\)"):
-        check_fits(BaseFit("bfloat16", seven_b, 15 * 2**30), "mistral-7b")
+        check_fits(BaseFit("bfloat16", seven_b, 14 * 2**30), "mistral-7b")
     with pytest.raises(DoesNotFit, match="no precision lora-kit offers fits it here"):
         check_fits(BaseFit("nf4", seven_b, 4 * 2**30), "mistral-7b")
 
@@ -146,5 +150,13 @@ def test_the_cli_says_it_in_one_line(tiny_mistral_dir, numel):
     )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("lora-kit: error: the base model") and "--quantization nf4" in lines[-1], proc.stderr
+    assert lines[-1].startswith("lora-kit: error: the base model") and "of memory available" in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_reserve_is_a_tenth_and_at_least_a_gib():
+    from lora_kit.engine.fit import RESERVE_MIN, with_reserve
+
+    assert RESERVE_MIN == 2**30
+    assert with_reserve(14.5e9) == pytest.approx(15.95e9)  # a 7B in bf16 needs 16 GB free
+    assert with_reserve(1e6) == 1e6 + 2**30
