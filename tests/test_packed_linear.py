@@ -96,3 +96,31 @@ def test_dense_leftovers_in_the_checkpoint_get_their_own_memory():
             ptr, values = before[name]
             assert (p.data_ptr() != ptr) == (name == "0.weight") and torch.equal(p, values)
     assert model[2].weight.is_mkldnn  # the packed weight is left alone
+
+
+@pytest.mark.parametrize("rows", [2, 5, 16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_several_rows_on_a_dense_bf16_weight_widen_by_blocks_with_the_same_roundings(rows, bias, monkeypatch):
+    """On the AVX2 path a dense bf16 weight times several rows is widened to fp32 block by block
+    (torch's own bf16 product is compute-bound there): the results are torch's bf16 product's,
+    within one bf16 rounding, and one row keeps torch's product as it is."""
+    from lora_kit.engine.backends import packed_linear
+
+    monkeypatch.setenv(ISA_ENV, "avx2")
+    torch.manual_seed(rows)
+    layer = nn.Linear(96, 2 * packed_linear.WIDEN_BLOCK + 37, bias=bias)  # a last, partial block
+    packed = PackedLinear(layer, 8, torch.bfloat16)
+    assert not packed.onednn
+    x = torch.randn(rows, 96)
+    w = layer.weight.detach().to(torch.bfloat16)
+    b = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
+    with torch.inference_mode():
+        got = packed(x)
+        want = nn.functional.linear(x.to(torch.bfloat16), w, b).float()
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)  # one bf16 rounding at most
+    calls = []
+    monkeypatch.setattr(PackedLinear, "_widened_by_blocks", lambda self, x: calls.append(x) or x)
+    with torch.inference_mode():
+        packed(x[:1])
+    assert calls == []  # one row: torch's product
