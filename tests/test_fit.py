@@ -160,3 +160,12 @@ def test_the_reserve_is_a_tenth_and_at_least_a_gib():
     assert RESERVE_MIN == 2**30
     assert with_reserve(14.5e9) == pytest.approx(15.95e9)  # a 7B in bf16 needs 16 GB free
     assert with_reserve(1e6) == 1e6 + 2**30
+
+
+def test_auto_is_bf16_wherever_the_cpu_multiplies_bf16_natively(monkeypatch):
+    """The AMX/AVX512-BF16 branch, on any machine: bf16 whatever the size (it is the fast path there)."""
+    from lora_kit.engine.backends import packed_linear
+
+    monkeypatch.setattr(packed_linear, "native_bf16", lambda: True)
+    assert cpu_weight_dtype("auto", 134_515_008, 22 * 2**30) == "bfloat16"
+    assert cpu_weight_dtype("float32", 134_515_008, 22 * 2**30) == "float32"
