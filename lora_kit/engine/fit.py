@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 FP32_SHARE = 0.5  # fp32 weights may take at most this share of the available memory under "auto"
 # Any base must leave room for the KV cache, adapters, Python and torch: a tenth of its own size,
-# and at least this much (a 7B in bf16 needs 16 GB free, not 17: measured, serving it 8 adapters
-# and 8 requests peaked at 15.3 GiB, the weights included).
+# and at least this much. A heuristic: a 7B in bf16 then needs 16 GB available; serving it with 8
+# adapters and 8 requests peaked at 15.6 GiB (16.8 GB) of RSS, the checkpoint's mapped pages
+# (reclaimable page cache, counted in MemAvailable) included (BENCHMARKS.md, issue 23).
 RESERVE_SHARE = 0.10
 RESERVE_MIN = 1 << 30
 # Bytes per parameter held: 4-bit weights with their block constants (the embeddings and norms,
