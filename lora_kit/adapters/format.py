@@ -129,6 +129,19 @@ def targets_module(targets: Any, module: str) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
+def decode_json(raw: bytes | str, where: str) -> Any:
+    """``raw`` parsed as JSON; InvalidAdapter naming ``where`` when it is not UTF-8, not JSON, or
+    nested too deeply to parse (a user's file: one error line, never a traceback)."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as err:
+        raise InvalidAdapter(f"{where} is not UTF-8 text ({not_utf8(err)})") from None
+    except json.JSONDecodeError as err:
+        raise InvalidAdapter(f"{where} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise InvalidAdapter(f"{where} is not valid JSON: its brackets are nested too deeply") from None
+
+
 def parse_config(raw: str | bytes | Path) -> dict[str, Any]:
     """``adapter_config.json`` (its text, or its path) checked to describe a LoRA adapter.
 
@@ -140,14 +153,7 @@ def parse_config(raw: str | bytes | Path) -> dict[str, Any]:
             raw = raw.read_bytes()
         except OSError as err:
             raise InvalidAdapter(f"cannot read {CONFIG_FILE}: {err.strerror}") from None
-    try:
-        config = json.loads(raw)
-    except UnicodeDecodeError as err:
-        raise InvalidAdapter(f"{CONFIG_FILE} is not UTF-8 text ({not_utf8(err)})") from None
-    except json.JSONDecodeError as err:
-        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {err}") from None
-    except RecursionError:
-        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: its brackets are nested too deeply") from None
+    config = decode_json(raw, CONFIG_FILE)
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
     peft_type = config.get("peft_type", "LORA")

@@ -25,6 +25,7 @@ from lora_kit.adapters.format import (
     WEIGHTS_FILE,
     InvalidAdapter,
     config_alpha,
+    decode_json,
     missing_files,
     module_rank,
     parse_config,
@@ -35,7 +36,6 @@ from lora_kit.adapters.format import (
     targets_module,
     unservable_reasons,
 )
-from lora_kit.errors import not_utf8
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -299,15 +299,10 @@ def read_base_json(base_dir: Path, fname: str) -> Any:
     the base and the file when it is not UTF-8, not JSON, or nested too deeply to parse."""
     where = f"base model '{base_dir}': {fname}"
     try:
-        return json.loads((Path(base_dir) / fname).read_bytes())
+        raw = (Path(base_dir) / fname).read_bytes()
     except OSError as err:
         raise InvalidAdapter(f"{where} cannot be read ({err.strerror})") from None
-    except UnicodeDecodeError as err:
-        raise InvalidAdapter(f"{where} is not UTF-8 text ({not_utf8(err)})") from None
-    except json.JSONDecodeError as err:
-        raise InvalidAdapter(f"{where} is not valid JSON: {err}") from None
-    except RecursionError:
-        raise InvalidAdapter(f"{where} is not valid JSON: nested too deeply") from None
+    return decode_json(raw, where)
 
 
 def base_weight_shapes(base_dir: Path) -> dict[str, list[int]]:
