@@ -65,7 +65,7 @@ $(MODEL): $(STAMP)
 
 # The CPU LoRA kernel, built once per machine and source (the engine builds it on first use
 # too, and falls back to torch where it cannot be built, hence the leading '-').
-$(KERNEL): lora_kit/engine/backends/csrc/bgmv.cpp $(STAMP)
+$(KERNEL): lora_kit/engine/backends/csrc/bgmv.cpp lora_kit/engine/backends/csrc/wo_linear.cpp $(STAMP)
 	-$(BIN)/lora-kit kernels build && touch $@
 
 test: setup

@@ -154,7 +154,7 @@ def meminfo_available(text: str) -> int:
 
 # bytes per parameter of the base as `lora-kit serve`/`eval` hold it, by precision (runner.PRECISIONS);
 # nf4/fp4: 4-bit weights plus bf16 embeddings, norms and the head, about 0.6 bytes per parameter at 7B
-BYTES_PER_PARAM = {"fp32": 4.0, "bf16w": 2.0, "bf16": 2.0, "fp16": 2.0, "nf4": 0.6, "fp4": 0.6}
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16w": 2.0, "int8w": 1.13, "bf16": 2.0, "fp16": 2.0, "nf4": 0.6, "fp4": 0.6}
 
 
 def flag_precision(step: str, extra: str, default: str) -> str:
@@ -172,8 +172,8 @@ def flag_precision(step: str, extra: str, default: str) -> str:
         if flags.get("--quantization") in ("nf4", "fp4"):
             return flags["--quantization"]
         dtype = flags.get("--weight-dtype")
-        if dtype in ("bfloat16", "float32"):
-            return {"bfloat16": "bf16w", "float32": "fp32"}[dtype]
+        if dtype in ("bfloat16", "float32", "int8"):
+            return {"bfloat16": "bf16w", "float32": "fp32", "int8": "int8w"}[dtype]
     return default
 
 

@@ -78,9 +78,12 @@ def test_a_base_that_fits_nowhere_is_refused_naming_the_flags(avx2):
     message = str(err.value)
     assert "29.0 GB in float32" in message and "--weight-dtype bfloat16 (14.5 GB)" in message
     assert "--quantization nf4 (4.3 GB)" in message and "LORA_KIT_MEMORY_LIMIT" in message
+    assert "--weight-dtype int8 (8.2 GB)" in message
     check_fits(BaseFit("bfloat16", seven_b, machine), "mistral-7b")  # fits: no error
-    with pytest.raises(DoesNotFit, match=r"fits with --quantization nf4 \(4.3 GB\)"):
+    with pytest.raises(DoesNotFit, match=r"fits with --weight-dtype int8 \(8.2 GB\) or --quantization nf4 \(4.3 GB\)"):
         check_fits(BaseFit("bfloat16", seven_b, 14 * 2**30), "mistral-7b")
+    with pytest.raises(DoesNotFit, match=r"fits with --quantization nf4 \(4.3 GB\) \(4-bit"):
+        check_fits(BaseFit("int8", seven_b, 8 * 2**30), "mistral-7b")
     with pytest.raises(DoesNotFit, match="no precision lora-kit offers fits it here"):
         check_fits(BaseFit("nf4", seven_b, 4 * 2**30), "mistral-7b")
 
@@ -128,9 +131,9 @@ def test_a_base_that_does_not_fit_is_refused_before_loading(avx2, monkeypatch, t
     monkeypatch.setenv(models.MEMORY_ENV, str(2 * numel))
     loads = []
     monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a))
-    with pytest.raises(DoesNotFit, match=r"fits with --quantization nf4"):
+    with pytest.raises(DoesNotFit, match=r"fits with .*--quantization nf4"):
         Engine(EngineConfig(model=str(tiny_mistral_dir)), tokenizer=word_tokenizer)
-    with pytest.raises(DoesNotFit, match=r"kB in float32, .* fits with --quantization nf4"):
+    with pytest.raises(DoesNotFit, match=r"kB in float32, .* fits with .*--quantization nf4"):
         load_engine(str(tiny_mistral_dir), "fp32")
     assert loads == []  # refused before anything was read
     monkeypatch.setenv(models.MEMORY_ENV, str(4 * numel))

@@ -64,8 +64,8 @@ def test_bf16_packed_linear_equals_a_product_with_the_same_roundings(rows, isa):
 
 
 def test_weight_dtype_is_validated_and_is_a_serve_flag():
-    with pytest.raises(ValueError, match="weight_dtype must be one of auto, float32, bfloat16"):
-        EngineConfig(weight_dtype="int8")
+    with pytest.raises(ValueError, match="weight_dtype must be one of auto, float32, bfloat16, int8"):
+        EngineConfig(weight_dtype="int4")
     from lora_kit.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--weight-dtype", "float32"])

@@ -93,7 +93,7 @@ class Engine:
         self.backend: Backend = select_backend(
             self.device, self.dtype, self.adapter_dtype, self.max_rank, backend, self._weight_dtype
         )
-        if config.adapter_dtype is None and self.backend.weight_dtype == torch.bfloat16:
+        if config.adapter_dtype is None and self.backend.weight_dtype in (torch.bfloat16, torch.int8):
             # The base's weights are rounded to bf16 already: the adapters' are too, halving the
             # bytes each adapter row reads per step (the kernel widens them to fp32 as it reads).
             self.adapter_dtype = torch.bfloat16

@@ -32,7 +32,8 @@ RESERVE_SHARE = 0.10
 RESERVE_MIN = 1 << 30
 # Bytes per parameter held: 4-bit weights with their block constants (the embeddings and norms,
 # a few percent of a 7B, stay wider: rounded up here).
-BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "nf4": 0.6, "fp4": 0.6}
+# int8: one byte and a 4-byte scale per block of 32 (engine.backends.int8_linear).
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.13, "nf4": 0.6, "fp4": 0.6}
 
 
 class DoesNotFit(EngineError):
@@ -97,14 +98,14 @@ def base_fit(spec: str, quantization: str, weight_dtype: str = "auto") -> BaseFi
 
 
 def half_precision_linears(spec: str, weight_dtype: str) -> Any:
-    """The dtype to load ``spec``'s linear weights in when they will be held in bf16: the
+    """The dtype to load ``spec``'s linear weights in when they will be held in bf16 or int8: the
     checkpoint's own 16-bit dtype (read as stored, the rest widened exactly to fp32, never an fp32
     copy of the weights), or None (an fp32 checkpoint is mapped from its file as it is; packing
     narrows it layer by layer)."""
     import torch
 
     stored = models.checkpoint_float_dtype(spec)
-    if weight_dtype != "bfloat16" or stored not in ("bfloat16", "float16"):
+    if weight_dtype not in ("bfloat16", "int8") or stored not in ("bfloat16", "float16"):
         return None
     return getattr(torch, stored)
 
@@ -120,7 +121,11 @@ def check_fits(fit: BaseFit, spec: str) -> None:
     if needed is None or fit.available is None or with_reserve(needed) <= fit.available:
         return
     fixes = []
-    for dtype, flag in (("bfloat16", "--weight-dtype bfloat16"), ("nf4", "--quantization nf4")):
+    for dtype, flag in (
+        ("bfloat16", "--weight-dtype bfloat16"),
+        ("int8", "--weight-dtype int8"),
+        ("nf4", "--quantization nf4"),
+    ):
         size = fit.numel * BYTES_PER_PARAM[dtype]  # type: ignore[operator]
         if BYTES_PER_PARAM[dtype] < BYTES_PER_PARAM[fit.weight_dtype] and with_reserve(size) <= fit.available:
             slower = " (4-bit: slower per token on a CPU)" if dtype == "nf4" else ""

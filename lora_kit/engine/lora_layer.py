@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lora_kit.engine.backends.packed_linear import PackedLinear, can_pack
+from lora_kit.engine.backends.packed_linear import can_pack, make_packed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -267,7 +267,7 @@ class BatchedLoraLinear(nn.Module):
         ``backends.packed_linear``), when it can."""
         if not can_pack(self.base):
             return False
-        self.base = PackedLinear(self.base, batch_hint, dtype, io_dtype)
+        self.base = make_packed(self.base, batch_hint, dtype, io_dtype)
         return True
 
     def extra_repr(self) -> str:

@@ -9,7 +9,8 @@ base) as a busy server's batches do. The REF ``base`` is the base model without 
 A precision names how the base model is loaded: ``fp32``/``bf16``/``fp16`` (full precision in
 that dtype; ``fp32`` is exact, its dense weights never narrowed), ``bf16w`` (fp32 compute with
 the dense weights held in bf16: what ``lora-kit serve`` does by default on a CPU that multiplies
-bf16 natively, see ``EngineConfig.weight_dtype``) or ``nf4``/``fp4`` (4-bit bitsandbytes, in the
+bf16 natively, see ``EngineConfig.weight_dtype``), ``int8w`` (fp32 compute, dense weights in
+blockwise int8: ``lora-kit serve --weight-dtype int8``) or ``nf4``/``fp4`` (4-bit bitsandbytes, in the
 machine's default compute dtype, with double quantization, as ``lora-kit serve --quantization
 nf4`` loads it).
 """
@@ -49,6 +50,7 @@ BASE_REF = "base"  # the base model without an adapter (an adapter named "base" 
 PRECISIONS: dict[str, tuple[str, str | None, str]] = {
     "fp32": ("none", "float32", "float32"),
     "bf16w": ("none", "float32", "bfloat16"),
+    "int8w": ("none", "float32", "int8"),
     "bf16": ("none", "bfloat16", "auto"),
     "fp16": ("none", "float16", "auto"),
     "nf4": ("nf4", None, "auto"),
@@ -108,7 +110,7 @@ def load_engine(
         held = quantization if quantization != "none" else {"auto": dtype}.get(weight_dtype, weight_dtype)
         check_fits(BaseFit(held, models.checkpoint_numel(model_spec), models.available_memory_bytes()), model_spec)
     # bf16 weights under fp32 activations: a 16-bit checkpoint is read as stored, never copied to fp32
-    linear_dtype = half_precision_linears(model_spec, "bfloat16") if precision == "bf16w" else None
+    linear_dtype = half_precision_linears(model_spec, weight_dtype) if precision in ("bf16w", "int8w") else None
     model = models.load_model(model_spec, quantization, compute_dtype=compute_dtype, linear_dtype=linear_dtype)  # type: ignore[arg-type]
     defaults = EngineConfig()
     config = EngineConfig(

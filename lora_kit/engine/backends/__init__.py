@@ -106,8 +106,10 @@ class CpuBackend(Backend):
                 released += memory.drop_file_pages(dense, mappings)
             del dense
         packed += int(pack_output_head(model, batch_hint, dtype, self.io_dtype))
-        if packed and dtype == torch.bfloat16:
-            narrow_input_embeddings(model, dtype)
+        if packed and dtype in (torch.bfloat16, torch.int8):
+            # The embedding table is read a row per token: bf16 halves it (int8 weights are the
+            # products', where blocks of 32 share a scale; a lookup table gains little from that).
+            narrow_input_embeddings(model, torch.bfloat16)
         if packed:
             copy_unpacked_weights(model, mappings)
         memory.trim_heap()
@@ -125,7 +127,7 @@ def select_backend(
 ) -> Backend:
     """The backend for a model on ``device``: ``choice``, else ``$LORA_KIT_ENGINE_BACKEND``, else by platform.
 
-    ``weight_dtype`` (``auto``, ``float32``, ``bfloat16``) is the CPU backend's packing dtype
+    ``weight_dtype`` (``auto``, ``float32``, ``bfloat16``, ``int8``) is the CPU backend's packing dtype
     for an fp32 model's dense weights (see :class:`~lora_kit.engine.config.EngineConfig`); the
     torch backend leaves the weights as loaded. Building the BGMV kernel (the first time on a
     machine) happens here, for the CPU backend.
@@ -155,6 +157,8 @@ def _packing_dtype(compute_dtype: torch.dtype, weight_dtype: str) -> torch.dtype
         return compute_dtype
     if weight_dtype == "bfloat16":
         return torch.bfloat16
+    if weight_dtype == "int8":
+        return torch.int8
     return torch.bfloat16 if native_bf16() else torch.float32
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "bgmv.cpp"
+# Every source of the library: the BGMV ops and the weight-only quantized linear (wo_linear.cpp).
+SOURCES = (SOURCE, SOURCE.with_name("wo_linear.cpp"))
 MAX_RANK = 256  # kMaxRank in bgmv.cpp: higher (padded) ranks take the torch path
 
 _lock = threading.Lock()
@@ -53,17 +55,19 @@ def cpu_flags() -> str:
     return ""
 
 
-def _command(compiler: str, source: Path, obj: Path, lib: Path) -> list[list[str]]:
+def _command(compiler: str, objs: dict[Path, Path], lib: Path) -> list[list[str]]:
+    """The commands that compile each source of ``objs`` (source -> object) and link ``lib``."""
     from torch.utils import cpp_extension
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     lib_dirs = cpp_extension.library_paths()
-    compile_ = [compiler, "-c", str(source), "-o", str(obj), "-O3", "-march=native", "-fopenmp", "-fPIC",
-                "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", *includes]  # fmt: skip
-    link = [compiler, "-shared", str(obj), "-o", str(lib), *[f"-L{d}" for d in lib_dirs], "-lc10", "-ltorch_cpu",
-            *[f"-Wl,-rpath,{d}" for d in lib_dirs]]  # fmt: skip
-    return [compile_, link]
+    compiles = [[compiler, "-c", str(source), "-o", str(obj), "-O3", "-march=native", "-fopenmp", "-fPIC",
+                 "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", *includes]
+                for source, obj in objs.items()]  # fmt: skip
+    link = [compiler, "-shared", *map(str, objs.values()), "-o", str(lib), *[f"-L{d}" for d in lib_dirs], "-lc10",
+            "-ltorch_cpu", *[f"-Wl,-rpath,{d}" for d in lib_dirs]]  # fmt: skip
+    return [*compiles, link]
 
 
 def library_path(compiler: str) -> Path:
@@ -72,7 +76,7 @@ def library_path(compiler: str) -> Path:
 
     key = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
+        *(source.read_bytes() for source in SOURCES),
         torch.__version__.encode(),
         torch.__file__.encode(),
         compiler.encode(),
@@ -87,12 +91,12 @@ def build(compiler: str, target: Path) -> None:
     """Compile the kernel into ``target`` (installed atomically: concurrent builders are safe)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        obj, lib = Path(tmp) / "bgmv.o", Path(tmp) / target.name
-        for cmd in _command(compiler, SOURCE, obj, lib):
+        objs = {source: Path(tmp) / f"{source.stem}.o" for source in SOURCES}
+        for cmd in _command(compiler, objs, Path(tmp) / target.name):
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if done.returncode != 0:
                 raise RuntimeError(f"`{' '.join(cmd[:3])} ...` failed:\n{done.stderr.strip()[-2000:]}")
-        os.replace(lib, target)
+        os.replace(Path(tmp) / target.name, target)
 
 
 def load() -> bool:

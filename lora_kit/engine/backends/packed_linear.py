@@ -165,6 +165,18 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {held} {dtype}"
 
 
+def make_packed(
+    layer: nn.Linear, batch_hint: int, dtype: torch.dtype | None = None, io_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """``layer`` repacked for the CPU: in ``dtype`` int8, an :class:`~.int8_linear.Int8Linear`
+    (weight-only int8 blocks), else a :class:`PackedLinear`."""
+    if dtype == torch.int8:
+        from lora_kit.engine.backends.int8_linear import Int8Linear
+
+        return Int8Linear(layer, io_dtype)
+    return PackedLinear(layer, batch_hint, dtype, io_dtype)
+
+
 def pack_output_head(
     model: PreTrainedModel, batch_hint: int, dtype: torch.dtype | None = None, io_dtype: torch.dtype | None = None
 ) -> bool:
@@ -177,7 +189,7 @@ def pack_output_head(
     head = model.get_output_embeddings()
     if head is None or not can_pack(head):
         return False
-    model.set_output_embeddings(PackedLinear(head, batch_hint, dtype, io_dtype))
+    model.set_output_embeddings(make_packed(head, batch_hint, dtype, io_dtype))
     return True
 
 

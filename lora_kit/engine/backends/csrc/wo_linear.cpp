@@ -1,0 +1,208 @@
+// Weight-only quantized linear for the CPU decode step: int8 weights in blocks of G along the
+// input dimension, each block with an fp32 scale (llama.cpp's Q8_0 layout, fp32 scales), times
+// a few fp32 rows:
+//
+//   out[m, n] = bias[n] + sum_k x[m, k] * (q[n, k] * scale[n, k / G])
+//
+// The weight is stored in panels of kNR = 16 output rows, interleaved along k
+// (qweight: (P, K, 16) int8, scales: (P, K / G, 16) fp32, P = ceil(N / 16); rows past N are
+// zero), so that one 16-byte load holds the k-th weight of 16 outputs. Each thread takes whole
+// panels: it widens kKC columns of a panel to fp32 (scale applied) into a buffer that stays in
+// L1, then every row of x multiplies that buffer with kMR rows at a time held in registers. The
+// weight is read from memory once per call, whatever the number of rows.
+//
+// Why a kernel: a 7B decode step reads 7 GB of weights as int8 (14.5 GB as bf16); on a 2-core
+// AVX2 VM torch's own weight-only product (aten::_weight_int8pack_mm, bf16 activations) took
+// 5.2 ms for one row of a 14336 x 4096 weight and 18 ms for 8 rows, where the bytes alone allow
+// ~4 ms at any row count (BENCHMARKS.md, issue 23).
+//
+// Results: the products are exact fp32 multiply-adds of the dequantized weight (q * scale,
+// one fp32 rounding) summed in fp32, in another order than a float64 reference.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LORA_KIT_WO_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kNR = 16;   // output rows per panel
+constexpr int64_t kKC = 256;  // columns widened at a time: 16 KB of fp32, in L1
+constexpr int64_t kMR = 6;    // rows of x per register block: 12 accumulators, FMA latency hidden
+
+// buf[k * 16 + j] = q[k0 + k, j] * scale[(k0 + k) / G, j] for k < kc; k0 and kc are multiples of G
+// but for the last chunk (kc < kKC), which ends the row: a group at a time, its scales loaded once.
+inline void widen_panel(const int8_t* q, const float* scales, int64_t k0, int64_t kc, int64_t G, float* buf) {
+  for (int64_t g0 = 0; g0 < kc; g0 += G) {
+    const float* s = scales + ((k0 + g0) / G) * kNR;
+    const int64_t g1 = std::min(kc, g0 + G);
+#ifdef LORA_KIT_WO_AVX2
+    const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+    for (int64_t k = g0; k < g1; ++k) {
+      const __m128i qk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k0 + k) * kNR));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qk));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(qk, qk)));
+      _mm256_store_ps(buf + k * kNR, _mm256_mul_ps(lo, s0));
+      _mm256_store_ps(buf + k * kNR + 8, _mm256_mul_ps(hi, s1));
+    }
+#else
+    for (int64_t k = g0; k < g1; ++k) {
+      for (int64_t j = 0; j < kNR; ++j) buf[k * kNR + j] = static_cast<float>(q[(k0 + k) * kNR + j]) * s[j];
+    }
+#endif
+  }
+}
+
+// acc[r, 0:16] += sum_k x[r, k] * buf[k, 0:16] for MR rows of x (row stride ldx) and kc columns.
+template <int64_t MR>
+inline void rows_times_panel(const float* x, int64_t ldx, const float* buf, int64_t kc, float* acc) {
+#ifdef LORA_KIT_WO_AVX2
+  __m256 c[MR][2];
+  for (int64_t r = 0; r < MR; ++r) {
+    c[r][0] = _mm256_loadu_ps(acc + r * kNR);
+    c[r][1] = _mm256_loadu_ps(acc + r * kNR + 8);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(buf + k * kNR);
+    const __m256 w1 = _mm256_loadu_ps(buf + k * kNR + 8);
+    for (int64_t r = 0; r < MR; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * ldx + k);
+      c[r][0] = _mm256_fmadd_ps(xv, w0, c[r][0]);
+      c[r][1] = _mm256_fmadd_ps(xv, w1, c[r][1]);
+    }
+  }
+  for (int64_t r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(acc + r * kNR, c[r][0]);
+    _mm256_storeu_ps(acc + r * kNR + 8, c[r][1]);
+  }
+#else
+  for (int64_t r = 0; r < MR; ++r) {
+    for (int64_t k = 0; k < kc; ++k) {
+      const float xv = x[r * ldx + k];
+      for (int64_t j = 0; j < kNR; ++j) acc[r * kNR + j] += xv * buf[k * kNR + j];
+    }
+  }
+#endif
+}
+
+// acc[0:16] += sum_k x[k] * q[k0 + k, 0:16] * scale for one row: no buffer, the int8 weights widened
+// in registers, each group summed unscaled and scaled once (one row is bound by widening, not FMAs).
+inline void row_times_int8(const float* x, const int8_t* q, const float* scales, int64_t k0, int64_t kc, int64_t G,
+                           float* acc) {
+#ifdef LORA_KIT_WO_AVX2
+  __m256 c0 = _mm256_loadu_ps(acc), c1 = _mm256_loadu_ps(acc + 8);
+  for (int64_t g0 = 0; g0 < kc; g0 += G) {
+    const float* s = scales + ((k0 + g0) / G) * kNR;
+    const int64_t g1 = std::min(kc, g0 + G);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    int64_t k = g0;
+    for (; k + 2 <= g1; k += 2) {  // two k at a time: four independent sums
+      const __m128i qa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k0 + k) * kNR));
+      const __m128i qb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k0 + k + 1) * kNR));
+      const __m256 xa = _mm256_broadcast_ss(x + k), xb = _mm256_broadcast_ss(x + k + 1);
+      a0 = _mm256_fmadd_ps(xa, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qa)), a0);
+      a1 = _mm256_fmadd_ps(xa, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(qa, qa))), a1);
+      b0 = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qb)), b0);
+      b1 = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(qb, qb))), b1);
+    }
+    for (; k < g1; ++k) {
+      const __m128i qa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k0 + k) * kNR));
+      const __m256 xa = _mm256_broadcast_ss(x + k);
+      a0 = _mm256_fmadd_ps(xa, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qa)), a0);
+      a1 = _mm256_fmadd_ps(xa, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(qa, qa))), a1);
+    }
+    c0 = _mm256_fmadd_ps(_mm256_add_ps(a0, b0), _mm256_loadu_ps(s), c0);
+    c1 = _mm256_fmadd_ps(_mm256_add_ps(a1, b1), _mm256_loadu_ps(s + 8), c1);
+  }
+  _mm256_storeu_ps(acc, c0);
+  _mm256_storeu_ps(acc + 8, c1);
+#else
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* s = scales + ((k0 + k) / G) * kNR;
+    for (int64_t j = 0; j < kNR; ++j) acc[j] += x[k] * (static_cast<float>(q[(k0 + k) * kNR + j]) * s[j]);
+  }
+#endif
+}
+
+void wo_int8_impl(float* out, const float* x, const int8_t* q, const float* scales, const float* bias, int64_t M,
+                  int64_t N, int64_t K, int64_t G) {
+  const int64_t P = (N + kNR - 1) / kNR;
+  const int64_t groups = K / G;
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kKC * kNR];
+    std::vector<float> acc(static_cast<size_t>(M * kNR));
+    for (int64_t p = begin; p < end; ++p) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int8_t* qp = q + p * K * kNR;
+      const float* sp = scales + p * groups * kNR;
+      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+        const int64_t kc = std::min(kKC, K - k0);
+        if (M == 1) {
+          row_times_int8(x + k0, qp, sp, k0, kc, G, acc.data());
+          continue;
+        }
+        widen_panel(qp, sp, k0, kc, G, buf);
+        int64_t m = 0;
+        for (; m + kMR <= M; m += kMR) rows_times_panel<kMR>(x + m * K + k0, K, buf, kc, acc.data() + m * kNR);
+        switch (M - m) {
+          case 5: rows_times_panel<5>(x + m * K + k0, K, buf, kc, acc.data() + m * kNR); break;
+          case 4: rows_times_panel<4>(x + m * K + k0, K, buf, kc, acc.data() + m * kNR); break;
+          case 3: rows_times_panel<3>(x + m * K + k0, K, buf, kc, acc.data() + m * kNR); break;
+          case 2: rows_times_panel<2>(x + m * K + k0, K, buf, kc, acc.data() + m * kNR); break;
+          case 1: rows_times_panel<1>(x + m * K + k0, K, buf, kc, acc.data() + m * kNR); break;
+          default: break;
+        }
+      }
+      const int64_t n0 = p * kNR, width = std::min(kNR, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t j = 0; j < width; ++j) {
+          out[m * N + n0 + j] = acc[m * kNR + j] + (bias != nullptr ? bias[n0 + j] : 0.f);
+        }
+      }
+    }
+  });
+}
+
+// out (M, N) = x (M, K) @ dequant(qweight, scales)^T + bias; all fp32 but the int8 weight.
+void wo_int8_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu(),
+              "wo_int8_linear_: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && qweight.dim() == 3 && scales.dim() == 3,
+              "wo_int8_linear_: out (M, N), x (M, K), qweight (P, K, 16), scales (P, K / G, 16)");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), P = qweight.size(0);
+  TORCH_CHECK(out.size(0) == M && qweight.size(1) == K && qweight.size(2) == kNR && P == (N + kNR - 1) / kNR,
+              "wo_int8_linear_: qweight does not match x and out");
+  TORCH_CHECK(scales.size(0) == P && scales.size(2) == kNR && scales.size(1) > 0 && K % scales.size(1) == 0,
+              "wo_int8_linear_: scales do not match qweight");
+  TORCH_CHECK(kKC % (K / scales.size(1)) == 0, "wo_int8_linear_: the block size must divide ", kKC);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat &&
+                  qweight.scalar_type() == at::kChar,
+              "wo_int8_linear_: x, out and scales float32, qweight int8");
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && qweight.is_contiguous() && scales.is_contiguous(),
+              "wo_int8_linear_: tensors must be contiguous");
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "wo_int8_linear_: bias must be a contiguous float32 (N,)");
+    b = bias->data_ptr<float>();
+  }
+  if (M == 0 || N == 0) return;
+  wo_int8_impl(out.data_ptr<float>(), x.data_ptr<float>(), qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), b,
+               M, N, K, K / scales.size(1));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lora_kit, m) {
+  m.def("wo_int8_linear_(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> ()");
+  m.impl("wo_int8_linear_", c10::DispatchKey::CPU, TORCH_FN(wo_int8_linear_));
+}
