@@ -171,3 +171,23 @@ def test_random_adapter_is_a_valid_peft_adapter_of_the_checkpoint(tmp_path):
     data = (adapter / "adapter_model.safetensors").read_bytes()
     assert (again / "adapter_model.safetensors").read_bytes() == data  # seeded
     assert (other / "adapter_model.safetensors").read_bytes() != data
+
+
+def test_llama_server_gets_v01s_template_only_where_the_checkpoint_has_none(tmp_path):
+    """A random checkpoint has no chat template (lora-kit renders v0.1 itself): llama-server is
+    given v0.1's, so both servers see the same prompt; a checkpoint with its own keeps it."""
+    bare, templated, work = tmp_path / "bare", tmp_path / "templated", tmp_path / "work"
+    for d in (bare, templated, work):
+        d.mkdir()
+    (bare / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    (templated / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert bts.chat_template_flags(templated, work) == []
+    flags = bts.chat_template_flags(bare, work)
+    assert flags == ["--chat-template-file", str(work / "mistral-v0.1.jinja")]
+    from jinja2 import Template
+
+    text = Template(Path(flags[1]).read_text()).render(
+        bos_token="<s>", eos_token="</s>", messages=[{"role": "user", "content": "Hi?"}]
+    )
+    assert text == "<s>[INST] Hi? [/INST]"
+    assert bts.chat_template_flags(bare, tmp_path / "absent", write=False)[1].endswith("mistral-v0.1.jinja")
