@@ -1,16 +1,20 @@
-"""Benchmark lora-kit's weight-only int8 product against torch's own products at Mistral-7B's shapes.
+"""Benchmark lora-kit's weight-only int8 and bf16 products against torch's own at Mistral-7B's shapes.
 
 For each weight shape and row count (the rows a decode step multiplies: one per running request),
 side by side in one process, best of three rounds:
 
 - ``lora-kit int8``: :class:`lora_kit.engine.backends.int8_linear.Int8Linear` (``serve
   --weight-dtype int8``): the CPU kernel up to 32 rows;
+- ``lora-kit bf16``: :class:`~lora_kit.engine.backends.packed_linear.PackedLinear` with a dense
+  bf16 weight on the AVX2 path (``LORA_KIT_CPU_ISA=avx2``, what CPUs without AVX-512 run): the
+  kernel up to 32 rows, bf16 in and out as torch's bf16 product;
 - ``torch int8pack``: ``aten._weight_int8pack_mm``, torch's weight-only int8 product (per-row
   scales; it takes bf16 activations: fp32 ones run a slow path);
 - ``torch bf16``: ``F.linear`` with bf16 weights and activations (what a bf16 model runs);
 - ``torch fp32``: ``F.linear`` in fp32.
 
-Prints milliseconds, the weight bytes read per second, and lora-kit's speed-up over each.
+Prints milliseconds, the int8 weight bytes read per second, and lora-kit int8's speed-up over
+each, and lora-kit bf16's over torch bf16.
 
     .venv/bin/python scripts/bench_int8_linear.py [--rows 1,8,32] [--threads 2] [--json out.json]
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lora_kit.engine.backends import bgmv  # noqa: E402
 from lora_kit.engine.backends.int8_linear import Int8Linear  # noqa: E402
+from lora_kit.engine.backends.packed_linear import ISA_ENV, PackedLinear  # noqa: E402
 
 SHAPES = {"q_proj (4096 x 4096)": (4096, 4096), "up_proj (14336 x 4096)": (14336, 4096), "down_proj (4096 x 14336)": (4096, 14336)}  # fmt: skip
 
@@ -48,6 +54,8 @@ def bench_shape(out_features: int, in_features: int, rows: list[int]) -> list[di
     torch.manual_seed(0)
     layer = torch.nn.Linear(in_features, out_features, bias=False)
     ours = Int8Linear(layer)
+    os.environ[ISA_ENV] = "avx2"
+    ours_bf16 = PackedLinear(layer, 8, torch.bfloat16)
     weight = layer.weight.detach()
     w_bf16 = weight.to(torch.bfloat16)
     row_scale = weight.abs().amax(1) / 127
@@ -59,6 +67,7 @@ def bench_shape(out_features: int, in_features: int, rows: list[int]) -> list[di
         with torch.inference_mode():
             times = {
                 "lora-kit int8": best_ms(lambda x=x: ours(x)),
+                "lora-kit bf16": best_ms(lambda x=x: ours_bf16(x)),
                 "torch int8pack": best_ms(
                     lambda x_bf16=x_bf16: torch.ops.aten._weight_int8pack_mm(
                         x_bf16, w_int8, row_scale.to(torch.bfloat16)
@@ -86,8 +95,9 @@ def main() -> None:
     print(f"# {cpu}; flags: {flags}; {torch.get_num_threads()} threads; torch {torch.__version__}")
     rows = [int(r) for r in args.rows.split(",")]
     report = {"cpu": cpu, "flags": flags, "threads": torch.get_num_threads(), "shapes": {}}
-    header = f"{'shape':26} {'rows':>4} " + " ".join(f"{k:>15}" for k in ("lora-kit int8", "torch int8pack", "torch bf16", "torch fp32"))  # fmt: skip
-    print(header + "   vs int8pack   vs bf16   vs fp32")
+    names = ("lora-kit int8", "lora-kit bf16", "torch int8pack", "torch bf16", "torch fp32")
+    header = f"{'shape':26} {'rows':>4} " + " ".join(f"{k:>15}" for k in names)
+    print(header + "   int8 vs int8pack, bf16, fp32   bf16 vs torch bf16")
     for name, (n, k) in SHAPES.items():
         report["shapes"][name] = results = bench_shape(n, k, rows)
         for r in results:
@@ -95,6 +105,7 @@ def main() -> None:
             ours = t["lora-kit int8"]
             cells = " ".join(f"{v:12.2f} ms" for v in t.values())
             ratios = "   ".join(f"{t[o] / ours:8.2f}x" for o in ("torch int8pack", "torch bf16", "torch fp32"))
+            ratios += f"   {t['torch bf16'] / t['lora-kit bf16']:8.2f}x"
             gbps = n * k * 1.125 / ours / 1e6
             print(f"{name:26} {r['rows']:>4} {cells}   {ratios}   ({gbps:.1f} GB/s of int8 weights)")
     if args.json:

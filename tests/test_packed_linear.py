@@ -98,12 +98,14 @@ def test_dense_leftovers_in_the_checkpoint_get_their_own_memory():
     assert model[2].weight.is_mkldnn  # the packed weight is left alone
 
 
-@pytest.mark.parametrize("rows", [2, 5, 16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 40])
 @pytest.mark.parametrize("bias", [True, False])
-def test_several_rows_on_a_dense_bf16_weight_widen_by_blocks_with_the_same_roundings(rows, bias, monkeypatch):
-    """On the AVX2 path a dense bf16 weight times several rows is widened to fp32 block by block
-    (torch's own bf16 product is compute-bound there): the results are torch's bf16 product's,
-    within one bf16 rounding, and one row keeps torch's product as it is."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_dense_bf16_weight_gives_torchs_bf16_product_on_every_path(rows, bias, kernel, monkeypatch):
+    """On the AVX2 path a dense bf16 weight times up to KERNEL_MAX_ROWS rows takes lora-kit's kernel
+    (where built), more rows fp32 GEMM on blocks widened from bf16, and without the kernel several
+    rows take the blocks and one row torch's product: every path gives torch's bf16 product (bf16
+    in, fp32 sums, bf16 out) within one bf16 rounding."""
     from lora_kit.engine.backends import packed_linear
 
     monkeypatch.setenv(ISA_ENV, "avx2")
@@ -111,16 +113,43 @@ def test_several_rows_on_a_dense_bf16_weight_widen_by_blocks_with_the_same_round
     layer = nn.Linear(96, 2 * packed_linear.WIDEN_BLOCK + 37, bias=bias)  # a last, partial block
     packed = PackedLinear(layer, 8, torch.bfloat16)
     assert not packed.onednn
+    if kernel:
+        if packed._kernel is None:
+            pytest.skip("the CPU kernel could not be built here")
+    else:
+        packed._kernel = None  # what a machine without a C++ compiler runs
     x = torch.randn(rows, 96)
     w = layer.weight.detach().to(torch.bfloat16)
     b = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
+    calls = []
+    blocked = PackedLinear._widened_by_blocks
+    monkeypatch.setattr(PackedLinear, "_widened_by_blocks", lambda self, x: calls.append(x) or blocked(self, x))
     with torch.inference_mode():
         got = packed(x)
         want = nn.functional.linear(x.to(torch.bfloat16), w, b).float()
     assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got, got.bfloat16().float())  # rounded to bf16, widened
     torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)  # one bf16 rounding at most
-    calls = []
-    monkeypatch.setattr(PackedLinear, "_widened_by_blocks", lambda self, x: calls.append(x) or x)
+    kernel_rows = kernel and rows <= packed_linear.KERNEL_MAX_ROWS
+    assert len(calls) == (0 if kernel_rows or rows == 1 else 1)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_the_bf16_kernel_at_mistral_7b_width_gives_torchs_bf16_product(rows, monkeypatch):
+    """Mistral-7B's down_proj (4096 x 14336) through the kernel: torch's bf16 product within one
+    bf16 rounding; and the op refuses tensors it cannot take."""
+    monkeypatch.setenv(ISA_ENV, "avx2")
+    torch.manual_seed(rows)
+    layer = nn.Linear(14336, 4096, bias=False)
+    packed = PackedLinear(layer, 8, torch.bfloat16)
+    if packed._kernel is None:
+        pytest.skip("the CPU kernel could not be built here")
+    x = torch.randn(rows, 14336)
     with torch.inference_mode():
-        packed(x[:1])
-    assert calls == []  # one row: torch's product
+        got = packed(x)
+        want = nn.functional.linear(x.to(torch.bfloat16), packed.weight).float()
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)
+    with pytest.raises(RuntimeError, match="x and out float32, weight bfloat16"):
+        packed._kernel(torch.empty(rows, 4096), x, layer.weight.detach(), None, True)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        packed._kernel(torch.empty(rows, 4095), x, packed.weight, None, True)

@@ -21,8 +21,10 @@ to bf16 on its way out (as in a bf16 model's matmuls), then widened; the rest of
 norms, attention, the residual stream, the LoRA rows -- still computes in fp32.
 
 Where oneDNN cannot handle bf16 (CPUs without AVX512: AVX2 machines), a bf16 weight is held
-dense and multiplied by torch's own bf16 product, with the same roundings (bf16 in, fp32
-sums, bf16 out): half the memory, not the speed. ``LORA_KIT_CPU_ISA=avx2`` makes any CPU
+dense and multiplied, up to :data:`KERNEL_MAX_ROWS` rows, by lora-kit's kernel
+(``csrc/wo_linear.cpp``: widened in registers, fp32 sums, each weight read once per call),
+above that (prefill) by fp32 GEMM on widened blocks, and where the kernel could not be built
+by torch's own bf16 product; all with the same roundings (bf16 in, fp32 sums, bf16 out). ``LORA_KIT_CPU_ISA=avx2`` makes any CPU
 take the paths an AVX2 machine takes (no oneDNN bf16, no native bf16), so they are tested and
 measured on every machine.
 """
@@ -48,6 +50,7 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # torch's bf16 product, which reads the weight once already.
 BLOCKED_MIN_ROWS = 2
 WIDEN_BLOCK = 128
+KERNEL_MAX_ROWS = 32  # up to this many rows, a dense bf16 weight takes lora-kit's kernel where built
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 ISA_ENV = "LORA_KIT_CPU_ISA"
 ISA_CHOICES = ("auto", "avx2")
@@ -123,8 +126,19 @@ class PackedLinear(nn.Module):
         bias = None if layer.bias is None else layer.bias.detach().to(weight.dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._cast = weight.dtype != self.io_dtype
+        # A dense bf16 weight: lora-kit's kernel for up to KERNEL_MAX_ROWS rows where it was built
+        # (csrc/wo_linear.cpp: the weight widened in registers, same roundings as torch's product).
+        self._kernel = None
+        if not self.onednn and bgmv.load():
+            self._kernel = torch.ops.lora_kit.wo_bf16_linear_
+            self._bias32 = None if self.bias is None else self.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None and x.numel() <= KERNEL_MAX_ROWS * self.in_features:
+            rows = x.reshape(-1, self.in_features).float().contiguous()
+            out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+            self._kernel(out, rows, self.weight, self._bias32, True)
+            return out.reshape(*x.shape[:-1], self.out_features).to(self.io_dtype)
         if self._cast:
             x = x.to(self.weight.dtype)
         if self.onednn:
@@ -161,7 +175,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         dtype = str(self.weight.dtype).removeprefix("torch.")
-        held = "oneDNN-packed" if self.onednn else "dense (torch product)"
+        held = "oneDNN-packed" if self.onednn else "dense (kernel)" if self._kernel is not None else "dense (torch)"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {held} {dtype}"
 
 
