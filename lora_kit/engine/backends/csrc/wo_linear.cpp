@@ -274,10 +274,10 @@ inline void dot_block(const float* x, const uint16_t* w, int64_t K, float* sums)
   }
 }
 
-template <int64_t NR>
+// NR weight rows from n0 times all M rows of x, kRows rows of x at a time.
+template <int64_t NR, int64_t kRows>
 void bf16_rows(float* out, const float* x, const uint16_t* w, const float* bias, bool round_out, int64_t M,
                int64_t N, int64_t K, int64_t n0) {
-  constexpr int64_t kRows = NR == 8 ? 1 : 3;  // one row: 8 weight rows in flight; more: 4 x 3
   float sums[kRows * NR];
   int64_t m = 0;
   auto emit = [&](int64_t rows) {
@@ -326,15 +326,20 @@ void wo_bf16_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& weig
   }
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
   float* o = out.data_ptr<float>();
-  const int64_t nr = M == 1 ? 8 : 4;
+  // Register blocks (weight rows x rows of x), measured on a 2-core AVX2 EPYC: one row, 8 weight
+  // rows in flight. More rows: 6 x 2 where a block of weight rows stays in L1 while every row of x
+  // passes (K <= 2048: 0.15 ms against 0.25 ms for 4 x 3 at 8 rows of 576 x 1536), 4 x 3 where it
+  // does not (each weight row widened fewer times: 9.6 ms against 10.6 ms at 8 rows of 14336 x 4096).
+  const int64_t nr = M == 1 ? 8 : K <= 2048 ? 6 : 4;
   const int64_t blocks = N / nr;
   at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      if (nr == 8) bf16_rows<8>(o, xs, w, b, round_io, M, N, K, blk * 8);
-      else bf16_rows<4>(o, xs, w, b, round_io, M, N, K, blk * 4);
+      if (nr == 8) bf16_rows<8, 1>(o, xs, w, b, round_io, M, N, K, blk * 8);
+      else if (nr == 6) bf16_rows<6, 2>(o, xs, w, b, round_io, M, N, K, blk * 6);
+      else bf16_rows<4, 3>(o, xs, w, b, round_io, M, N, K, blk * 4);
     }
   });
-  for (int64_t n0 = blocks * nr; n0 < N; ++n0) bf16_rows<1>(o, xs, w, b, round_io, M, N, K, n0);  // the tail rows
+  for (int64_t n0 = blocks * nr; n0 < N; ++n0) bf16_rows<1, 3>(o, xs, w, b, round_io, M, N, K, n0);  // tail rows
 }
 
 }  // namespace
