@@ -47,7 +47,7 @@ def test_quantization_error_is_at_most_half_a_step_per_weight():
     assert 0 < (deq - w).abs().max() <= w.abs().max() / 254  # it did round: at most half the largest step
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 8, 32, 33, 70])
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 32, 33, 70, KERNEL_MAX_ROWS + 44])
 @pytest.mark.parametrize(("n_in", "n_out"), [(576, 1536), (1536, 576), (200, 37)])
 def test_int8_linear_equals_a_float64_product_of_the_dequantized_weight(rows, n_in, n_out):
     """Both paths (the kernel up to KERNEL_MAX_ROWS rows, torch's GEMM of widened blocks above
@@ -69,7 +69,7 @@ def test_int8_linear_equals_a_float64_product_of_the_dequantized_weight(rows, n_
 
 
 @needs_compiler
-@pytest.mark.parametrize("rows", [1, 5, 8, KERNEL_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 5, 8, 32])
 def test_the_kernel_and_the_torch_path_agree_at_mistral_7b_width(rows):
     """Mistral-7B's down_proj shape (4096 x 14336): the kernel against torch's widened blocks."""
     assert bgmv.load(), bgmv.error()

@@ -98,7 +98,7 @@ def test_dense_leftovers_in_the_checkpoint_get_their_own_memory():
     assert model[2].weight.is_mkldnn  # the packed weight is left alone
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 40])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 40, 70])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kernel", [True, False])
 def test_a_dense_bf16_weight_gives_torchs_bf16_product_on_every_path(rows, bias, kernel, monkeypatch):
