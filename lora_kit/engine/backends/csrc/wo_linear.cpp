@@ -173,6 +173,14 @@ void wo_int8_impl(float* out, const float* x, const int8_t* q, const float* scal
   });
 }
 
+// The bias of an op (nullptr: none), checked to be a contiguous float32 (N,).
+const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t N, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, op,
+              ": bias must be a contiguous float32 (N,)");
+  return bias->data_ptr<float>();
+}
+
 // out (M, N) = x (M, K) @ dequant(qweight, scales)^T + bias; all fp32 but the int8 weight.
 void wo_int8_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& bias) {
@@ -191,12 +199,7 @@ void wo_int8_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& qwei
               "wo_int8_linear_: x, out and scales float32, qweight int8");
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && qweight.is_contiguous() && scales.is_contiguous(),
               "wo_int8_linear_: tensors must be contiguous");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "wo_int8_linear_: bias must be a contiguous float32 (N,)");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, N, "wo_int8_linear_");
   if (M == 0 || N == 0) return;
   wo_int8_impl(out.data_ptr<float>(), x.data_ptr<float>(), qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), b,
                M, N, K, K / scales.size(1));
@@ -310,12 +313,7 @@ void wo_bf16_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& weig
               "wo_bf16_linear_: x and out float32, weight bfloat16");
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && weight.is_contiguous(),
               "wo_bf16_linear_: tensors must be contiguous");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "wo_bf16_linear_: bias must be a contiguous float32 (N,)");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, N, "wo_bf16_linear_");
   if (M == 0 || N == 0) return;
   const float* xs = x.data_ptr<float>();
   std::vector<float> rounded;
