@@ -39,7 +39,7 @@ def reference_answers(registry_root) -> dict:
     from lora_kit import chat
     from lora_kit.engine import AdapterWeight, Engine, EngineConfig, GenerationRequest, SamplingParams
 
-    engine = Engine(EngineConfig(MODEL, max_slots=4), registry_root=registry_root)
+    engine = Engine(EngineConfig(MODEL, max_slots=4, weight_dtype="float32"), registry_root=registry_root)
     ids = chat.render(engine.tokenizer, QUESTION, add_generation_prompt=True).input_ids
     mix = [AdapterWeight("alpha@1", 0.5), AdapterWeight("beta@1", 0.5)]
     try:
@@ -71,6 +71,9 @@ def cluster(tmp_path_factory):
     env = {**os.environ, "LORA_KIT_HOME": str(home), "LORA_KIT_API_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
     command = ["serve", "--replicas", "2", "--replica-cpus", "1", "--slots", "4", "--port", str(port)]
     command += ["--adapter-root", str(root)]  # the runtime load's lora_path lies under it
+    # Exact fp32 on every CPU, as the reference: answers are compared token for token, which the
+    # 16-bit weights `auto` picks on an AMX CPU do not promise across batches or cached prefixes.
+    command += ["--weight-dtype", "float32"]
     log = (root / "serve.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lora_kit", *command],

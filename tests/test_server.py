@@ -35,7 +35,10 @@ def world(tmp_path_factory):
     for name, seed in (("alpha", 1), ("beta", 2)):
         dirs[name] = make_embedded_adapter(root / f"adapter-{name}", seed)
         registry.register(dirs[name], name, base_model=MODEL, description=f"random adapter {name}")
-    engine = Engine(EngineConfig(MODEL, max_slots=4, max_batch=8, max_queue=64), registry_root=registry.root)
+    # Exact fp32 on every CPU: these tests compare answers token for token (solo, batched, repeated,
+    # with a cached prompt prefix), which the 16-bit weights `auto` picks on an AMX CPU do not promise.
+    config = EngineConfig(MODEL, max_slots=4, max_batch=8, max_queue=64, weight_dtype="float32")
+    engine = Engine(config, registry_root=registry.root)
     engine.start()
     # Open and managed (a loopback test server), loading adapter directories from under ``root``.
     app = create_app(
@@ -658,6 +661,31 @@ def test_metrics_and_healthz(world, http, solo):
     finished = world["engine"].stats()["finished"]
     assert finished.get("stop", 0) + finished.get("length", 0) > 0
     assert exported == {reason: float(n) for reason, n in finished.items()}
+
+
+def test_prefix_cache_shows_in_metrics_and_usage_counts_the_whole_prompt(http, oa):
+    def metric(text: str, name: str) -> float:
+        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    system = {"role": "system", "content": "You are a librarian who answers in one line. " * 10}
+    before = http.get("/metrics").text
+    answers = []
+    for _ in range(2):
+        body = {"messages": [system, *QUESTION], "max_tokens": 4, "temperature": 0, "lora": "alpha"}
+        answers.append(run_raw(http, body).json()["result"])
+        chat = oa.chat.completions.create(model="beta", messages=[system, *QUESTION], max_tokens=4, temperature=0)
+        answers.append(
+            {"response": chat.choices[0].message.content, "usage": {"prompt_tokens": chat.usage.prompt_tokens}}
+        )
+    after = http.get("/metrics").text
+    assert answers[0] == answers[2] and answers[1]["response"] == answers[3]["response"]
+    assert answers[1]["usage"]["prompt_tokens"] == answers[3]["usage"]["prompt_tokens"] > 100  # the whole prompt
+    hits = metric(after, "lora_kit_prefix_cache_hits_total") - metric(before, "lora_kit_prefix_cache_hits_total")
+    reused = metric(after, "lora_kit_prefix_cache_tokens_reused_total") - metric(
+        before, "lora_kit_prefix_cache_tokens_reused_total"
+    )
+    assert hits >= 2 and reused >= 2 * 96  # the second alpha and beta requests: the system prompt's blocks
+    assert 0 < metric(after, "lora_kit_prefix_cache_bytes") <= metric(after, "lora_kit_prefix_cache_budget_bytes")
 
 
 def test_cli_serve_stops_cleanly_on_sigterm(tmp_path):

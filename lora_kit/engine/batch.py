@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from lora_kit.engine.kv_cache import growing_cache, layer_kv
+from lora_kit.engine.kv_cache import GrowingLayer, growing_cache, layer_kv
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -51,7 +51,8 @@ class RunningBatch:
         ``next_tokens`` their first sampled tokens, fed at the next step."""
         mask = mask.to(self.device, torch.long)
         if self.cache is None or not self.rows:
-            self.cache, self.mask = growing_cache(layer_kv(cache)), mask
+            adopt = all(isinstance(layer, GrowingLayer) for layer in cache.layers)  # a prefill after a cached prefix
+            self.cache, self.mask = (cache if adopt else growing_cache(layer_kv(cache))), mask
         else:
             cur, new = self.mask.shape[1], mask.shape[1]
             total = max(cur, new)

@@ -59,6 +59,9 @@ class EngineConfig:
     adapter_dtype: AdapterDtype | None = None
     """dtype adapters are held in (default: the model's, or bfloat16 when the base's weights are held in bf16; bfloat16 halves the bytes an adapter row reads per step, rounding its weights to bf16)"""
 
+    prefix_cache_mib: int = 1024
+    """MiB of prompt-prefix KV kept to be reused by later prompts that start the same way under the same adapter (a shared system prompt, earlier chat turns); least recently used blocks go first; at most a quarter of the memory available once the model is loaded; 0 turns prefix caching off"""
+
     weight_dtype: WeightDtype = "auto"
     """dtype the base model's dense weights are held in on the CPU: bfloat16 halves the bytes a decode step reads (weights, and each product's input and output, rounded to bf16; norms, attention, residuals and LoRA stay fp32); float32 is exact (results equal transformers'/PEFT's); auto: bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX) or where float32 weights would take more than half the free memory (a 7B base on a 24 GiB machine; read from a bf16 checkpoint as bf16, never copied to float32), else float32. int8: weight-only int8 in blocks of 32 inputs with a scale each (llama.cpp's Q8_0 blocks; activations stay fp32), half of bf16's bytes and the fastest on a CPU, never chosen by auto. A base that does not fit at all is refused before loading, naming the flag that fits it"""
 

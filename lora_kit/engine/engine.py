@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -27,6 +29,7 @@ from lora_kit.engine.fit import base_fit, half_precision_linears
 from lora_kit.engine.loop import EngineLoop
 from lora_kit.engine.lora_layer import LoraContext, wrap_linear_layers
 from lora_kit.engine.output import OutputProcessor
+from lora_kit.engine.prefix_cache import PrefixCache
 from lora_kit.engine.runner import ModelRunner
 from lora_kit.engine.sampling import RequestSampler
 from lora_kit.engine.scheduler import Scheduler
@@ -44,6 +47,8 @@ from lora_kit.engine.types import (
     adapter_mix,
     single_ref,
 )
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -118,8 +123,11 @@ class Engine:
         """The decode loop's pieces: the slots and the runner, the scheduler, the output stage."""
         self._grammar: GrammarCache | None = None
         self._grammar_lock = threading.Lock()
-        slots = SlotManager(self._layers, self._ctx, self.max_slots, self._load_adapter)
-        self._runner = ModelRunner(self.model, self._ctx, slots, self._grammar_cache, self.device)
+        self.prefix_cache = PrefixCache(self._prefix_budget())
+        slots = SlotManager(
+            self._layers, self._ctx, self.max_slots, self._load_adapter, on_evict=self.prefix_cache.drop_adapter
+        )
+        self._runner = ModelRunner(self.model, self._ctx, slots, self._grammar_cache, self.device, self.prefix_cache)
         self._scheduler = Scheduler(
             self._runner.can_acquire,
             self._runner.acquire_slot,
@@ -130,6 +138,18 @@ class Engine:
         )
         output = OutputProcessor(self.tokenizer, self.stop_ids, self.max_length)
         self._loop = EngineLoop(self._scheduler, self._runner, output, self.threads)
+
+    def _prefix_budget(self) -> int:
+        """Bytes the prefix cache may hold: ``config.prefix_cache_mib``, at most a quarter of the
+        memory available now (the model loaded) on the CPU, so it never crowds out the batch's KV."""
+        from lora_kit import models
+
+        budget = max(0, self.config.prefix_cache_mib) << 20
+        available = models.available_memory_bytes() if self.device.type == "cpu" else None
+        if budget and available is not None and budget > available // 4:
+            logger.info("prefix cache: %d MiB (a quarter of the memory available)", available // 4 >> 20)
+            budget = available // 4
+        return budget
 
     def _load(self, config: EngineConfig, model: Any, tokenizer: Any, backend: str | None) -> tuple[Any, Any]:
         """The model and tokenizer: as given, else loaded from ``config.model``, its weights held as
@@ -395,11 +415,13 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Queue depth, running requests, resident adapters (least recently used first), slots,
-        and the requests finished so far by reason (stop, length, tool_calls, cancelled, error)."""
+        the requests finished so far by reason (stop, length, tool_calls, cancelled, error), and the
+        prefix cache's counters and size (:class:`~lora_kit.engine.prefix_cache.PrefixStats`)."""
         return {
             "queue_depth": self._scheduler.queue_depth(),
             "running": self._scheduler.running(),
             "finished": dict(self._loop.finished),
             "resident_adapters": self._runner.resident(),
             "slots": self.max_slots,
+            "prefix_cache": dataclasses.asdict(self.prefix_cache.stats()),
         }

@@ -30,13 +30,20 @@ def spare_for(length: int) -> int:
 class GrowingLayer(DynamicLayer):
     """One layer's keys and values, (rows, heads, capacity, head_dim), filled up to ``length``."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int | None = None) -> None:
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, capacity: int | None = None, *, filled: int | None = None
+    ) -> None:
+        """Copies ``keys``/``values`` into buffers of ``capacity`` (or more) columns; with ``filled``,
+        they are such buffers already, their first ``filled`` columns filled: taken as they are."""
         super().__init__()
-        length = keys.shape[2]
-        capacity = max(capacity or 0, length + spare_for(length))
         self.dtype, self.device = keys.dtype, keys.device
-        self._k = _with_capacity(keys, capacity)
-        self._v = _with_capacity(values, capacity)
+        if filled is not None:
+            self._k, self._v, length = keys, values, filled
+        else:
+            length = keys.shape[2]
+            capacity = max(capacity or 0, length + spare_for(length))
+            self._k = _with_capacity(keys, capacity)
+            self._v = _with_capacity(values, capacity)
         self.length = length
         self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
         self.is_initialized = True
@@ -96,9 +103,10 @@ def _with_capacity(t: torch.Tensor, capacity: int) -> torch.Tensor:
     return buf
 
 
-def growing_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
-    """A cache holding ``kv`` (one (keys, values) pair per layer) with room to grow."""
-    return Cache(layers=[GrowingLayer(k, v) for k, v in kv])
+def growing_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], extra: int = 0) -> Cache:
+    """A cache holding ``kv`` (one (keys, values) pair per layer) with room to grow (at least
+    ``extra`` positions before it reallocates)."""
+    return Cache(layers=[GrowingLayer(k, v, k.shape[2] + extra if extra else None) for k, v in kv])
 
 
 def layer_kv(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -85,7 +85,13 @@ class EngineLoop:
         for seq, exc in admission.crashed:  # logged with its request id; the client hears only the id
             self._fail(seq, "adapter load", exc)
         if admission.joining:
-            self._prefill(admission.joining)
+            try:
+                waves = self.runner.waves(admission.joining)  # rows sharing a long uncached prefix: two
+            except Exception:  # noqa: BLE001 - only an optimisation: prefill them together
+                logger.exception("splitting a prefill into waves failed")
+                waves = [admission.joining]
+            for wave in waves:
+                self._prefill(wave)
 
     def _prefill(self, group: list[Sequence]) -> None:
         """Prefill ``group`` and let it join; if the forward fails, each request is retried alone."""
@@ -133,6 +139,11 @@ class EngineLoop:
             if seq.failure is not None or reason is not None:
                 done.append((seq, reason))
         if done:
+            finished = [seq for seq, reason in done if seq.failure is None and reason != "cancelled"]
+            try:
+                self.runner.remember_finished(self.scheduler.batch, finished)
+            except Exception:  # noqa: BLE001 - only the prefix cache misses out
+                logger.exception("caching the finished rows' prefixes failed")
             self.scheduler.leave([seq for seq, _ in done])
             for seq, reason in done:
                 if seq.failure is not None:

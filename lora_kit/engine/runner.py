@@ -18,6 +18,8 @@ import torch
 from lora_kit.engine.constraints import GrammarCache
 from lora_kit.engine.decode_step import LeanDecoder
 from lora_kit.engine.lora_layer import LoraContext
+from lora_kit.engine.prefill import build_prefill, cached_lengths, row_kv
+from lora_kit.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixMatch
 from lora_kit.engine.sampling import sample_rows
 from lora_kit.engine.slots import SlotManager
 
@@ -26,6 +28,32 @@ if TYPE_CHECKING:
 
     from lora_kit.engine.batch import RunningBatch
     from lora_kit.engine.sequence import Sequence
+
+
+# Rows of one prefill that share at least this many uncached prompt tokens under one adapter
+# identity are split into two forwards, so the shared part is computed once (see
+# ModelRunner.waves). A second forward costs about one decode step; this many tokens per
+# follower cost more.
+MIN_SHARED_TOKENS = 4 * BLOCK_TOKENS
+
+
+def _shared_blocks(a: list[int], b: list[int]) -> int:
+    """Tokens in the full blocks two prompts start with in common (the last token of either never
+    counts: it is always computed)."""
+    n, limit = 0, min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n // BLOCK_TOKENS * BLOCK_TOKENS
+
+
+def _gather_kv(cache: Any, row: int, columns: torch.Tensor) -> torch.Tensor:
+    """``columns`` of ``row`` of every layer: (layers, 2, kv_heads, len(columns), head_dim)."""
+    return torch.stack(
+        [
+            torch.stack((layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns)))
+            for layer in cache.layers
+        ]
+    )
 
 
 class ModelRunner:
@@ -38,8 +66,11 @@ class ModelRunner:
         slots: SlotManager,
         grammar: Callable[[], GrammarCache],
         device: torch.device,
+        prefix: PrefixCache | None = None,
     ) -> None:
         self.model = model
+        self.prefix = prefix or PrefixCache(0)
+        self._window: int | None = getattr(getattr(model, "config", None), "sliding_window", None)
         self.ctx = ctx
         self.device = device
         self._slots = slots
@@ -93,30 +124,91 @@ class ModelRunner:
 
     # -- forwards (the engine loop's thread) ---------------------------------------------
 
+    # -- prefill (the engine loop's thread) -------------------------------------------------
+
+    def waves(self, group: list[Sequence]) -> list[list[Sequence]]:
+        """``group`` in the order to prefill it: one forward, or two when rows share an uncached
+        prefix of at least :data:`MIN_SHARED_TOKENS` under the same adapter identity. Then the
+        first of them goes in the first wave and the others follow, finding its blocks cached:
+        eight requests arriving together with one system prompt compute it once, not eight times."""
+        if not self.prefix.enabled or len(group) < 2:
+            return [group]
+        leaders: list[tuple[Sequence, int]] = []
+        followers: list[Sequence] = []
+        for seq in group:
+            ids, identity = seq.request.prompt_ids, seq.identity()
+            hit = self.prefix.match(identity, ids).tokens
+            if any(
+                lead.identity() == identity
+                and _shared_blocks(lead.request.prompt_ids, ids) - max(hit, lead_hit) >= MIN_SHARED_TOKENS
+                for lead, lead_hit in leaders
+            ):
+                followers.append(seq)
+            else:
+                leaders.append((seq, hit))
+        return [[s for s, _ in leaders], followers] if followers else [group]
+
     @torch.inference_mode()
     def prefill(self, group: list[Sequence]) -> tuple[Cache, torch.Tensor, list[int]]:
-        """One forward over the left-padded prompts of ``group``, each row with its adapter.
+        """One forward over the prompts of ``group``, each row with its adapter, each starting
+        after its cached prefix (:mod:`lora_kit.engine.prefill`); the full blocks it computes are
+        cached for later prompts.
 
         Returns the cache, the attention mask (R, L) and each row's first sampled token
         (already recorded on its sequence), for the group to join the running batch.
         """
-        from transformers import DynamicCache
-
-        width = max(len(s.request.prompt_ids) for s in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
-        for i, s in enumerate(group):
-            prompt = s.request.prompt_ids
-            ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, width - len(prompt) :] = 1
-        inputs = {"input_ids": ids, "attention_mask": mask, "past_key_values": DynamicCache()}
-        if len(group) > 1:  # with left padding the positions are explicit, as generate() does
-            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        prompts = [s.request.prompt_ids for s in group]
+        matches = self._matches(group)
+        built = build_prefill(prompts, matches, self.device)
         with self._lock:
             self.ctx.set_rows([s.row_adapters() for s in group], self._slots.zero_slot, self.device)
             self._rows_version = None  # ctx holds the group's rows now, not the batch's
-            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, mask, self.sample(out.logits[:, -1, :].float(), group)
+            out = self.model(**built.inputs, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        if matches is not None:
+            self._remember(group, matches, built, cache)
+        return cache, built.mask, self.sample(out.logits[:, -1, :].float(), group)
+
+    def _matches(self, group: list[Sequence]) -> list[PrefixMatch] | None:
+        """Each row's cached prefix, or None when the cache is off or cannot be used exactly
+        (a sliding window the group's columns could outgrow: it counts columns, pads included)."""
+        if not self.prefix.enabled:
+            return None
+        matches = [self.prefix.match(s.identity(), s.request.prompt_ids) for s in group]
+        if self._window is not None:
+            prompts = [s.request.prompt_ids for s in group]
+            cached = cached_lengths(prompts, matches)
+            columns = max(cached) + max(len(p) - c for p, c in zip(prompts, cached))
+            if columns + max(s.request.params.max_tokens for s in group) > self._window:
+                return None
+        return matches
+
+    def _remember(self, group: list[Sequence], matches: list[PrefixMatch], built: Any, cache: Cache) -> None:
+        """Count what each row reused, and cache the full blocks it computed."""
+        for i, (seq, match) in enumerate(zip(group, matches)):
+            self.prefix.record(built.cached[i])
+            ids = seq.request.prompt_ids
+            self.prefix.insert(match, ids, lambda a, b, i=i: row_kv(cache, i, built.column(i, a), built.column(i, b)))
+
+    @torch.inference_mode()
+    def remember_finished(self, batch: RunningBatch, seqs: list[Sequence]) -> None:
+        """Cache the full blocks of what finished rows of ``batch`` computed past their prompts
+        (their generated tokens but the last, never fed), before they leave: the next turn of a
+        chat sends this conversation back with a new question after it."""
+        if not self.prefix.enabled:
+            return
+        if self._window is not None and batch.mask.shape[1] > self._window:
+            return  # steps past the window were cut: a prefill would compute other keys and values
+        for seq in seqs:
+            ids = seq.request.prompt_ids + seq.generated[:-1]
+            match = self.prefix.match(seq.identity(), ids)
+            if len(ids) // BLOCK_TOKENS <= len(match.blocks):
+                continue
+            row = next(i for i, s in enumerate(batch.rows) if s is seq)
+            columns = batch.mask[row].nonzero().squeeze(1)  # the row's positions, in order
+            if len(columns) != len(ids):  # not what this accounting expects: cache nothing
+                continue
+            self.prefix.insert(match, ids, lambda a, b, r=row, c=columns: _gather_kv(batch.cache, r, c[a:b]))
 
     @torch.inference_mode()
     def decode(self, batch: RunningBatch) -> list[int]:

@@ -75,6 +75,11 @@ class Sequence:
             return self.slots[0]
         return tuple((slot, float(use.weight)) for slot, use in zip(self.slots, self.adapters))  # type: ignore[arg-type]
 
+    def identity(self) -> tuple[tuple[str, float | None], ...]:
+        """What its forward runs with, as the prefix cache keys it: () for the base, else each
+        adapter's canonical key and weight (None alone), in order."""
+        return tuple((use.key, use.weight) for use in self.adapters)
+
     def fail(self, stage: str, err: BaseException) -> None:
         """Mark this request failed at ``stage`` (the first failure wins)."""
         if self.failure is None:

@@ -29,7 +29,14 @@ class SlotManager:
     under its model lock, so no forward pass reads a stack while it is written.
     """
 
-    def __init__(self, layers: dict[str, BatchedLoraLinear], ctx: LoraContext, max_slots: int, loader: Loader) -> None:
+    def __init__(
+        self,
+        layers: dict[str, BatchedLoraLinear],
+        ctx: LoraContext,
+        max_slots: int,
+        loader: Loader,
+        on_evict: Callable[[str], object] | None = None,
+    ) -> None:
         if max_slots < 1:
             raise ValueError("max_slots must be >= 1")
         self.layers = layers
@@ -37,6 +44,7 @@ class SlotManager:
         self.max_slots = max_slots
         self.zero_slot = max_slots  # the extra all-zero slot rows without an adapter point at
         self.loader = loader
+        self.on_evict = on_evict  # told the key of every adapter leaving its slot (the prefix cache drops its blocks)
         self.rank = 0
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
         self._refs: dict[int, int] = {}
@@ -122,6 +130,8 @@ class SlotManager:
         self._clear(slot)
         del self._slot_of[key]
         self._free.append(slot)
+        if self.on_evict is not None:
+            self.on_evict(key)
         return True
 
     # -- internals -----------------------------------------------------------------------

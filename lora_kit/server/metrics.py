@@ -1,7 +1,8 @@
 """Prometheus metrics in the text exposition format (version 0.0.4), without a client library.
 
 Counters and histograms are kept per label set under one lock; gauges (queue depth, running
-requests, resident adapters, slots) are read from ``engine.stats()`` at scrape time.
+requests, resident adapters, slots) and the prefix cache's counters and size are read from
+``engine.stats()`` at scrape time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,23 @@ OVERFLOW_LABEL = "_other"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 Labels = tuple[tuple[str, str], ...]
+
+# The engine's prefix cache (engine.stats()["prefix_cache"]): (metric, stats key, help).
+PREFIX_COUNTERS = (
+    ("lora_kit_prefix_cache_lookups_total", "lookups", "Prompts looked up in the prefix cache at prefill."),
+    ("lora_kit_prefix_cache_hits_total", "hits", "Prompts that reused cached prefix KV."),
+    (
+        "lora_kit_prefix_cache_tokens_reused_total",
+        "tokens_reused",
+        "Prompt tokens taken from the prefix cache, not prefilled.",
+    ),
+    ("lora_kit_prefix_cache_evicted_blocks_total", "evicted_blocks", "Prefix cache blocks evicted for room."),
+)
+PREFIX_GAUGES = (
+    ("lora_kit_prefix_cache_bytes", "bytes", "Bytes of KV the prefix cache holds."),
+    ("lora_kit_prefix_cache_blocks", "blocks", "Blocks the prefix cache holds."),
+    ("lora_kit_prefix_cache_budget_bytes", "budget_bytes", "The prefix cache's byte budget (0: off)."),
+)
 
 
 def _labels(**labels: Optional[str]) -> Labels:
@@ -154,4 +172,9 @@ class Metrics:
             "Requests the engine finished, by reason (cancelled: client gone).",
             finished,
         )
+        prefix = stats.get("prefix_cache") or {}
+        for name, key, help_ in PREFIX_COUNTERS:
+            counter(name, help_, {(): float(prefix.get(key, 0))})
+        for name, key, help_ in PREFIX_GAUGES:
+            gauge(name, help_, float(prefix.get(key, 0)))
         return "\n".join(lines) + "\n"

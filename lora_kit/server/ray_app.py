@@ -387,18 +387,24 @@ class RemoteEngine:
             stream.cancel()  # the client left early: the replica's generator stops and frees the row
 
     def stats(self) -> dict[str, Any]:
-        """The replicas' engine stats summed (resident adapters: the union), from their last reports."""
+        """The replicas' engine stats summed (resident adapters: the union; each replica has its own
+        prefix cache, summed too), from their last reports."""
         reports = [r["stats"] for r in self._reports.values()]
         finished: dict[str, int] = {}
         for stats in reports:
             for reason, n in stats.get("finished", {}).items():
                 finished[reason] = finished.get(reason, 0) + n
+        prefix: dict[str, int] = {}
+        for stats in reports:
+            for key, n in (stats.get("prefix_cache") or {}).items():
+                prefix[key] = prefix.get(key, 0) + n
         return {
             "queue_depth": sum(s.get("queue_depth", 0) for s in reports),
             "running": sum(s.get("running", 0) for s in reports),
             "finished": finished,
             "resident_adapters": sorted({a for s in reports for a in s.get("resident_adapters", [])}),
             "slots": sum(s.get("slots", 0) for s in reports),
+            "prefix_cache": prefix,
             "replicas": {r: rep["stats"] for r, rep in self._reports.items()},
         }
 
