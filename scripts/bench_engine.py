@@ -139,7 +139,11 @@ def main() -> None:
     try:
         dirs = make_adapters(base_dir, tmp, 33)
         names = [f"a{i}" for i in range(32)]
-        config = EngineConfig(model=args.model, max_slots=40, max_batch=32, adapter_dtype=args.adapter_dtype)
+        # No prefix cache: PEFT and transformers prefill every prompt of every round, and so does the
+        # engine here (scripts/bench_prefix_cache.py measures the cache).
+        config = EngineConfig(
+            model=args.model, max_slots=40, max_batch=32, adapter_dtype=args.adapter_dtype, prefix_cache_mib=0
+        )
         engine = Engine(config, tokenizer=tokenizer, adapter_resolver=mapping_resolver(dirs))
         for n in names:
             engine.check_adapter(n)

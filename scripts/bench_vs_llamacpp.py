@@ -33,8 +33,10 @@ above 1 lora-kit is faster; for RSS, below 1 lora-kit is smaller.
   for the others, all 0.0 for the base.
 - llama.cpp never batches requests whose ``lora`` lists differ (its server README says so):
   that is what ``mixed8`` measures, and why it is the case lora-kit is built for.
-- llama-server reuses a slot's cached prompt by default; lora-kit has no prefix cache, so the
-  requests send ``cache_prompt: false`` and both servers prefill every prompt.
+- Both servers can reuse a cached prompt prefix (llama-server a slot's last prompt, lora-kit its
+  prefix cache), which would make every round after the first prefill almost nothing: llama.cpp's
+  requests send ``cache_prompt: false`` and lora-kit runs with ``--prefix-cache-mib 0``, so both
+  prefill every prompt (``scripts/bench_prefix_cache.py`` measures the cache).
 - The machine is shared and its speed drifts by 10-25% from one minute to the next: compare the
   ratios of one run, and run nothing else meanwhile (no test suite, no second server). Before each
   server the script waits (``--wait-quiet``, up to 60 s) for other processes to leave the CPUs
@@ -100,6 +102,11 @@ LLAMA_CPP_PYTHON = "0.3.36"  # the PyPI source package that vendors llama.cpp
 # it the CPU kernels are AVX2 only, which understates llama.cpp on an AVX-512 or AMX machine.
 CMAKE_FLAGS = ["-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON"]  # fmt: skip
+# With LORA_KIT_CPU_ISA=avx2 (lora-kit's AVX2 paths forced) llama.cpp is built for the same ISA: AVX2,
+# FMA and F16C, nothing newer, whatever this CPU has (ggml's CPU options; an AMD EPYC without AVX-512).
+AVX2_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+              "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF",
+              "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_AVX_VNNI=OFF"]  # fmt: skip
 QUESTIONS = ALL_QUESTIONS[:8]
 GGUF_TYPES = ["f16", "bf16", "q8_0", "f32"]  # convert_hf_to_gguf.py --outtype values compared
 # The adapters' GGUF type for each base type: the same, but f16 for a q8_0 base (LoRA B's rows are
@@ -160,8 +167,20 @@ def cached_source(cache: Path) -> Path:
     return cache / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
 
 
+def build_isa() -> str:
+    """The ISA llama.cpp is built for: ``avx2`` where ``$LORA_KIT_CPU_ISA`` forces lora-kit's AVX2
+    paths, so both servers run the same instructions; else ``native`` (this CPU's own)."""
+    from lora_kit.engine.backends.packed_linear import forced_avx2
+
+    return "avx2" if forced_avx2() else "native"
+
+
+def build_dir(cache: Path) -> Path:
+    return cache / ("build" if build_isa() == "native" else f"build-{build_isa()}")
+
+
 def cached_server(cache: Path) -> Path:
-    return cache / "build" / "bin" / "llama-server"
+    return build_dir(cache) / "bin" / "llama-server"
 
 
 def download_command(cache: Path) -> list[str]:
@@ -170,10 +189,12 @@ def download_command(cache: Path) -> list[str]:
 
 
 def build_commands(source: Path, cache: Path, jobs: int) -> list[list[str]]:
-    """cmake configure + build of ``llama-server`` only, for this machine's CPU (-march=native)."""
-    build = cache / "build"
+    """cmake configure + build of ``llama-server`` only, for this machine's CPU (-march=native), or
+    for AVX2 only under ``LORA_KIT_CPU_ISA=avx2`` (its own build directory)."""
+    build = build_dir(cache)
+    flags = CMAKE_FLAGS if build_isa() == "native" else [f for f in CMAKE_FLAGS if "GGML_NATIVE" not in f] + AVX2_FLAGS
     return [
-        ["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS],
+        ["cmake", "-S", str(source), "-B", str(build), *flags],
         ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)],
     ]
 
@@ -205,7 +226,7 @@ def fetch_source(cache: Path) -> Path:
 
 def build_server(source: Path, cache: Path) -> Path:
     """``llama-server`` built once into ``cache/build`` (about 20 minutes on 2 cores)."""
-    print(f"building llama-server once into {cache / 'build'} (about 20 minutes on 2 cores)", file=sys.stderr)
+    print(f"building llama-server once into {build_dir(cache)} (about 20 minutes on 2 cores)", file=sys.stderr)
     for command in build_commands(source, cache, os.cpu_count() or 2):
         run_logged(command, cache / "build.log")
     return cached_server(cache)
@@ -311,7 +332,8 @@ def llama_body(question: str, adapter: Optional[int], tokens: int, model: str) -
 def lora_kit_server(home: Path, args: argparse.Namespace) -> Server:
     """``lora-kit serve`` on ``home``'s registry, the 8 adapters preloaded, plus ``--lora-kit-arg``s."""
     flags = ["--model", MODEL, "--no-ui", "--log-level", "warning", "--threads", str(args.threads)]
-    flags += ["--slots", str(ADAPTERS), "--preload", *[f"a{i}" for i in range(ADAPTERS)], *args.lora_kit_arg]
+    flags += ["--slots", str(ADAPTERS), "--preload", *[f"a{i}" for i in range(ADAPTERS)]]
+    flags += ["--prefix-cache-mib", "0", *args.lora_kit_arg]  # as llama.cpp's cache_prompt: false
     env = {"LORA_KIT_HOME": str(home)}
     serve = Serve(flags, env=env, log=home.parent / "lora-kit.log")
     return Server("lora-kit", serve.command, "/healthz", lora_kit_body, env, serve=serve)
@@ -619,7 +641,8 @@ def report(results: dict[str, dict], cases: list[str], args: argparse.Namespace,
         f"{MODEL}, {ADAPTERS} random rank-8 all-linear adapters; /v1/chat/completions, greedy, "
         f"{args.tokens} new tokens per request (ignore_eos), {args.threads} threads per server, "
         f"best of {args.rounds} round(s) after a warm-up; ratio = lora-kit / llama.cpp",
-        f"CPU: {cpu_summary()}; llama-server {version}; {lora_kit_version()}, base weights "
+        f"CPU: {cpu_summary()}; ISA both servers run: {build_isa()} (LORA_KIT_CPU_ISA); "
+        f"llama-server {version}; {lora_kit_version()}, base weights "
         f"{lora_kit_weights(args)}, `lora-kit serve` extra args: {' '.join(args.lora_kit_arg) or 'none'}",
         "",
     ]
@@ -661,7 +684,15 @@ def build_options(binary: Path) -> dict[str, str]:
     cache = binary.resolve().parent.parent / "CMakeCache.txt"
     if not cache.is_file():
         return {}
-    wanted = ("GGML_NATIVE", "GGML_AVX512", "GGML_AVX512_BF16", "GGML_OPENMP", "GGML_BLAS")
+    wanted = (
+        "GGML_NATIVE",
+        "GGML_AVX2",
+        "GGML_AVX512",
+        "GGML_AVX512_BF16",
+        "GGML_AMX_BF16",
+        "GGML_OPENMP",
+        "GGML_BLAS",
+    )
     entries = (ln.split("=", 1) for ln in cache.read_text().splitlines() if "=" in ln and not ln.startswith("//"))
     return {key.split(":")[0]: value for key, value in entries if key.split(":")[0] in wanted}
 
@@ -670,6 +701,8 @@ def build_warning(binary: Path) -> list[str]:
     """A note when llama-server lacks the AVX-512 kernels this CPU could run (its figures are then low)."""
     options = build_options(binary)
     has_avx512 = "avx512f" in cpu_summary().replace(",", " ").split()
+    if build_isa() == "avx2":  # AVX2 only on purpose: both servers on the AVX2 paths
+        return []
     if has_avx512 and options.get("GGML_NATIVE") == "OFF" and options.get("GGML_AVX512") != "ON":
         return [
             "- **llama-server lacks AVX-512**: it was built with GGML_NATIVE=OFF and GGML_AVX512=OFF on a CPU "
