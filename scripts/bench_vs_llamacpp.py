@@ -436,9 +436,10 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BenchError(
-                f"the server exited ({proc.returncode}) before it was ready; its log {log}:\n{log.read_text()[-3000:]}"
+            how = (
+                f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit {proc.returncode}"
             )
+            raise BenchError(f"the server died ({how}) before it was ready; its log {log}:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -804,12 +805,23 @@ def run(args: argparse.Namespace, work: Path) -> str:
     servers = [lora_kit_server(work / "home", args)]
     servers += [llama_server(binary, work / "gguf", kind, args) for kind in args.types]
     cases = [c for c in CASES if c in args.cases]  # the measured ones, in table order
-    results = {s.label: measure_server(s, cases, args, work / f"{s.label.replace(' ', '-')}.log") for s in servers}
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}  # llama.cpp GGUF type -> why its server gave no figures
+    for server in servers:
+        try:
+            results[server.label] = measure_server(server, cases, args, work / f"{server.label.replace(' ', '-')}.log")
+        except BenchError as err:
+            if server.serve is not None:  # lora-kit itself: nothing to compare with
+                raise
+            kind = server.label.removeprefix("llama.cpp ").removesuffix(" GGUF")
+            failed[kind] = str(err).splitlines()[0]
+            print(f"warning: llama.cpp {kind} gave no figures: {failed[kind]}", file=sys.stderr)
     if args.json:
-        args.json.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
-        )
-    return report(results, [c for c in [*CASES, RSS] if c in args.cases], args, binary)
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "failed": failed}
+        args.json.write_text(json.dumps(payload, indent=2))
+    args.types = [k for k in args.types if k not in failed]
+    text = report(results, [c for c in [*CASES, RSS] if c in args.cases], args, binary)
+    return text + "".join(f"\n- **llama.cpp {k} gave no figures**: {why}" for k, why in failed.items())
 
 
 def main() -> int:
