@@ -3,7 +3,9 @@
 Three parts, all Ray's own mechanisms (no home-made cluster):
 
 - **EngineReplica** (a Serve deployment, ``N`` replicas): one :class:`~lora_kit.engine.Engine`
-  each, continuous batching and mixed-adapter batches intact. A request arrives with
+  each, continuous batching and mixed-adapter batches intact. A stream's tokens go back in
+  batches (the first at once, then what is ready every ``--stream-interval-ms``:
+  :mod:`~lora_kit.server.coalesce`), not as one Ray object each. A request arrives with
   ``multiplexed_model_id`` = its adapter's canonical reference (``NAME@VERSION``, immutable); the
   ``@serve.multiplexed`` loader puts the adapter in an engine slot, with a per-replica model
   count equal to the engine's slots, so Ray's LRU and the engine's agree and Ray's router
@@ -52,6 +54,7 @@ from lora_kit.engine.types import (
     ShuttingDown,
     UnknownAdapter,
 )
+from lora_kit.server.coalesce import coalesced
 from lora_kit.server.config import ServerConfig
 from lora_kit.server.ray_config import ReplicaConfig
 
@@ -205,6 +208,8 @@ class _Lease:
 class EngineReplicaBase:
     """One engine on one Serve replica (the deployment class is built by :func:`engine_deployment`)."""
 
+    stream_interval = 0.0  # seconds a stream's tokens gather before they go as one event (see coalesce.py)
+
     def __init__(self, config: EngineConfig, registry_root: str) -> None:
         from ray import serve
 
@@ -254,7 +259,7 @@ class EngineReplicaBase:
                 if key in request.resolved_adapters:
                     self._given[key] = request.resolved_adapters[key]
                 await self.adapter(key)  # type: ignore[attr-defined]  # the multiplexed loader (see engine_deployment)
-            async for out in self.engine.generate(request):
+            async for out in coalesced(self.engine.generate(request), self.stream_interval):
                 yield {"output": dataclasses.asdict(out)}
         except Exception as err:  # noqa: BLE001 - sent back as data, rebuilt at the gateway
             yield error_payload(err, request_id)
@@ -292,6 +297,8 @@ def engine_deployment(engine_config: EngineConfig, replicas: ReplicaConfig) -> A
     from ray import serve
 
     class EngineReplica(EngineReplicaBase):
+        stream_interval = replicas.stream_interval_ms / 1000
+
         @serve.multiplexed(max_num_models_per_replica=engine_config.max_slots)
         async def adapter(self, key: str) -> _Lease:
             return await self._warm(key)
@@ -306,7 +313,7 @@ def engine_deployment(engine_config: EngineConfig, replicas: ReplicaConfig) -> A
         num_replicas=replicas.replicas,
         ray_actor_options=options,
         # Ray must not hold requests back below what the engine batches and queues itself.
-        max_ongoing_requests=engine_config.max_batch + engine_config.max_queue,
+        max_ongoing_requests=replica_capacity(engine_config),
         health_check_period_s=2,
     )
 
@@ -444,21 +451,36 @@ class GatewayBase:
         return create_app(self._engine, Registry(Path(self._registry_root)), self._server)
 
 
-def gateway_deployment() -> Any:
+def gateway_deployment(max_ongoing_requests: int) -> Any:
+    """The ingress deployment. ``max_ongoing_requests``: what every engine replica takes at once
+    (running and queued), summed. Ray's default (5) held a server of 16-row batches to 5 requests
+    in flight: 0.4x one process's tokens/s (BENCHMARKS.md, issue 24)."""
     from ray import serve
 
     @serve.ingress()
     class Gateway(GatewayBase):
         pass
 
-    return serve.deployment(Gateway, name="Gateway", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    return serve.deployment(
+        Gateway,
+        name="Gateway",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=max_ongoing_requests,
+    )
 
 
 def build_app(engine_config: EngineConfig, replicas: ReplicaConfig, server: ServerConfig, registry_root: str) -> Any:
     """The Serve application: the gateway bound to the engine replicas."""
     config = dataclasses.replace(engine_config, threads=replicas.threads)
     engines = engine_deployment(engine_config, replicas).bind(config, registry_root)
-    return gateway_deployment().bind(engines, config, server, registry_root)
+    ongoing = replica_capacity(engine_config) * max(1, replicas.replicas)
+    return gateway_deployment(ongoing).bind(engines, config, server, registry_root)
+
+
+def replica_capacity(engine_config: EngineConfig) -> int:
+    """Requests one engine replica takes at once: its batch and its queue (more would be 429s)."""
+    return engine_config.max_batch + engine_config.max_queue
 
 
 # -- the launcher ----------------------------------------------------------------------------------------

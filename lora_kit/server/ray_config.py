@@ -25,7 +25,12 @@ class ReplicaConfig:
     ray_address: str | None = field(default=None, metadata={"metavar": "ADDR"})
     """Ray cluster to join: 'auto' (the cluster `ray start` made on this node) or HOST:PORT; default: start a local Ray."""
 
+    stream_interval_ms: float = field(default=50.0, metadata={"metavar": "MS"})
+    """A replica sends a stream's first token at once, then the tokens ready every this many milliseconds as one event (one Ray object, one SSE event, the same text); 0: every token alone."""
+
     def __post_init__(self) -> None:
+        if self.stream_interval_ms < 0:
+            raise ValueError("--stream-interval-ms must be >= 0")
         if self.replicas < 0:
             raise ValueError("--replicas must be >= 0")
         if self.replica_cpus <= 0 or self.replica_gpus < 0:
