@@ -14,7 +14,11 @@ Best of ``--rounds`` per measurement. On a 2-core machine two replicas cannot be
 process (they split the same cores); the figures that matter there are the hop and that affinity
 holds (the share of each adapter's requests served by its most frequent replica).
 
-    .venv/bin/python scripts/bench_serve_scale.py [--replicas 2] [--tokens 64] [--rounds 2]
+    .venv/bin/python scripts/bench_serve_scale.py [--replicas 2] [--tokens 64] [--rounds 2] \
+        [--ray-arg=--stream-interval-ms=0] [--no-scaled]
+
+``--ray-arg`` passes a flag to the Ray servers only (e.g. the replicas' stream batching, on by
+default); ``--no-scaled`` measures one process and the 1-replica server only.
 """
 
 from __future__ import annotations
@@ -53,13 +57,14 @@ def make_registry(home: Path, count: int) -> list[str]:
     return names
 
 
-def start_server(home: Path, replicas: int, replica_cpus: int | None = None) -> Serve:
-    """`lora-kit serve` on ``home`` (one process, or ``replicas`` engine replicas on Ray Serve), ready."""
+def start_server(home: Path, replicas: int, replica_cpus: int | None = None, extra: list[str] | None = None) -> Serve:
+    """`lora-kit serve` on ``home`` (one process, or ``replicas`` engine replicas on Ray Serve, with
+    the ``extra`` flags), ready."""
     command = ["--slots", "8", "--max-batch", "16"]
     port = 0
     if replicas:
         cpus = replica_cpus or max(1, (os.cpu_count() or 2) // replicas)
-        command += ["--replicas", str(replicas), "--replica-cpus", str(cpus)]
+        command += ["--replicas", str(replicas), "--replica-cpus", str(cpus), *(extra or [])]
         port = free_port()  # Ray Serve's proxy is told its port; it cannot pick one and say which
     env = {"LORA_KIT_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
     return Serve(command, env=env, log=home / f"serve-{replicas}.log", port=port, grace=120).start()
@@ -90,6 +95,34 @@ def throughput(url: str, names: list[str], tokens: int, clients: int = 16) -> tu
         return done / (time.perf_counter() - start), replicas
 
 
+def streamed(url: str, names: list[str], tokens: int, clients: int = 16) -> dict:
+    """``clients`` concurrent streamed requests (SSE, adapter i % 8): tokens/s, time to the first
+    text event (p50) and SSE events per request (fewer than tokens when a replica batches its stream)."""
+    with httpx.Client(base_url=url, timeout=600) as client:
+
+        def one(i: int) -> tuple[float, int]:
+            body = {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "max_tokens": tokens}
+            body |= {"temperature": 0, "ignore_eos": True, "stream": True, "lora": names[i % len(names)]}
+            start, first, events = time.perf_counter(), 0.0, 0
+            with client.stream("POST", RUN, json=body) as resp:
+                resp.raise_for_status()
+                for line in resp.iter_lines():
+                    if line.startswith("data: ") and '"response"' in line and '"response":""' not in line:
+                        events += 1
+                        first = first or time.perf_counter() - start
+            return first, events
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(one, range(clients * 2)))
+        took = time.perf_counter() - start
+    return {
+        "tps": len(results) * tokens / took,
+        "ttft": median(r[0] for r in results),
+        "events": median(r[1] for r in results),
+    }
+
+
 def hop_latency(url: str, count: int = 30) -> float:
     """p50 seconds of a 1-token base request, one at a time."""
     with httpx.Client(base_url=url, timeout=60) as client:
@@ -102,8 +135,10 @@ def hop_latency(url: str, count: int = 30) -> float:
     return median(times)
 
 
-def measure(home: Path, replicas: int, names: list[str], tokens: int, rounds: int, cpus: int | None = None) -> dict:
-    server = start_server(home, replicas, cpus)
+def measure(
+    home: Path, replicas: int, names: list[str], tokens: int, rounds: int, cpus: int | None = None, extra=None
+) -> dict:
+    server = start_server(home, replicas, cpus, extra)
     url = server.url
     try:
         with httpx.Client(base_url=url, timeout=600) as client:  # warm-up: every adapter loaded once
@@ -115,12 +150,13 @@ def measure(home: Path, replicas: int, names: list[str], tokens: int, rounds: in
             if tps > best:
                 best, affinity = tps, served
         hop = min(hop_latency(url) for _ in range(rounds))
+        sse = max((streamed(url, names, tokens) for _ in range(rounds)), key=lambda r: r["tps"])
     finally:
         server.stop()
     sticky = sum(c.most_common(1)[0][1] for c in affinity.values()) / max(
         1, sum(sum(c.values()) for c in affinity.values())
     )
-    return {"tps": best, "p50": hop, "sticky": sticky}
+    return {"tps": best, "p50": hop, "sticky": sticky, "sse": sse}
 
 
 def main() -> None:
@@ -128,24 +164,39 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--ray-arg", action="append", default=[], help="extra flag for the Ray servers (repeatable; --ray-arg=--flag=v)"
+    )
+    ap.add_argument(
+        "--no-scaled", action="store_true", help="skip the --replicas N server (one process and 1 replica only)"
+    )
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="bench-serve-scale-"))
+    extra = [part for arg in args.ray_arg for part in arg.split("=", 1)]
     try:
         names = make_registry(home, 8)
         single = measure(home, 0, names, args.tokens, args.rounds)
-        scaled = measure(home, args.replicas, names, args.tokens, args.rounds)
-        one = measure(home, 1, names, args.tokens, args.rounds, cpus=os.cpu_count() or 2)  # the hop alone
+        scaled = None if args.no_scaled else measure(home, args.replicas, names, args.tokens, args.rounds, extra=extra)
+        one = measure(home, 1, names, args.tokens, args.rounds, os.cpu_count() or 2, extra)  # the hop alone
     finally:
         shutil.rmtree(home, ignore_errors=True)
     print(f"\nCPU: {cpu_summary()}; 16 clients, 8 adapters, {args.tokens} tokens/request; best of {args.rounds}")
+    print(f"Ray servers' extra flags: {' '.join(extra) or 'none'}")
     print("| server | tokens/s | p50 of a 1-token request | adapter affinity |")
     print("|---|---:|---:|---:|")
     print(f"| one process | {single['tps']:.1f} | {single['p50'] * 1000:.1f} ms | - |")
-    print(f"| {args.replicas} replicas on Ray Serve | {scaled['tps']:.1f} | {scaled['p50'] * 1000:.1f} ms | "
-          f"{scaled['sticky']:.0%} |")  # fmt: skip
+    if scaled is not None:
+        print(f"| {args.replicas} replicas on Ray Serve | {scaled['tps']:.1f} | {scaled['p50'] * 1000:.1f} ms | "
+              f"{scaled['sticky']:.0%} |")  # fmt: skip
     print(f"| 1 replica with all CPUs on Ray Serve | {one['tps']:.1f} | {one['p50'] * 1000:.1f} ms | "
           f"{one['sticky']:.0%} |")  # fmt: skip
-    print(f"\nthroughput: {args.replicas} replicas / one process {scaled['tps'] / single['tps']:.2f}x, "
+    scaled_ratio = f"{scaled['tps'] / single['tps']:.2f}x" if scaled is not None else "not run"
+    print(f"\nstreamed (SSE), 16 clients: tokens/s, TTFT p50, text events per {args.tokens}-token request")
+    for label, res in (("one process", single), (f"{args.replicas} replicas", scaled), ("1 replica", one)):
+        if res is not None:
+            sse = res["sse"]
+            print(f"| {label} | {sse['tps']:.1f} | {sse['ttft'] * 1000:.0f} ms | {sse['events']:.0f} |")
+    print(f"\nthroughput: {args.replicas} replicas / one process {scaled_ratio}, "
           f"1 replica / one process {one['tps'] / single['tps']:.2f}x; the gateway hop adds "
           f"{(one['p50'] - single['p50']) * 1000:.1f} ms at p50 (same threads; goal < 10 ms)")  # fmt: skip
 
