@@ -123,6 +123,44 @@ def streamed(url: str, names: list[str], tokens: int, clients: int = 16) -> dict
     }
 
 
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """Every process's CPU seconds so far (user + system), with a label naming what it is: Ray
+    workers by their title (``ray::ServeReplica:lora-kit:EngineReplica``), daemons by their program."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(entry.name)] = (_label(int(entry.name), cmd), (int(fields[11]) + int(fields[12])) / ticks)
+    return out
+
+
+def _label(pid: int, cmd: str) -> str:
+    if pid == os.getpid():
+        return "this benchmark (16 HTTP clients)"
+    if cmd.startswith("ray::"):
+        return cmd.split()[0]
+    if "lora_kit" in cmd and " serve" in cmd:
+        return "lora-kit serve (one process, or Ray's driver)"
+    program = Path(cmd.split()[0]).name if cmd else "?"
+    module = next((part for part in cmd.split() if part.endswith(".py")), "")
+    return f"{program} {Path(module).name}".strip()
+
+
+def cpu_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float) -> dict:
+    """Cores each kind of process used between two :func:`process_cpu` snapshots (above 0.005)."""
+    used: Counter = Counter()
+    for pid, (label, cpu) in after.items():
+        used[label] += cpu - before.get(pid, (label, 0.0))[1]
+    return {label: cores / wall for label, cores in used.most_common() if cores / wall > 0.005}
+
+
 def hop_latency(url: str, count: int = 30) -> float:
     """p50 seconds of a 1-token base request, one at a time."""
     with httpx.Client(base_url=url, timeout=60) as client:
@@ -144,11 +182,13 @@ def measure(
         with httpx.Client(base_url=url, timeout=600) as client:  # warm-up: every adapter loaded once
             for name in names:
                 ask(client, name, 2, QUESTIONS[0])
-        best, affinity = 0.0, {}
+        best, affinity, cpu = 0.0, {}, {}
         for _ in range(rounds):
+            before, start = process_cpu(), time.perf_counter()
             tps, served = throughput(url, names, tokens)
+            shares = cpu_shares(before, process_cpu(), time.perf_counter() - start)
             if tps > best:
-                best, affinity = tps, served
+                best, affinity, cpu = tps, served, shares
         hop = min(hop_latency(url) for _ in range(rounds))
         sse = max((streamed(url, names, tokens) for _ in range(rounds)), key=lambda r: r["tps"])
     finally:
@@ -156,7 +196,7 @@ def measure(
     sticky = sum(c.most_common(1)[0][1] for c in affinity.values()) / max(
         1, sum(sum(c.values()) for c in affinity.values())
     )
-    return {"tps": best, "p50": hop, "sticky": sticky, "sse": sse}
+    return {"tps": best, "p50": hop, "sticky": sticky, "sse": sse, "cpu": cpu}
 
 
 def main() -> None:
@@ -196,6 +236,9 @@ def main() -> None:
         if res is not None:
             sse = res["sse"]
             print(f"| {label} | {sse['tps']:.1f} | {sse['ttft'] * 1000:.0f} ms | {sse['events']:.0f} |")
+    print("\nCPU cores used by each kind of process during the best 16-client round (of 2 on this machine)")
+    for label, res in (("one process", single), ("1 replica", one)):
+        print(f"- {label}: " + "; ".join(f"{name} {cores:.2f}" for name, cores in res["cpu"].items()))
     print(f"\nthroughput: {args.replicas} replicas / one process {scaled_ratio}, "
           f"1 replica / one process {one['tps'] / single['tps']:.2f}x; the gateway hop adds "
           f"{(one['p50'] - single['p50']) * 1000:.1f} ms at p50 (same threads; goal < 10 ms)")  # fmt: skip
