@@ -1,9 +1,13 @@
-"""``lora-kit serve --replicas 2``: a gateway and two engine replicas on a real local Ray.
+"""``lora-kit serve --replicas 2``: a gateway and two engine replicas on a real two-node Ray cluster.
 
-The CLI runs in its own process (its own Ray), with the embedded model, two random PEFT
-adapters and a bearer token; this test joins that Ray only to read the adapter directory and
-to kill a replica. References come from a single-process engine over the same registry.
-Each replica runs with one torch thread (``--replica-cpus 1``), so two fit on two cores.
+The cluster is simulated on this machine with Ray's own ``ray.cluster_utils.Cluster``: a head
+node and a second node, each with one CPU (separate raylets and object stores), so the two
+1-CPU replicas must land on different nodes; the registry is shared by path (one LORA_KIT_HOME),
+as on a real cluster's shared volume. The CLI runs in its own process and joins the cluster
+(``--ray-address``, HTTP proxy on the head only: both nodes share this host's ports), with the
+embedded model, two random PEFT adapters and a bearer token; this test joins the cluster only to
+read the adapter directory and to kill a replica. References come from a single-process engine
+over the same registry.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -69,7 +74,9 @@ def cluster(tmp_path_factory):
     want = reference_answers(registry.root)
     port = free_port()
     env = {**os.environ, "LORA_KIT_HOME": str(home), "LORA_KIT_API_TOKEN": TOKEN, "RAY_USAGE_STATS_ENABLED": "0"}
+    nodes = two_nodes()
     command = ["serve", "--replicas", "2", "--replica-cpus", "1", "--slots", "4", "--port", str(port)]
+    command += ["--ray-address", nodes.address, "--proxy-location", "HeadOnly"]
     command += ["--adapter-root", str(root)]  # the runtime load's lora_path lies under it
     # Exact fp32 on every CPU, as the reference: answers are compared token for token, which the
     # 16-bit weights `auto` picks on an AMX CPU do not promise across batches or cached prefixes.
@@ -88,7 +95,7 @@ def cluster(tmp_path_factory):
         assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
         import ray
 
-        ray.init(address="auto", namespace="lora-kit", log_to_driver=False)
+        ray.init(address=nodes.address, namespace="lora-kit", log_to_driver=False)
         with httpx.Client(base_url=url, headers=AUTH, timeout=120) as http:
             yield {"url": url, "http": http, "want": want, "root": root, "registry": registry, "proc": proc}
         ray.shutdown()
@@ -98,7 +105,18 @@ def cluster(tmp_path_factory):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+        nodes.shutdown()
+
+
+def two_nodes():
+    """A Ray cluster of two nodes on this host, one CPU each (Ray's own test cluster)."""
+    from ray.cluster_utils import Cluster
+
+    settings = {"num_cpus": 1, "object_store_memory": 100 << 20, "include_dashboard": False}
+    nodes = Cluster(initialize_head=True, head_node_args=settings)
+    nodes.add_node(**{k: v for k, v in settings.items() if k != "include_dashboard"})
+    nodes.wait_for_nodes()
+    return nodes
 
 
 def wait_for(predicate, timeout: float) -> None:
@@ -145,6 +163,18 @@ def test_answers_equal_the_single_process_and_adapters_stick_to_a_replica(cluste
     assert any("alpha@1" in r for r in resident) and any("beta@1" in r for r in resident)
     metrics = http.get("/metrics").text
     assert 'lora_kit_requests_total{adapter="alpha@1",route="cloudflare.run",status="200"}' in metrics
+
+
+def test_replicas_on_both_nodes_serve_requests(cluster):
+    http = cluster["http"]
+    wait_for(lambda: len(replica_reports()) == 2, 60)
+    nodes = {replica: report["node"] for replica, report in replica_reports().items()}
+    assert len(set(nodes.values())) == 2, nodes  # one replica per node: each node has one CPU
+    body = {"messages": QUESTION, "max_tokens": 48, "ignore_eos": True, "temperature": 0}
+    with ThreadPoolExecutor(8) as pool:  # base requests have no affinity: Ray spreads them by load
+        served = list(pool.map(lambda _: http.post(RUN + MODEL, json=body), range(8)))
+    assert all(r.status_code == 200 for r in served)
+    assert {nodes[r.headers["x-lora-kit-replica"]] for r in served} == set(nodes.values())
 
 
 def test_sdks_stream_through_the_gateway_and_unknown_adapters_are_404(cluster):

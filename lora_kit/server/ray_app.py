@@ -170,8 +170,9 @@ class AdapterDirectory:
         """The current epoch and the keys dropped after ``epoch``."""
         return self.epoch, [key for e, key in self.drops if e > epoch]
 
-    def report(self, replica: str, epoch: int, stats: dict[str, Any]) -> None:
-        self.reports[replica] = {"epoch": epoch, "stats": stats, "at": time.time()}
+    def report(self, replica: str, epoch: int, stats: dict[str, Any], node: str | None = None) -> None:
+        """A replica's state: the drops it applied, its engine's stats, the Ray node it runs on."""
+        self.reports[replica] = {"epoch": epoch, "stats": stats, "node": node, "at": time.time()}
 
     def replicas(self) -> dict[str, dict[str, Any]]:
         """Replicas heard from in the last ``STALE_S`` seconds: their applied epoch and stats."""
@@ -230,12 +231,13 @@ class EngineReplicaBase:
         import ray
 
         epoch, _ = ray.get(self.directory.since.remote(1 << 62))  # start at the present: old drops are moot
+        node = ray.get_runtime_context().get_node_id()
         while True:
             try:
                 epoch, keys = ray.get(self.directory.since.remote(epoch))
                 for key in keys:
                     self.engine.drop_adapter(key)
-                self.directory.report.remote(self.replica, epoch, self.engine.stats())
+                self.directory.report.remote(self.replica, epoch, self.engine.stats(), node)
             except Exception as err:  # noqa: BLE001 - the directory restarts with the app; keep polling
                 logger.warning("replica %s: directory poll failed: %r", self.replica, err)
             time.sleep(POLL_S)
@@ -500,7 +502,7 @@ def serve_replicated(server: ServerConfig, engine_config: EngineConfig, replicas
     ray.init(address=replicas.ray_address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     try:
         directory = directory_actor(create=True)  # held here: an actor without a handle is destroyed
-        serve.start(http_options={"host": server.host, "port": server.port})
+        serve.start(proxy_location=replicas.proxy_location, http_options={"host": server.host, "port": server.port})
         serve.run(build_app(engine_config, replicas, server, registry_root), name=APP_NAME, route_prefix="/")
         print(
             f"lora-kit: serving {engine_config.model} with {replicas.replicas} engine replicas on Ray Serve at "

@@ -6,7 +6,7 @@ Kept apart from the Ray code so the CLI derives its flags without importing Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -27,6 +27,9 @@ class ReplicaConfig:
 
     stream_interval_ms: float = field(default=50.0, metadata={"metavar": "MS"})
     """A replica sends a stream's first token at once, then the tokens ready every this many milliseconds as one event (one Ray object, one SSE event, the same text); 0: every token alone."""
+
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
+    """Where Ray Serve runs its HTTP proxies: EveryNode (each node with a replica; a load balancer in front of the nodes) or HeadOnly (one address; also for several Ray nodes on one host, whose proxies would share a port)."""
 
     def __post_init__(self) -> None:
         if self.stream_interval_ms < 0:
