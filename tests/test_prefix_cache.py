@@ -42,7 +42,7 @@ def test_blocks_chain_on_their_prefix_and_hold_their_positions():
     a = list(range(100, 140))  # 2 full blocks + 8 tokens
     assert cache.insert(cache.match((), a), a, kv_for(a)) == 2
     hit = cache.match((), a)
-    assert hit.tokens == 2 * BLOCK_TOKENS and hit.next_key is None
+    assert hit.tokens == 2 * BLOCK_TOKENS
     got = torch.cat([b.kv for b in hit.blocks], dim=3)[0, 0, 0, :, 0]
     assert got.tolist() == [float(t) for t in a[: 2 * BLOCK_TOKENS]]
     # The same second block after another first block is another block (the key chains).

@@ -55,12 +55,10 @@ class Block:
 
 @dataclass
 class PrefixMatch:
-    """The cached start of one prompt: ``blocks`` in order, and the key its next full block would
-    have (None when the prompt has no full block after them)."""
+    """The cached start of one prompt under ``identity``: its first ``blocks``, in order."""
 
     identity: Identity
     blocks: list[Block]
-    next_key: BlockKey | None
 
     @property
     def tokens(self) -> int:
@@ -107,12 +105,12 @@ class PrefixCache:
                 key = (identity, parent, tuple(ids[start : start + BLOCK_TOKENS]))
                 block = self._blocks.get(key)
                 if block is None:
-                    return PrefixMatch(identity, blocks, key)
+                    break
                 blocks.append(block)
                 parent = block.id
             for block in reversed(blocks):  # parents end up more recent than their children
                 self._blocks.move_to_end(block.key)
-        return PrefixMatch(identity, blocks, None)
+        return PrefixMatch(identity, blocks)
 
     def record(self, reused_tokens: int) -> None:
         """Count one prompt looked up at prefill, which reused ``reused_tokens`` tokens."""

@@ -8,6 +8,7 @@ thread checking an adapter before it streams).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from lora_kit.engine.batch import RunningBatch
     from lora_kit.engine.sequence import Sequence
 
+
+logger = logging.getLogger(__name__)
 
 # Rows of one prefill that share at least this many uncached prompt tokens under one adapter
 # identity are split into two forwards, so the shared part is computed once (see
@@ -124,8 +127,6 @@ class ModelRunner:
 
     # -- forwards (the engine loop's thread) ---------------------------------------------
 
-    # -- prefill (the engine loop's thread) -------------------------------------------------
-
     def waves(self, group: list[Sequence]) -> list[list[Sequence]]:
         """``group`` in the order to prefill it: one forward, or two when rows share an uncached
         prefix of at least :data:`MIN_SHARED_TOKENS` under the same adapter identity. Then the
@@ -166,7 +167,10 @@ class ModelRunner:
             out = self.model(**built.inputs, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         if matches is not None:
-            self._remember(group, matches, built, cache)
+            try:
+                self._remember(group, matches, built, cache)
+            except Exception:  # noqa: BLE001 - an optimisation: no request fails for it
+                logger.exception("caching the prefill's prompt blocks failed")
         return cache, built.mask, self.sample(out.logits[:, -1, :].float(), group)
 
     def _matches(self, group: list[Sequence]) -> list[PrefixMatch] | None:
