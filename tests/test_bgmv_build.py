@@ -80,3 +80,43 @@ def test_library_key_follows_source_compiler_and_torch(monkeypatch):
     assert bgmv.library_path("clang++") != one
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert bgmv.library_path("c++") != one
+
+
+@needs_compiler
+def test_the_portable_build_passes_the_kernel_tests(tmp_path):
+    """CPUs without AVX2 run the kernels' plain C++ paths: built here for x86-64 (no AVX2, no FMA)
+    with ``LORA_KIT_KERNEL_MARCH``, they pass the same tests against float64 references."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from lora_kit import paths
+
+    (tmp_path / "models").symlink_to(paths.models_dir())
+    env = {**os.environ, "LORA_KIT_HOME": str(tmp_path), bgmv.MARCH_ENV: "x86-64"}
+    modules = [str(helpers.ROOT / "tests" / name) for name in ("test_int8_linear.py", "test_packed_linear.py")]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *modules],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=helpers.ROOT,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " skipped" not in run.stdout, run.stdout[-500:]
+    built = list(tmp_path.glob("kernels/*/lora_kit_bgmv.so"))
+    assert len(built) == 1
+    if shutil.which("objdump"):  # no 256-bit register anywhere: the AVX2 paths were not compiled
+        listing = subprocess.run(["objdump", "-d", str(built[0])], capture_output=True, text=True).stdout
+        assert "ymm" not in listing and "vfmadd" not in listing
+
+
+def test_march_is_checked_and_keys_the_library(monkeypatch):
+    native = bgmv.library_path("c++")
+    monkeypatch.setenv(bgmv.MARCH_ENV, "x86-64")
+    assert bgmv.march() == "x86-64" and bgmv.library_path("c++") != native
+    monkeypatch.setenv(bgmv.MARCH_ENV, "native; rm -rf /")
+    with pytest.raises(ValueError, match="LORA_KIT_KERNEL_MARCH must be a -march value"):
+        bgmv.march()

@@ -4,7 +4,8 @@ The kernel is compiled with the machine's C++ compiler against the installed tor
 headers (a few seconds; no ninja, no pybind) into ``$LORA_KIT_HOME/kernels/<key>/``, where
 the key hashes the source, the torch version, the compiler and this CPU's instruction-set
 flags (it is built with ``-march=native``, so a shared home never hands one CPU a library
-built for another). A failed build is logged once (a warning on the ``lora_kit.engine``
+built for another; ``$LORA_KIT_KERNEL_MARCH`` names another target, e.g. ``x86-64`` to build the
+plain C++ paths that CPUs without AVX2 run, for their tests). A failed build is logged once (a warning on the ``lora_kit.engine``
 logger) and the CPU backend adds the LoRA rows with torch's products instead;
 ``LORA_KIT_ENGINE_BACKEND=torch`` (see :mod:`lora_kit.engine.backends`) never loads it.
 
@@ -32,6 +33,9 @@ SOURCE = Path(__file__).with_name("csrc") / "bgmv.cpp"
 # Every source of the library: the BGMV ops and the weight-only quantized linear (wo_linear.cpp).
 SOURCES = (SOURCE, SOURCE.with_name("wo_linear.cpp"))
 MAX_RANK = 256  # kMaxRank in bgmv.cpp: higher (padded) ranks take the torch path
+# The -march the library is built for: this CPU's own by default. A portable target (x86-64: no
+# AVX2, no FMA) builds the kernels' plain C++ paths, so a test can run them on any machine.
+MARCH_ENV = "LORA_KIT_KERNEL_MARCH"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool, "error": str, "path": Path
@@ -55,6 +59,14 @@ def cpu_flags() -> str:
     return ""
 
 
+def march() -> str:
+    """The ``-march`` the library is built for: ``$LORA_KIT_KERNEL_MARCH``, else ``native``."""
+    value = (os.environ.get(MARCH_ENV) or "native").strip()
+    if not value or not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError(f"{MARCH_ENV} must be a -march value such as native or x86-64, not {value!r}")
+    return value
+
+
 def _command(compiler: str, objs: dict[Path, Path], lib: Path) -> list[list[str]]:
     """The commands that compile each source of ``objs`` (source -> object) and link ``lib``."""
     from torch.utils import cpp_extension
@@ -62,7 +74,7 @@ def _command(compiler: str, objs: dict[Path, Path], lib: Path) -> list[list[str]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     lib_dirs = cpp_extension.library_paths()
-    compiles = [[compiler, "-c", str(source), "-o", str(obj), "-O3", "-march=native", "-fopenmp", "-fPIC",
+    compiles = [[compiler, "-c", str(source), "-o", str(obj), "-O3", f"-march={march()}", "-fopenmp", "-fPIC",
                  "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", *includes]
                 for source, obj in objs.items()]  # fmt: skip
     link = [compiler, "-shared", *map(str, objs.values()), "-o", str(lib), *[f"-L{d}" for d in lib_dirs], "-lc10",
@@ -81,6 +93,7 @@ def library_path(compiler: str) -> Path:
         torch.__file__.encode(),
         compiler.encode(),
         cpu_flags().encode(),
+        march().encode(),
     ):
         key.update(part)
         key.update(b"\0")
