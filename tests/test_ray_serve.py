@@ -171,10 +171,15 @@ def test_replicas_on_both_nodes_serve_requests(cluster):
     nodes = {replica: report["node"] for replica, report in replica_reports().items()}
     assert len(set(nodes.values())) == 2, nodes  # one replica per node: each node has one CPU
     body = {"messages": QUESTION, "max_tokens": 48, "ignore_eos": True, "temperature": 0}
-    with ThreadPoolExecutor(8) as pool:  # base requests have no affinity: Ray spreads them by load
-        served = list(pool.map(lambda _: http.post(RUN + MODEL, json=body), range(8)))
-    assert all(r.status_code == 200 for r in served)
-    assert {nodes[r.headers["x-lora-kit-replica"]] for r in served} == set(nodes.values())
+    seen: set = set()
+    for _ in range(3):  # base requests have no affinity: Ray spreads them by load (randomly on ties)
+        with ThreadPoolExecutor(8) as pool:
+            served = list(pool.map(lambda _: http.post(RUN + MODEL, json=body), range(8)))
+        assert all(r.status_code == 200 for r in served)
+        seen |= {nodes[r.headers["x-lora-kit-replica"]] for r in served}
+        if seen == set(nodes.values()):
+            break
+    assert seen == set(nodes.values())
 
 
 def test_sdks_stream_through_the_gateway_and_unknown_adapters_are_404(cluster):
