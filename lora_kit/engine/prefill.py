@@ -96,8 +96,9 @@ def _past(matches: list[PrefixMatch], cached: list[int], past_width: int, width:
     return Cache(layers=[GrowingLayer(buf[n, 0], buf[n, 1], filled=past_width) for n in range(layers)])
 
 
-def row_kv(cache: Any, row: int, start: int, end: int) -> torch.Tensor:
-    """Columns [start, end) of ``row`` of every layer of ``cache``: (layers, 2, kv_heads, end - start, head_dim)."""
+def row_kv(cache: Any, row: int, columns: slice | torch.Tensor) -> torch.Tensor:
+    """``columns`` (a slice, or column indices) of ``row`` of every layer of ``cache``:
+    (layers, 2, kv_heads, n, head_dim), a copy."""
     return torch.stack(
-        [torch.stack((layer.keys[row, :, start:end], layer.values[row, :, start:end])) for layer in cache.layers]
+        [torch.stack((layer.keys[row][:, columns], layer.values[row][:, columns])) for layer in cache.layers]
     )

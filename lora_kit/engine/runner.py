@@ -49,16 +49,6 @@ def _shared_blocks(a: list[int], b: list[int]) -> int:
     return n // BLOCK_TOKENS * BLOCK_TOKENS
 
 
-def _gather_kv(cache: Any, row: int, columns: torch.Tensor) -> torch.Tensor:
-    """``columns`` of ``row`` of every layer: (layers, 2, kv_heads, len(columns), head_dim)."""
-    return torch.stack(
-        [
-            torch.stack((layer.keys[row].index_select(1, columns), layer.values[row].index_select(1, columns)))
-            for layer in cache.layers
-        ]
-    )
-
-
 class ModelRunner:
     """Runs the model over sequences and owns what its forwards read (the LoRA context, the slots)."""
 
@@ -192,7 +182,9 @@ class ModelRunner:
         for i, (seq, match) in enumerate(zip(group, matches)):
             self.prefix.record(built.cached[i])
             ids = seq.request.prompt_ids
-            self.prefix.insert(match, ids, lambda a, b, i=i: row_kv(cache, i, built.column(i, a), built.column(i, b)))
+            self.prefix.insert(
+                match, ids, lambda a, b, i=i: row_kv(cache, i, slice(built.column(i, a), built.column(i, b)))
+            )
 
     @torch.inference_mode()
     def remember_finished(self, batch: RunningBatch, seqs: list[Sequence]) -> None:
@@ -212,7 +204,7 @@ class ModelRunner:
             columns = batch.mask[row].nonzero().squeeze(1)  # the row's positions, in order
             if len(columns) != len(ids):  # not what this accounting expects: cache nothing
                 continue
-            self.prefix.insert(match, ids, lambda a, b, r=row, c=columns: _gather_kv(batch.cache, r, c[a:b]))
+            self.prefix.insert(match, ids, lambda a, b, r=row, c=columns: row_kv(batch.cache, r, c[a:b]))
 
     @torch.inference_mode()
     def decode(self, batch: RunningBatch) -> list[int]:
