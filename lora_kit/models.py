@@ -255,18 +255,28 @@ def load_model(
 
 def _widen_all_but_linear_weights(model: PreTrainedModel, dtype: torch.dtype) -> None:
     """Cast every floating parameter and buffer to ``dtype`` except the weights and biases of
-    ``nn.Linear`` layers (a head tied to the input embeddings is widened with them: the lookup
-    must return ``dtype``)."""
+    ``nn.Linear`` layers and the input embedding table: a plain ``nn.Embedding`` keeps its table as
+    stored behind a lookup that widens the rows it reads (:class:`~lora_kit.widening.WideningEmbedding`),
+    so the table is never copied to ``dtype``, not even for a moment (that copy was the load's peak:
+    113 MB for the embedded model, 524 MB for a 7B). A head tied to it stays tied (one table)."""
     import torch
 
-    embedding = model.get_input_embeddings().weight
-    keep = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)} - {
-        id(embedding)
-    }
+    from lora_kit.widening import WideningEmbedding
+
+    embedding = model.get_input_embeddings()
+    table = embedding.weight
+    narrow_table = type(embedding) is torch.nn.Embedding and table.is_floating_point() and table.dtype != dtype
+    keep = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)}
+    if narrow_table:
+        keep.add(id(table))
+    else:
+        keep.discard(id(table))  # a tied head is widened with the table: the lookup must return ``dtype``
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.is_floating_point() and tensor.dtype != dtype and id(tensor) not in keep:
                 tensor.data = tensor.data.to(dtype)
+    if narrow_table:
+        model.set_input_embeddings(WideningEmbedding(embedding, table.dtype, io_dtype=dtype))
     model.config.dtype = dtype  # what the model computes in (transformers reads it for new buffers)
 
 

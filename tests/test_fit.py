@@ -47,6 +47,95 @@ def bf16_dir(tmp_path_factory, tiny_mistral_dir):
     return out
 
 
+def assert_same_answers(fitted, reference, word_tokenizer) -> None:
+    """Both engines give the same greedy tokens and bit-identical logits on every prompt (stopped after)."""
+    tokens, logits = [], []
+    for eng in (fitted, reference):
+        requests = [greedy(p, None, max_tokens=6) for p in prompts(word_tokenizer)]
+        for i, request in enumerate(requests):
+            request.request_id = f"r{i}"
+        with eng.recording_logits() as seen:
+            done = run_together(eng, requests)
+        eng.stop()
+        tokens.append([out.token_ids for out in done])
+        logits.append([seen[f"r{i}"] for i in range(len(requests))])
+    assert tokens[0] == tokens[1] and all(tokens[0])
+    for ours, theirs in zip(*logits):
+        assert len(ours) == len(theirs) > 0 and all(torch.equal(x, y) for x, y in zip(ours, theirs))
+
+
+def save_bf16(tiny_mistral_dir, out, tied: bool):
+    """The tiny Mistral as a bf16 checkpoint in ``out``; ``tied``: its head tied to the embedding table."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_mistral_dir, tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, config=config, dtype=torch.bfloat16)
+    if tied:  # the checkpoint holds a head of its own: tie it to the table
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(out)
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_16_bit_checkpoints_embedding_table_is_never_widened(tmp_path, tiny_mistral_dir, tied):
+    """Loaded with 16-bit linears (``linear_dtype``), a bf16 checkpoint's embedding table stays as
+    stored behind a lookup that widens the rows it reads: no fp32 copy of the table exists, not even
+    for a moment (the load's peak), the lookups equal an fp32 load's exactly, and a tied head stays
+    tied to the one table."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_kit.widening import WideningEmbedding
+
+    src = save_bf16(tiny_mistral_dir, tmp_path, tied)
+    widened = []
+    to = torch.Tensor.to
+    table_shape = src.get_input_embeddings().weight.shape
+
+    def recording_to(t, *a, **k):  # every 16-bit tensor widened to fp32 after the checkpoint is read
+        out = to(t, *a, **k)
+        if t.dtype == torch.bfloat16 and out.dtype == torch.float32:
+            widened.append(t.shape)
+        return out
+
+    widen = models._widen_all_but_linear_weights
+
+    def widen_recorded(model, dtype):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.Tensor, "to", recording_to)
+            widen(model, dtype)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "_widen_all_but_linear_weights", widen_recorded)
+        model = models.load_model(str(tmp_path), linear_dtype=torch.bfloat16)
+    assert widened and table_shape not in widened  # the norms were widened; the table was not
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, WideningEmbedding) and embedding.weight.dtype == torch.bfloat16
+    assert (model.get_output_embeddings().weight.data_ptr() == embedding.weight.data_ptr()) == tied
+    assert not any(p.dtype == torch.float32 and p.shape == table_shape for p in model.parameters())
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.inference_mode():
+        got, want = embedding(ids), reference.get_input_embeddings()(ids)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_engine_on_a_16_bit_checkpoint_equals_one_packed_from_fp32(
+    avx2, tmp_path, tiny_mistral_dir, word_tokenizer, tied
+):
+    """The engine reading a bf16 checkpoint as stored (the table kept 16-bit; tied: one table for the
+    lookups and the dense bf16 head of the AVX2 path) gives the tokens and logits of an engine that
+    loads it in fp32 and packs it in bf16, exactly."""
+    from lora_kit.engine import Engine, EngineConfig
+
+    save_bf16(tiny_mistral_dir, tmp_path, tied)
+    fitted = Engine(EngineConfig(model=str(tmp_path), weight_dtype="bfloat16", max_slots=1), tokenizer=word_tokenizer)
+    table, head = fitted.model.get_input_embeddings().weight, fitted.model.get_output_embeddings().weight
+    assert (table is head) == tied and table.dtype == head.dtype == torch.bfloat16
+    reference = mistral_engine(tmp_path, word_tokenizer, {}, weight_dtype="bfloat16", max_slots=1)
+    assert_same_answers(fitted, reference, word_tokenizer)
+
+
 def test_checkpoint_numel_counts_every_tensor_from_the_headers(tiny_mistral_dir):
     from transformers import AutoModelForCausalLM
 
@@ -109,19 +198,7 @@ def test_an_engine_holds_a_base_too_large_for_fp32_in_bf16_as_if_packed_from_fp3
     linears = [m for m in fitted.model.modules() if type(m) is torch.nn.Linear]
     assert not any(m.weight.dtype == torch.float32 for m in linears)  # no fp32 copy of a linear weight
     reference = mistral_engine(bf16_dir, word_tokenizer, {}, weight_dtype="bfloat16", max_slots=1)
-    tokens, logits = [], []
-    for eng in (fitted, reference):
-        requests = [greedy(p, None, max_tokens=6) for p in prompts(word_tokenizer)]
-        for i, request in enumerate(requests):
-            request.request_id = f"r{i}"
-        with eng.recording_logits() as seen:
-            done = run_together(eng, requests)
-        eng.stop()
-        tokens.append([out.token_ids for out in done])
-        logits.append([seen[f"r{i}"] for i in range(len(requests))])
-    assert tokens[0] == tokens[1] and all(tokens[0])
-    for ours, theirs in zip(*logits):
-        assert len(ours) == len(theirs) > 0 and all(torch.equal(x, y) for x, y in zip(ours, theirs))
+    assert_same_answers(fitted, reference, word_tokenizer)
 
 
 def test_a_base_that_does_not_fit_is_refused_before_loading(avx2, monkeypatch, tiny_mistral_dir, word_tokenizer, numel):

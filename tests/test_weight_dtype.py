@@ -115,6 +115,11 @@ def test_bf16_weights_keep_the_embedded_models_greedy_answers(embedded_model, is
         model = models.load_model("smollm2-135m-instruct")
         eng = Engine(EngineConfig(weight_dtype=setting), model=model, tokenizer=tokenizer)
         try:
+            if setting == "bfloat16":
+                table, head = eng.model.get_input_embeddings().weight, eng.model.get_output_embeddings().weight
+                # SmolLM2 ties its head to the table: held dense in bf16 (the AVX2 path), they stay one
+                # tensor, the lookups reading the head's rows; oneDNN's packed head is a copy of its own.
+                assert (table is head) == (isa == "avx2") and table.dtype == torch.bfloat16
             params = SamplingParams(max_tokens=8, ignore_eos=True)
             requests = [GenerationRequest(p, params, request_id=f"q{i}") for i, p in enumerate(prompts)]
             with eng.recording_logits() as seen:

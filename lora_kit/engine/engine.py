@@ -47,6 +47,7 @@ from lora_kit.engine.types import (
     adapter_mix,
     single_ref,
 )
+from lora_kit.widening import lookup_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,11 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.model_name = config.model
         self.max_slots, self.max_rank = config.max_slots, config.max_rank
-        embed = model.get_input_embeddings().weight
-        # LoRA weights live in the compute dtype (the embeddings are never 4-bit) on the model's device.
-        self.device: torch.device = embed.device
-        self.dtype: torch.dtype = embed.dtype
+        embedding = model.get_input_embeddings()
+        # LoRA weights live in the compute dtype (what the embeddings' lookups return; they are never
+        # 4-bit) on the model's device.
+        self.device: torch.device = embedding.weight.device
+        self.dtype: torch.dtype = lookup_dtype(embedding)
         self.adapter_dtype = ADAPTER_DTYPES[config.adapter_dtype] if config.adapter_dtype else self.dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)

@@ -40,6 +40,7 @@ from torch import nn
 
 from lora_kit.engine.backends import bgmv
 from lora_kit.engine.backends.memory import in_mappings
+from lora_kit.widening import WideningEmbedding
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -200,13 +201,23 @@ def pack_output_head(
     """Replace the model's output head by a packed copy; False when it cannot be packed.
 
     A head tied to the input embeddings shares its table with the embedding lookup, which
-    needs the dense layout: the head then gets its own packed copy (one more vocab x hidden
-    matrix in memory); an untied head is packed in place.
+    needs the dense layout: a oneDNN-packed head is a copy of its own (one more vocab x hidden
+    matrix in memory); a head held dense in 16 bits (no oneDNN bf16 on this CPU) stays one table
+    with the lookup, which widens the rows it reads. An untied head is packed in place.
     """
     head = model.get_output_embeddings()
     if head is None or not can_pack(head):
         return False
-    model.set_output_embeddings(make_packed(head, batch_hint, dtype, io_dtype))
+    embedding = model.get_input_embeddings()
+    table = getattr(embedding, "weight", None)
+    tied = table is not None and table.data_ptr() == head.weight.data_ptr()
+    packed = make_packed(head, batch_hint, dtype, io_dtype)
+    model.set_output_embeddings(packed)
+    if tied and isinstance(packed, PackedLinear) and not packed.onednn and packed.weight.dtype != packed.io_dtype:
+        # A dense 16-bit head (no oneDNN bf16 here) holds the table's rows in the layout a lookup
+        # reads: the embedding takes its rows from it, one table for both (the same values a
+        # narrowed copy would hold: both are the table rounded to bf16).
+        model.set_input_embeddings(WideningEmbedding(embedding, packed.weight.dtype, packed.io_dtype, packed.weight))
     return True
 
 
@@ -224,21 +235,6 @@ def copy_unpacked_weights(model: nn.Module, mappings: list[tuple[int, int]]) -> 
         for tensor in [*model.parameters(), *model.buffers()]:
             if not tensor.is_mkldnn and in_mappings(tensor, mappings):
                 tensor.data = tensor.data.clone()
-
-
-class WideningEmbedding(nn.Module):
-    """An embedding table held in a narrower dtype (bf16) whose lookups come back in ``io_dtype``
-    (fp32): the rows a step reads are widened, the table takes half the memory."""
-
-    def __init__(self, embedding: nn.Embedding, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
-        self.padding_idx = embedding.padding_idx
-        self.io_dtype = embedding.weight.dtype
-        self.weight = nn.Parameter(embedding.weight.detach().to(dtype), requires_grad=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.weight).to(self.io_dtype)
 
 
 def narrow_input_embeddings(model: PreTrainedModel, dtype: torch.dtype) -> bool:
