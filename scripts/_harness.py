@@ -261,12 +261,14 @@ def random_adapters(
     alpha ``alpha`` (default ``2 * rank``), on ``targets`` (default: all linear projections),
     other ``LoraConfig`` fields from ``lora_kwargs``. Every A and B is drawn from N(0, std^2)
     (B non-zero, so each adapter changes the outputs; a larger ``std`` changes them more) by a
-    generator seeded ``seed + i`` for the i-th name. The base loads once, in fp32."""
+    generator seeded ``seed + i`` for the i-th name. The base loads once, in bf16: PEFT keeps the
+    LoRA weights fp32 over it and they are drawn, not derived from the base, so the adapters are the
+    same as over an fp32 base (checked), and a Mistral-7B base takes 14.5 GB instead of 29."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank if alpha is None else alpha,

@@ -114,6 +114,7 @@ def load_script(name: str) -> ModuleType:
 
 harness = load_script("_harness")  # first: bench_vs_llamacpp imports it as `_harness`
 vs = load_script("bench_vs_llamacpp")
+V01_TEMPLATE, chat_template_flags = vs.V01_TEMPLATE, vs.chat_template_flags  # llama-server's prompt format
 mrm = load_script("make_random_model")
 
 RECIPE = ROOT / "recipes" / "mistral-7b-instruct-v0.1-qlora.yaml"
@@ -126,14 +127,6 @@ TRAIN_EXAMPLES, EVAL_EXAMPLES = 32, 4
 SEQ_LEN, MAX_STEPS, KILL_AFTER = 256, 3, 2
 GB, GiB, MiB = 10**9, 2**30, 2**20
 LLAMA_KINDS = ["q8_0", "q4_0"]
-# Mistral-7B-Instruct-v0.1's chat template, for llama-server when the checkpoint has none (the random
-# checkpoints carry no template: lora-kit renders v0.1's format itself; without this llama-server
-# fell back to ChatML, 35 prompt tokens against lora-kit's 15, measured)
-V01_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
-)
 WORDS = (
     "the a model adapter train serve memory token layer weight batch step value cat dog river mountain "
     "green blue quick slow bright dark morning evening number letter window garden music paper stone"
@@ -163,19 +156,6 @@ def meminfo_available(text: str) -> int:
 # bytes per parameter of the base as `lora-kit serve`/`eval` hold it, by precision (runner.PRECISIONS);
 # nf4/fp4: 4-bit weights plus bf16 embeddings, norms and the head, about 0.6 bytes per parameter at 7B
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16w": 2.0, "int8w": 1.13, "bf16": 2.0, "fp16": 2.0, "nf4": 0.6, "fp4": 0.6}
-
-
-def chat_template_flags(model: Optional[Path], work: Path, write: bool = True) -> list[str]:
-    """``--chat-template-file`` with v0.1's template (written into ``work`` unless ``write`` is
-    False) when ``model`` has no chat template of its own (llama-server would use ChatML); nothing
-    when it has one (the GGUF carries it)."""
-    config = Path(model or "") / "tokenizer_config.json"
-    if config.is_file() and json.loads(config.read_text()).get("chat_template"):
-        return []
-    template = work / "mistral-v0.1.jinja"
-    if write:
-        template.write_text(V01_TEMPLATE)
-    return ["--chat-template-file", str(template)]
 
 
 def flag_precision(step: str, extra: str, default: str) -> str:

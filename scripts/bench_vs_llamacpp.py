@@ -1,12 +1,16 @@
 """lora-kit's server vs llama.cpp's ``llama-server`` on a CPU, over HTTP, with LoRA adapters.
 
 **What it measures**: tokens/s of ``/v1/chat/completions`` on the embedded SmolLM2-135M-Instruct
-with 8 random rank-8 all-linear adapters, in four cases, and each server's peak RSS:
+(or ``--model DIR``, e.g. a random Mistral-7B) with 8 random rank-8 all-linear adapters, in four
+cases; the latency of a 1-token request; and each server's peak RSS:
 
 - ``base8``: 8 concurrent requests on the base model;
 - ``mixed8``: 8 concurrent requests, each on a different adapter;
 - ``one8``: 8 concurrent requests on the same adapter;
 - ``base1``: 1 request on the base (the tokens/s of that one interactive request);
+- ``first1``/``first1a``: the p50 latency over HTTP of a request for 1 token (prefill and the first
+  token: what an interactive user waits for before anything shows), on the base and on adapter a0,
+  ``LATENCY_REQUESTS`` requests one after the other per round;
 - ``rss``: the server's peak resident memory (VmHWM of its process and any children, MiB).
 
 **How**: 8 client threads (``httpx``), greedy (temperature 0), exactly ``--tokens`` new tokens per
@@ -21,7 +25,7 @@ base: a LoRA matrix's short rank rows do not fit q8_0's 32-value blocks, and its
 all loaded with ``--lora ... --lora-init-without-apply``. lora-kit's base weights are bf16 on a
 CPU with AVX512-BF16 or AMX (``--weight-dtype auto``), else fp32 (the report says which): its
 like-for-like llama.cpp type is then bf16, or f32. The ratio columns are lora-kit / llama.cpp:
-above 1 lora-kit is faster; for RSS, below 1 lora-kit is smaller.
+above 1 lora-kit is faster; for latency and RSS, below 1 lora-kit is faster or smaller.
 
 **Pitfalls** (each handled here):
 
@@ -43,7 +47,8 @@ above 1 lora-kit is faster; for RSS, below 1 lora-kit is smaller.
   idle, and under the table it prints the share of the CPUs other processes used during each
   server's measurement, flagging the run "not quiet" above 5%.
 - Both servers render the prompt with the model's own chat template (llama-server runs with
-  ``--jinja``: the template in the GGUF, as Jinja, not its built-in approximations); the mean prompt tokens
+  ``--jinja``: the template in the GGUF, as Jinja, not its built-in approximations; a checkpoint
+  without one, as the random Mistral-7B, gets Mistral v0.1's format, which lora-kit uses for it); the mean prompt tokens
   each server reports are printed under the table so a template difference shows, with how many
   greedy answers of the two servers start alike (the adapters' GGUF conversion is right when the
   adapter rows agree as well as the base rows do). A server whose 8 adapter answers all equal its
@@ -64,7 +69,7 @@ converters need ``sentencepiece`` (imported even for a ``tokenizer.json`` model)
 installed into this venv with pip when missing.
 
     .venv/bin/python scripts/bench_vs_llamacpp.py [--types f16 bf16 q8_0 f32] [--rounds 3] [--tokens 64] \\
-        [--llama-server PATH --llama-cpp-dir DIR] [--lora-kit-arg=--adapter-dtype=bfloat16] [--json OUT]
+        [--model DIR --work-dir DIR] [--llama-server PATH --llama-cpp-dir DIR] [--lora-kit-arg=--adapter-dtype=bfloat16] [--json OUT]
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -119,6 +125,12 @@ CASES: dict[str, tuple[str, list[Optional[int]]]] = {
     "one8": ("8 requests, one adapter", [0] * 8),
     "base1": ("1 request, base (tokens/s of that request)", [None]),
 }
+# case -> (row label, the adapter index; None = the base): one request for 1 token at a time, p50 ms
+LATENCY: dict[str, tuple[str, Optional[int]]] = {
+    "first1": ("1-token request, base: p50 latency, ms", None),
+    "first1a": ("1-token request, adapter a0: p50 latency, ms", 0),
+}
+LATENCY_REQUESTS = 10
 RSS = "rss"
 QUIET_SHARE = 0.05  # above this share of the CPUs used by other processes, a run is flagged as not quiet
 
@@ -295,7 +307,7 @@ def make_adapter_dirs(base_dir: Path, out: Path) -> dict[str, Path]:
     return random_adapters(base_dir, out, names)
 
 
-def make_home(home: Path, adapters: dict[str, Path]) -> None:
+def make_home(home: Path, adapters: dict[str, Path], model: str) -> None:
     """A LORA_KIT_HOME sharing the real models and kernels, its registry holding ``adapters``."""
     done = home / "registered"
     if done.is_file():
@@ -303,7 +315,7 @@ def make_home(home: Path, adapters: dict[str, Path]) -> None:
     share_models_and_kernels(home)
     env = {**os.environ, "LORA_KIT_HOME": str(home)}
     for name, adapter_dir in adapters.items():
-        add = [sys.executable, "-m", "lora_kit", "adapters", "add", str(adapter_dir), "--name", name, "--base", MODEL]
+        add = [sys.executable, "-m", "lora_kit", "adapters", "add", str(adapter_dir), "--name", name, "--base", model]
         run_logged(add, home / "adapters-add.log", env=env)
     done.write_text("\n".join(adapters))
 
@@ -331,7 +343,7 @@ def llama_body(question: str, adapter: Optional[int], tokens: int, model: str) -
 
 def lora_kit_server(home: Path, args: argparse.Namespace) -> Server:
     """``lora-kit serve`` on ``home``'s registry, the 8 adapters preloaded, plus ``--lora-kit-arg``s."""
-    flags = ["--model", MODEL, "--no-ui", "--log-level", "warning", "--threads", str(args.threads)]
+    flags = ["--model", args.model, "--no-ui", "--log-level", "warning", "--threads", str(args.threads)]
     flags += ["--slots", str(ADAPTERS), "--preload", *[f"a{i}" for i in range(ADAPTERS)]]
     flags += ["--prefix-cache-mib", "0", *args.lora_kit_arg]  # as llama.cpp's cache_prompt: false
     env = {"LORA_KIT_HOME": str(home)}
@@ -339,8 +351,37 @@ def lora_kit_server(home: Path, args: argparse.Namespace) -> Server:
     return Server("lora-kit", serve.command, "/healthz", lora_kit_body, env, serve=serve)
 
 
-def llama_server(binary: Path, ggufs: Path, kind: str, args: argparse.Namespace) -> Server:
-    """``llama-server`` on the ``kind`` GGUFs; 8 parallel slots of ``tokens + 256`` context each."""
+# Mistral-7B-Instruct-v0.1's chat template, for llama-server when the checkpoint has none (the random
+# checkpoints carry no template: lora-kit renders v0.1's format itself; without this llama-server
+# fell back to ChatML, 35 prompt tokens against lora-kit's 15, measured)
+V01_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def chat_template_flags(model: Optional[Path], work: Path, write: bool = True) -> list[str]:
+    """``--chat-template-file`` with v0.1's template (written into ``work`` unless ``write`` is
+    False) when ``model`` has no chat template of its own (llama-server would use ChatML); nothing
+    when it has one (the GGUF carries it: in ``tokenizer_config.json`` or ``chat_template.jinja``)."""
+    model = Path(model or "")
+    config = model / "tokenizer_config.json"
+    if (model / "chat_template.jinja").is_file():
+        return []
+    if config.is_file() and json.loads(config.read_text()).get("chat_template"):
+        return []
+    template = work / "mistral-v0.1.jinja"
+    if write:
+        template.write_text(V01_TEMPLATE)
+    return ["--chat-template-file", str(template)]
+
+
+def llama_server(
+    binary: Path, ggufs: Path, kind: str, args: argparse.Namespace, model_dir: Optional[Path] = None, write: bool = True
+) -> Server:
+    """``llama-server`` on the ``kind`` GGUFs; 8 parallel slots of ``tokens + 256`` context each. With
+    ``model_dir`` (the checkpoint), v0.1's chat template when it has none (see :func:`chat_template_flags`)."""
     port, ctx = free_port(), max(512, args.tokens + 256)
     files = [str(adapter_gguf(ggufs, f"a{i}", kind)) for i in range(ADAPTERS)]
     # one comma-separated --lora: a repeated --lora is deprecated ("only last value will be used")
@@ -348,6 +389,8 @@ def llama_server(binary: Path, ggufs: Path, kind: str, args: argparse.Namespace)
     # --jinja: the GGUF's chat template rendered as Jinja, as lora-kit renders the model's template
     command += ["--lora-init-without-apply", "--jinja", "-np", "8", "-c", str(8 * ctx)]
     command += ["-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "--port", str(port)]
+    if model_dir is not None:
+        command += chat_template_flags(model_dir, ggufs, write)
     return Server(f"llama.cpp {kind} GGUF", command, "/health", llama_body, {}, port, files)
 
 
@@ -546,6 +589,22 @@ def measure_case(
     }
 
 
+def measure_latency(client: httpx.Client, url: str, body: dict, args: argparse.Namespace) -> dict:
+    """Two warm-up requests, then ``args.rounds`` rounds of ``LATENCY_REQUESTS`` requests for 1 token,
+    one after the other: the p50 of each round in ms, the best round's kept."""
+    for _ in range(2):
+        ask(client, url, body, 1)
+    medians = []
+    for _ in range(args.rounds):
+        took = []
+        for _ in range(LATENCY_REQUESTS):
+            start = time.perf_counter()
+            prompt_tokens, text = ask(client, url, body, 1)
+            took.append(1000 * (time.perf_counter() - start))
+        medians.append(statistics.median(took))
+    return {"p50_ms": min(medians), "rounds_p50_ms": medians, "prompt_tokens_mean": prompt_tokens, "texts": [text]}
+
+
 def measure_server(server: Server, cases: list[str], args: argparse.Namespace, log: Path) -> dict:
     """Every case on ``server`` (started here, stopped before returning), then its peak RSS."""
     results: dict = {"command": server.command}
@@ -557,6 +616,12 @@ def measure_server(server: Server, cases: list[str], args: argparse.Namespace, l
             check_llama_adapters(client, url, [Path(f).name for f in server.lora_files])
         others = OthersMeter(proc.pid)
         for case in cases:
+            if case in LATENCY:
+                results[case] = measure_latency(
+                    client, url, server.body(QUESTIONS[0], LATENCY[case][1], 1, model), args
+                )
+                print(f"{server.label} {case}: {results[case]['p50_ms']:.0f} ms", file=sys.stderr)
+                continue
             bodies = [server.body(QUESTIONS[i], a, args.tokens, model) for i, a in enumerate(CASES[case][1])]
             results[case] = measure_case(client, pool, url, bodies, args)
             print(f"{server.label} {case}: {results[case]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
@@ -587,7 +652,7 @@ def ratio_cell(ours: float, theirs: float) -> str:
 def table(results: dict[str, dict], cases: list[str], kinds: list[str]) -> list[str]:
     """The Markdown table: a row per case, lora-kit and each llama.cpp GGUF with the ratio lora-kit / it."""
     ours = results["lora-kit"]
-    head = "| case (tokens/s) | lora-kit |" + "".join(f" llama.cpp {k} GGUF | ratio |" for k in kinds)
+    head = "| case (tokens/s unless said) | lora-kit |" + "".join(f" llama.cpp {k} GGUF | ratio |" for k in kinds)
     lines = [head, "|---|---:|" + "---:|---:|" * len(kinds)]
     for case in cases:
         if case == RSS:
@@ -596,6 +661,13 @@ def table(results: dict[str, dict], cases: list[str], kinds: list[str]) -> list[
                 theirs = results[f"llama.cpp {k} GGUF"][RSS]
                 cells += [f"{theirs:.0f} MiB", ratio_cell(ours[RSS], theirs)]
             lines.append("| peak RSS of the server | " + " | ".join(cells) + " |")
+            continue
+        if case in LATENCY:
+            cells = [f"{ours[case]['p50_ms']:.0f}"]
+            for k in kinds:
+                theirs = results[f"llama.cpp {k} GGUF"][case]["p50_ms"]
+                cells += [f"{theirs:.0f}", ratio_cell(ours[case]["p50_ms"], theirs)]
+            lines.append(f"| {LATENCY[case][0]} | " + " | ".join(cells) + " |")
             continue
         cells = [f"{ours[case]['tokens_per_s']:.1f}"]
         for k in kinds:
@@ -639,7 +711,7 @@ def report(results: dict[str, dict], cases: list[str], args: argparse.Namespace,
         command,
         "```",
         "",
-        f"{MODEL}, {ADAPTERS} random rank-8 all-linear adapters; /v1/chat/completions, greedy, "
+        f"{model_label(args.model)}, {ADAPTERS} random rank-8 all-linear adapters; /v1/chat/completions, greedy, "
         f"{args.tokens} new tokens per request (ignore_eos), {args.threads} threads per server, "
         f"best of {args.rounds} round(s) after a warm-up; ratio = lora-kit / llama.cpp",
         f"CPU: {cpu_summary()}; ISA both servers run: {build_isa()} (LORA_KIT_CPU_ISA); "
@@ -648,6 +720,11 @@ def report(results: dict[str, dict], cases: list[str], args: argparse.Namespace,
         "",
     ]
     return "\n".join(lines + table(results, cases, args.types) + [""] + notes(results, args.types) + warning)
+
+
+def model_label(model: str) -> str:
+    """The model as the report names it: the embedded default by name, a directory by its last part."""
+    return model if model == MODEL else f"{Path(model).name} ({model})"
 
 
 def lora_kit_weights(args: argparse.Namespace) -> str:
@@ -720,8 +797,16 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds per case, after one warm-up (best is kept)")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    ap.add_argument(
+        "--model",
+        default=MODEL,
+        help="the base: the embedded default, or a local Llama/Mistral checkpoint directory (e.g. a random "
+        "Mistral-7B from scripts/make_random_model.py: the mission's size); its adapters and GGUFs are made "
+        "from it, so give each model its own --work-dir",
+    )
     ap.add_argument("--threads", type=int, default=2, help="threads of each server")
-    ap.add_argument("--cases", nargs="+", choices=[*CASES, RSS], default=[*CASES, RSS], help="rows to measure")
+    every = [*CASES, *LATENCY, RSS]
+    ap.add_argument("--cases", nargs="+", choices=every, default=every, help="rows to measure")
     ap.add_argument(
         "--types",
         nargs="+",
@@ -768,19 +853,19 @@ def plan(args: argparse.Namespace, work: Path) -> list[str]:
         lines += [shlex.join(c) for c in build_commands(source, cache, os.cpu_count() or 2)]
     if importlib.util.find_spec("sentencepiece") is None:
         lines.append(f"{sys.executable} -m pip install -q sentencepiece")
-    base_dir = paths.models_dir() / MODEL
+    base_dir = paths.models_dir() / args.model if args.model == MODEL else Path(args.model)
     adapters = {f"a{i}": work / "adapters" / f"a{i}" for i in range(ADAPTERS)}
     lines.append(
         f"# make {ADAPTERS} random rank-8 all-linear adapters in {work / 'adapters'} (_harness.random_adapters)"
     )
     lines += [
-        f"LORA_KIT_HOME={work / 'home'} {sys.executable} -m lora_kit adapters add {d} --name {n} --base {MODEL}"
+        f"LORA_KIT_HOME={work / 'home'} {sys.executable} -m lora_kit adapters add {d} --name {n} --base {args.model}"
         for n, d in adapters.items()
     ]
     for kind in args.types:
         lines += [shlex.join(c) for c, _ in conversion_commands(source, base_dir, adapters, work / "gguf", kind)]
     servers = [lora_kit_server(work / "home", args)]
-    servers += [llama_server(binary, work / "gguf", kind, args) for kind in args.types]
+    servers += [llama_server(binary, work / "gguf", kind, args, base_dir, write=False) for kind in args.types]
     return lines + [shlex.join(s.command) for s in servers]
 
 
@@ -790,9 +875,9 @@ def prepare(args: argparse.Namespace, work: Path) -> Path:
 
     binary, source = llama_tools(args)
     ensure_converter_deps()
-    base_dir = Path(models.resolve(MODEL))
+    base_dir = Path(models.resolve(args.model))
     adapters = make_adapter_dirs(base_dir, work / "adapters")
-    make_home(work / "home", adapters)
+    make_home(work / "home", adapters, args.model)
     (work / "gguf").mkdir(exist_ok=True)
     for kind in args.types:
         convert_all(conversion_commands(source, base_dir, adapters, work / "gguf", kind), work / "convert.log")
@@ -801,10 +886,13 @@ def prepare(args: argparse.Namespace, work: Path) -> Path:
 
 def run(args: argparse.Namespace, work: Path) -> str:
     """Prepare, measure every server one after the other, and return the Markdown report."""
+    from lora_kit import models
+
     binary = prepare(args, work)
     servers = [lora_kit_server(work / "home", args)]
-    servers += [llama_server(binary, work / "gguf", kind, args) for kind in args.types]
-    cases = [c for c in CASES if c in args.cases]  # the measured ones, in table order
+    base_dir = Path(models.resolve(args.model))
+    servers += [llama_server(binary, work / "gguf", kind, args, base_dir) for kind in args.types]
+    cases = [c for c in [*CASES, *LATENCY] if c in args.cases]  # the measured ones, in table order
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}  # llama.cpp GGUF type -> why its server gave no figures
     for server in servers:
@@ -820,7 +908,7 @@ def run(args: argparse.Namespace, work: Path) -> str:
         payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "failed": failed}
         args.json.write_text(json.dumps(payload, indent=2))
     args.types = [k for k in args.types if k not in failed]
-    text = report(results, [c for c in [*CASES, RSS] if c in args.cases], args, binary)
+    text = report(results, [c for c in [*CASES, *LATENCY, RSS] if c in args.cases], args, binary)
     return text + "".join(f"\n- **llama.cpp {k} gave no figures**: {why}" for k, why in failed.items())
 
 
