@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_kit"
 
 # Lower layers never import higher ones. Within a layer, packages do not import each other.
 LAYERS = [
-    {"__init__", "errors", "paths", "logs", "config_cli"},
+    {"__init__", "errors", "paths", "logs", "config_cli", "widening"},
     {"chat", "models"},
     {"adapters"},
     {"registry"},
