@@ -869,8 +869,9 @@ def plan(args: argparse.Namespace, work: Path) -> list[str]:
     return lines + [shlex.join(s.command) for s in servers]
 
 
-def prepare(args: argparse.Namespace, work: Path) -> Path:
-    """The llama-server binary, with the adapters registered and every GGUF converted under ``work``."""
+def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """The llama-server binary and the base's checkpoint directory, with the adapters registered and
+    every GGUF converted under ``work``."""
     from lora_kit import models
 
     binary, source = llama_tools(args)
@@ -881,16 +882,13 @@ def prepare(args: argparse.Namespace, work: Path) -> Path:
     (work / "gguf").mkdir(exist_ok=True)
     for kind in args.types:
         convert_all(conversion_commands(source, base_dir, adapters, work / "gguf", kind), work / "convert.log")
-    return binary
+    return binary, base_dir
 
 
 def run(args: argparse.Namespace, work: Path) -> str:
     """Prepare, measure every server one after the other, and return the Markdown report."""
-    from lora_kit import models
-
-    binary = prepare(args, work)
+    binary, base_dir = prepare(args, work)
     servers = [lora_kit_server(work / "home", args)]
-    base_dir = Path(models.resolve(args.model))
     servers += [llama_server(binary, work / "gguf", kind, args, base_dir) for kind in args.types]
     cases = [c for c in [*CASES, *LATENCY] if c in args.cases]  # the measured ones, in table order
     results: dict[str, dict] = {}
