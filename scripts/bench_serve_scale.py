@@ -1,14 +1,19 @@
-"""One process vs engine replicas on Ray Serve: throughput of a mixed-adapter load, and the gateway hop.
+"""One process vs engine replicas on Ray Serve: throughput of a mixed-adapter load, and Ray's hop.
 
 Runs `lora-kit serve` (one process) and then `lora-kit serve --replicas N` over the same
 registry (the embedded model, 8 random rank-8 adapters), one after the other, and sends each:
 
 - **throughput**: 16 concurrent clients over HTTP, each request on one of the 8 adapters,
   greedy, exactly ``--tokens`` new tokens (``ignore_eos``); tokens/s over the whole run;
-- **hop latency**: 1-token requests one at a time (base model), p50. The hop (HTTP proxy ->
-  gateway -> replica and back) is measured against ONE replica holding all the CPUs, so both
-  servers compute the same prefill with the same threads and the difference is the hop alone
-  (N replicas of 1 CPU each also prefill on fewer threads, which is not the hop's cost).
+- **hop latency**: 1-token requests one at a time, p50, on the base model and on an adapter. The
+  hop (Ray's HTTP proxy -> the replica serving the app, and back) is measured against ONE replica
+  holding all the CPUs, so both servers compute the same prefill with the same threads and the
+  difference is the hop alone (N replicas of 1 CPU each also prefill on fewer threads, which is
+  not the hop's cost).
+
+On the Ray servers every adapter measurement runs twice: without the routing header (as stock
+SDKs send; a replica lacking the adapter relays it to one holding it) and with
+``serve_multiplexed_model_id`` (Ray's proxy routes on it: one hop).
 
 Best of ``--rounds`` per measurement. On a 2-core machine two replicas cannot be faster than one
 process (they split the same cores); the figures that matter there are the hop and that affinity
@@ -70,22 +75,29 @@ def start_server(home: Path, replicas: int, replica_cpus: int | None = None, ext
     return Serve(command, env=env, log=home / f"serve-{replicas}.log", port=port, grace=120).start()
 
 
-def ask(client: httpx.Client, lora: str | None, tokens: int, question: str) -> httpx.Response:
+def routing(lora: str | None, header: bool) -> dict[str, str]:
+    """The routing header for ``lora`` (when asked for and there is an adapter)."""
+    return {"serve_multiplexed_model_id": lora} if header and lora else {}
+
+
+def ask(client: httpx.Client, lora: str | None, tokens: int, question: str, header: bool = False) -> httpx.Response:
     body = {"messages": [{"role": "user", "content": question}], "max_tokens": tokens, "temperature": 0}
     body |= {"ignore_eos": True} | ({"lora": lora} if lora else {})
-    resp = client.post(RUN, json=body)
+    resp = client.post(RUN, json=body, headers=routing(lora, header))
     resp.raise_for_status()
     return resp
 
 
-def throughput(url: str, names: list[str], tokens: int, clients: int = 16) -> tuple[float, dict[str, Counter]]:
+def throughput(
+    url: str, names: list[str], tokens: int, clients: int = 16, header: bool = False
+) -> tuple[float, dict[str, Counter]]:
     """Tokens/s of ``clients`` concurrent requests (adapter i % 8), and who served each adapter."""
     replicas: dict[str, Counter] = {name: Counter() for name in names}
     with httpx.Client(base_url=url, timeout=600) as client:
 
         def one(i: int) -> int:
             lora = names[i % len(names)]
-            resp = ask(client, lora, tokens, QUESTIONS[i % len(QUESTIONS)])
+            resp = ask(client, lora, tokens, QUESTIONS[i % len(QUESTIONS)], header)
             replicas[lora][resp.headers.get("x-lora-kit-replica", "-")] += 1
             return resp.json()["result"]["usage"]["completion_tokens"]
 
@@ -95,16 +107,17 @@ def throughput(url: str, names: list[str], tokens: int, clients: int = 16) -> tu
         return done / (time.perf_counter() - start), replicas
 
 
-def streamed(url: str, names: list[str], tokens: int, clients: int = 16) -> dict:
+def streamed(url: str, names: list[str], tokens: int, clients: int = 16, header: bool = False) -> dict:
     """``clients`` concurrent streamed requests (SSE, adapter i % 8): tokens/s, time to the first
     text event (p50) and SSE events per request (fewer than tokens when a replica batches its stream)."""
     with httpx.Client(base_url=url, timeout=600) as client:
 
         def one(i: int) -> tuple[float, int]:
             body = {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "max_tokens": tokens}
-            body |= {"temperature": 0, "ignore_eos": True, "stream": True, "lora": names[i % len(names)]}
+            lora = names[i % len(names)]
+            body |= {"temperature": 0, "ignore_eos": True, "stream": True, "lora": lora}
             start, first, events = time.perf_counter(), 0.0, 0
-            with client.stream("POST", RUN, json=body) as resp:
+            with client.stream("POST", RUN, json=body, headers=routing(lora, header)) as resp:
                 resp.raise_for_status()
                 for line in resp.iter_lines():
                     if line.startswith("data: ") and '"response"' in line and '"response":""' not in line:
@@ -161,14 +174,14 @@ def cpu_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str,
     return {label: cores / wall for label, cores in used.most_common() if cores / wall > 0.005}
 
 
-def hop_latency(url: str, count: int = 30) -> float:
-    """p50 seconds of a 1-token base request, one at a time."""
+def hop_latency(url: str, count: int = 30, lora: str | None = None, header: bool = False) -> float:
+    """p50 seconds of a 1-token request (base, or on ``lora``), one at a time."""
     with httpx.Client(base_url=url, timeout=60) as client:
-        ask(client, None, 1, QUESTIONS[0])
+        ask(client, lora, 1, QUESTIONS[0], header)
         times = []
         for i in range(count):
             start = time.perf_counter()
-            ask(client, None, 1, QUESTIONS[i % len(QUESTIONS)])
+            ask(client, lora, 1, QUESTIONS[i % len(QUESTIONS)], header)
             times.append(time.perf_counter() - start)
     return median(times)
 
@@ -176,27 +189,39 @@ def hop_latency(url: str, count: int = 30) -> float:
 def measure(
     home: Path, replicas: int, names: list[str], tokens: int, rounds: int, cpus: int | None = None, extra=None
 ) -> dict:
+    """One server's figures: per routing variant (no header; with it, on Ray), tokens/s, 1-token p50
+    on an adapter, affinity, streamed figures and each process's cores; the base model's p50."""
     server = start_server(home, replicas, cpus, extra)
     url = server.url
+    out: dict = {"variants": {}}
     try:
         with httpx.Client(base_url=url, timeout=600) as client:  # warm-up: every adapter loaded once
             for name in names:
                 ask(client, name, 2, QUESTIONS[0])
-        best, affinity, cpu = 0.0, {}, {}
-        for _ in range(rounds):
-            before, start = process_cpu(), time.perf_counter()
-            tps, served = throughput(url, names, tokens)
-            shares = cpu_shares(before, process_cpu(), time.perf_counter() - start)
-            if tps > best:
-                best, affinity, cpu = tps, served, shares
-        hop = min(hop_latency(url) for _ in range(rounds))
-        sse = max((streamed(url, names, tokens) for _ in range(rounds)), key=lambda r: r["tps"])
+        for header in (False, True) if replicas else (False,):
+            best, affinity, cpu = 0.0, {}, {}
+            for _ in range(rounds):
+                before, start = process_cpu(), time.perf_counter()
+                tps, served = throughput(url, names, tokens, header=header)
+                shares = cpu_shares(before, process_cpu(), time.perf_counter() - start)
+                if tps > best:
+                    best, affinity, cpu = tps, served, shares
+            sticky = sum(c.most_common(1)[0][1] for c in affinity.values()) / max(
+                1, sum(sum(c.values()) for c in affinity.values())
+            )
+            out["variants"]["header" if header else "no header"] = {
+                "tps": best,
+                "sticky": sticky,
+                "cpu": cpu,
+                "p50": min(hop_latency(url, lora=names[0], header=header) for _ in range(rounds)),
+                "sse": max(
+                    (streamed(url, names, tokens, header=header) for _ in range(rounds)), key=lambda r: r["tps"]
+                ),
+            }
+        out["p50_base"] = min(hop_latency(url) for _ in range(rounds))
     finally:
         server.stop()
-    sticky = sum(c.most_common(1)[0][1] for c in affinity.values()) / max(
-        1, sum(sum(c.values()) for c in affinity.values())
-    )
-    return {"tps": best, "p50": hop, "sticky": sticky, "sse": sse, "cpu": cpu}
+    return out
 
 
 def main() -> None:
@@ -220,28 +245,39 @@ def main() -> None:
         one = measure(home, 1, names, args.tokens, args.rounds, os.cpu_count() or 2, extra)  # the hop alone
     finally:
         shutil.rmtree(home, ignore_errors=True)
+    report(args, extra, single, scaled, one)
+
+
+def report(args: argparse.Namespace, extra: list[str], single: dict, scaled: dict | None, one: dict) -> None:
+    base = single["variants"]["no header"]
+    servers = [
+        ("one process", single),
+        (f"{args.replicas} replicas on Ray Serve", scaled),
+        ("1 replica with all CPUs on Ray Serve", one),
+    ]
     print(f"\nCPU: {cpu_summary()}; 16 clients, 8 adapters, {args.tokens} tokens/request; best of {args.rounds}")
     print(f"Ray servers' extra flags: {' '.join(extra) or 'none'}")
-    print("| server | tokens/s | p50 of a 1-token request | adapter affinity |")
-    print("|---|---:|---:|---:|")
-    print(f"| one process | {single['tps']:.1f} | {single['p50'] * 1000:.1f} ms | - |")
-    if scaled is not None:
-        print(f"| {args.replicas} replicas on Ray Serve | {scaled['tps']:.1f} | {scaled['p50'] * 1000:.1f} ms | "
-              f"{scaled['sticky']:.0%} |")  # fmt: skip
-    print(f"| 1 replica with all CPUs on Ray Serve | {one['tps']:.1f} | {one['p50'] * 1000:.1f} ms | "
-          f"{one['sticky']:.0%} |")  # fmt: skip
-    scaled_ratio = f"{scaled['tps'] / single['tps']:.2f}x" if scaled is not None else "not run"
+    print(
+        "| server | routing header | tokens/s (x one process) | 1-token p50, adapter | 1-token p50, base | adapter affinity |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    for label, res in servers:
+        for variant, v in (res or {"variants": {}})["variants"].items():
+            print(f"| {label} | {variant if res is not single else '-'} | {v['tps']:.1f} ({v['tps'] / base['tps']:.2f}x) | "
+                  f"{v['p50'] * 1000:.1f} ms | {res['p50_base'] * 1000:.1f} ms | {v['sticky']:.0%} |")  # fmt: skip
     print(f"\nstreamed (SSE), 16 clients: tokens/s, TTFT p50, text events per {args.tokens}-token request")
-    for label, res in (("one process", single), (f"{args.replicas} replicas", scaled), ("1 replica", one)):
-        if res is not None:
-            sse = res["sse"]
-            print(f"| {label} | {sse['tps']:.1f} | {sse['ttft'] * 1000:.0f} ms | {sse['events']:.0f} |")
-    print("\nCPU cores used by each kind of process during the best 16-client round (of 2 on this machine)")
+    for label, res in servers:
+        for variant, v in (res or {"variants": {}})["variants"].items():
+            sse = v["sse"]
+            print(f"| {label} | {variant if res is not single else '-'} | {sse['tps']:.1f} | {sse['ttft'] * 1000:.0f} ms | {sse['events']:.0f} |")  # fmt: skip
+    print("\nCPU cores used by each kind of process during the best 16-client round")
     for label, res in (("one process", single), ("1 replica", one)):
-        print(f"- {label}: " + "; ".join(f"{name} {cores:.2f}" for name, cores in res["cpu"].items()))
-    print(f"\nthroughput: {args.replicas} replicas / one process {scaled_ratio}, "
-          f"1 replica / one process {one['tps'] / single['tps']:.2f}x; the gateway hop adds "
-          f"{(one['p50'] - single['p50']) * 1000:.1f} ms at p50 (same threads; goal < 10 ms)")  # fmt: skip
+        for variant, v in res["variants"].items():
+            print(f"- {label}, {variant}: " + "; ".join(f"{name} {cores:.2f}" for name, cores in v["cpu"].items()))
+    hop = {variant: (v["p50"] - base["p50"]) * 1000 for variant, v in one["variants"].items()}
+    print(f"\nRay's hop at p50 (1 replica with the same threads as one process; goal < 10 ms): base "
+          f"{(one['p50_base'] - single['p50_base']) * 1000:+.1f} ms, adapter "
+          + ", ".join(f"{variant} {ms:+.1f} ms" for variant, ms in hop.items()))  # fmt: skip
 
 
 if __name__ == "__main__":

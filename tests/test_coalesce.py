@@ -1,4 +1,4 @@
-"""Coalesced streaming (what a Ray replica sends its gateway): the first event alone, then batches
+"""Coalesced streaming (what a Ray replica sends the replica that relayed a request to it): the first event alone, then batches
 whose merged events say exactly what the unbatched ones said."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``lora-kit serve --replicas 2``: a gateway and two engine replicas on a real two-node Ray cluster.
+"""``lora-kit serve --replicas 2``: two engine replicas, each serving the HTTP app behind Ray's proxy,
+on a real two-node Ray cluster.
 
 The cluster is simulated on this machine with Ray's own ``ray.cluster_utils.Cluster``: a head
 node and a second node, each with one CPU (separate raylets and object stores), so the two
@@ -12,6 +13,7 @@ over the same registry.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -31,6 +33,7 @@ from helpers import ACCOUNT, MODEL, QUESTION, RUN, make_embedded_adapter, sse_pa
 TOKEN = "ray-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MIX = [{"name": "alpha", "scale": 0.5}, {"name": "beta", "scale": 0.5}]
+SPREAD = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 
 
 def free_port() -> int:
@@ -109,12 +112,25 @@ def cluster(tmp_path_factory):
 
 
 def two_nodes():
-    """A Ray cluster of two nodes on this host, one CPU each (Ray's own test cluster)."""
+    """A Ray cluster of two nodes on this host, one CPU each (Ray's own test cluster).
+
+    Its one HTTP proxy (on the head) is told not to prefer its own node's replicas: on a real
+    cluster a load balancer spreads clients over every node's proxy; with one proxy, Ray's
+    default would keep every request without a routing header on the head node's replica until
+    it is full (README: Scaling out)."""
     from ray.cluster_utils import Cluster
 
     settings = {"num_cpus": 1, "object_store_memory": 100 << 20, "include_dashboard": False}
-    nodes = Cluster(initialize_head=True, head_node_args=settings)
-    nodes.add_node(**{k: v for k, v in settings.items() if k != "include_dashboard"})
+    saved = os.environ.get(SPREAD)
+    os.environ[SPREAD] = "0"  # read by the proxy, which inherits the raylets' environment
+    try:
+        nodes = Cluster(initialize_head=True, head_node_args=settings)
+        nodes.add_node(**{k: v for k, v in settings.items() if k != "include_dashboard"})
+    finally:
+        if saved is None:
+            os.environ.pop(SPREAD)
+        else:
+            os.environ[SPREAD] = saved
     nodes.wait_for_nodes()
     return nodes
 
@@ -127,8 +143,7 @@ def wait_for(predicate, timeout: float) -> None:
 
 
 def ask(http, lora, **extra):
-    body = {"messages": QUESTION, "max_tokens": 6, "temperature": 0, **({"lora": lora} if lora else {}), **extra}
-    return http.post(RUN + MODEL, json=body)
+    return http.post(RUN + MODEL, json={**body_for(lora), **extra})
 
 
 def replica_reports() -> dict:
@@ -161,8 +176,48 @@ def test_answers_equal_the_single_process_and_adapters_stick_to_a_replica(cluste
     assert ask(http, MIX).json()["result"]["response"] == want["mix"]
     resident = [set(r["stats"]["resident_adapters"]) for r in replica_reports().values()]
     assert any("alpha@1" in r for r in resident) and any("beta@1" in r for r in resident)
-    metrics = http.get("/metrics").text
-    assert 'lora_kit_requests_total{adapter="alpha@1",route="cloudflare.run",status="200"}' in metrics
+    # /metrics on whichever replica answers sums every replica's counts (each reports twice a second)
+    line = 'lora_kit_requests_total{adapter="alpha@1",route="cloudflare.run",status="200"}'
+    wait_for(lambda: any(m.startswith(line) and float(m.split()[-1]) >= 5 for m in metric_lines(http)), 10)
+
+
+def metric_lines(http) -> list[str]:
+    return http.get("/metrics").text.splitlines()
+
+
+def test_the_routing_header_runs_a_request_where_its_adapter_is(cluster):
+    """Ray's proxy routes on ``serve_multiplexed_model_id`` by itself: one hop to the replica
+    holding the adapter. The header must name the request's adapter."""
+    from openai import OpenAI
+
+    http, want = cluster["http"], cluster["want"]
+    header = {"serve_multiplexed_model_id": "alpha"}
+    first = http.post(RUN + MODEL, json=body_for("alpha"), headers=header)
+    assert first.status_code == 200 and first.json()["result"]["response"] == want["alpha"]
+    seen = set()
+    for _ in range(20):  # the replica that loaded "alpha" tells Ray's router within a second or two
+        replicas = {http.post(RUN + MODEL, json=body_for("alpha"), headers=header).headers["x-lora-kit-replica"]}
+        replicas |= {http.post(RUN + MODEL, json=body_for("alpha"), headers=header).headers["x-lora-kit-replica"]}
+        if len(replicas) == 1 and replicas == seen:
+            break
+        seen = replicas
+        time.sleep(1)
+    assert len(seen) == 1
+    oa = OpenAI(base_url=cluster["url"] + "/v1", api_key=TOKEN, max_retries=0, default_headers=header)
+    chat = oa.chat.completions.with_raw_response.create(model="alpha", messages=QUESTION, max_tokens=6, temperature=0)
+    assert chat.parse().choices[0].message.content == want["alpha"]
+    assert {chat.headers["x-lora-kit-replica"]} == seen
+    for lora in ("beta", None):  # the header names another adapter than the body: 400, never a guess
+        wrong = http.post(RUN + MODEL, json=body_for(lora), headers=header)
+        assert wrong.status_code == 400, wrong.text
+        assert "serve_multiplexed_model_id" in wrong.json()["errors"][0]["message"]
+    assert http.post(RUN + MODEL, json=body_for("nope"), headers=header).json()["errors"][0]["code"] == 3037
+    unknown = http.post(RUN + MODEL, json=body_for("alpha"), headers={"serve_multiplexed_model_id": "nope"})
+    assert unknown.status_code == 400 and "nope" not in unknown.text
+
+
+def body_for(lora, max_tokens: int = 6) -> dict:
+    return {"messages": QUESTION, "max_tokens": max_tokens, "temperature": 0, **({"lora": lora} if lora else {})}
 
 
 def test_replicas_on_both_nodes_serve_requests(cluster):
@@ -182,7 +237,7 @@ def test_replicas_on_both_nodes_serve_requests(cluster):
     assert seen == set(nodes.values())
 
 
-def test_sdks_stream_through_the_gateway_and_unknown_adapters_are_404(cluster):
+def test_sdks_stream_through_ray_and_unknown_adapters_are_404(cluster):
     import cloudflare
     from openai import OpenAI
 
@@ -212,34 +267,63 @@ def test_runtime_load_and_unload_reach_every_replica(cluster):
     answers = {ask(http, "gamma").json()["result"]["response"] for _ in range(2)}
     assert len(answers) == 1 and [v.ref for v in cluster["registry"].list() if v.name == "gamma"] == ["gamma@1"]
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
-    gone = ask(http, "gamma")
-    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == 3037
+    with ThreadPoolExecutor(8) as pool:  # Ray spreads them over both replicas: each refuses the name
+        gone = list(pool.map(lambda _: ask(http, "gamma"), range(8)))
+    assert all(r.status_code == 404 and r.json()["errors"][0]["code"] == 3037 for r in gone)
+    assert "gamma" not in {m["id"] for m in http.get("/v1/models").json()["data"]}
     for report in replica_reports().values():  # every replica has freed the slot
         assert "gamma@1" not in report["stats"]["resident_adapters"]
     assert http.post("/v1/load_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
     assert ask(http, "gamma").json()["result"]["response"] in answers
 
 
-def test_a_killed_replica_fails_its_requests_and_others_carry_on(cluster):
+def test_a_killed_replica_fails_only_its_requests_and_others_carry_on(cluster):
+    """A stream on the killed replica breaks off (its HTTP response ends unfinished: Ray's proxy
+    loses the replica that was writing it); a stream on the other replica finishes whole."""
     import ray
 
     http = cluster["http"]
-    body = {"messages": QUESTION, "max_tokens": 4000, "ignore_eos": True, "temperature": 0, "lora": "beta"}
+    doomed_body = {**body_for("beta", max_tokens=4000), "ignore_eos": True, "stream": True}
+    survivor_body = {**body_for(None, max_tokens=64), "ignore_eos": True, "stream": True}
     lines: list[str] = []
-    with http.stream("POST", RUN + MODEL, json={**body, "stream": True}) as stream:
-        replica = stream.headers["x-lora-kit-replica"]
-        events = stream.iter_lines()
+    broken: list[Exception] = []
+    with contextlib.ExitStack() as streams:
+        doomed = streams.enter_context(
+            http.stream("POST", RUN + MODEL, json=doomed_body, headers={"serve_multiplexed_model_id": "beta"})
+        )
+        replica = doomed.headers["x-lora-kit-replica"]
+        events = doomed.iter_lines()
         while len([line for line in lines if line]) < 3:
             lines.append(next(events))
+        survivor = None
+        for _ in range(12):  # base requests go to either replica: keep one running on the other
+            opened = streams.enter_context(http.stream("POST", RUN + MODEL, json=survivor_body))
+            if opened.headers["x-lora-kit-replica"] != replica:
+                survivor = opened
+                break
+        assert survivor is not None, "no base request reached the other replica"
         named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + replica)]
         assert len(named) == 1, named
         ray.kill(ray.get_actor(named[0]["name"], namespace=named[0]["namespace"]), no_restart=True)
-        reader = threading.Thread(target=lambda: lines.extend(events))
+
+        def drain() -> None:
+            try:
+                lines.extend(events)
+            except httpx.TransportError as err:  # the response ended before its last chunk
+                broken.append(err)
+
+        reader = threading.Thread(target=drain)
         reader.start()
         reader.join(60)
         assert not reader.is_alive(), "the stream hung after its replica died"
-    error = sse_payloads("\n".join(lines) + "\n")[-1]
-    assert error["errors"][0]["code"] == 3001 and "request id" in error["errors"][0]["message"]
+        survived = sse_payloads("\n".join(survivor.iter_lines()) + "\n")
+    doomed_events = sse_payloads("\n".join(lines) + "\n")
+    assert "[DONE]" not in doomed_events
+    if not broken:  # relayed through the other replica: it says so in the stream, naming only the request id
+        assert (
+            doomed_events[-1]["errors"][0]["code"] == 3001 and "request id" in doomed_events[-1]["errors"][0]["message"]
+        )
+    assert survived[-1] == "[DONE]" and sum(1 for e in survived if isinstance(e, dict) and "response" in e) >= 32
     for lora in ("beta", "alpha", None):  # the next requests go to a live replica
         resp = ask(http, lora)
         assert resp.status_code == 200 and resp.json()["result"]["response"] == cluster["want"][lora]

@@ -1,5 +1,5 @@
 """The typed seams between the server and what serves it (issue 26, item 6): a local Engine and the
-Ray gateway's RemoteEngine meet one ServingEngine protocol, method for method; the replica that
+Ray replica's ReplicaEngine meet one ServingEngine protocol, method for method; the replica that
 served a request is a typed field of its outputs."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import pytest
 
 from lora_kit.engine import Engine
 from lora_kit.engine.types import GenerationOutput
-from lora_kit.server.ray_app import RemoteEngine
+from lora_kit.server.ray_app import ReplicaEngine
 from lora_kit.server.serving import ServingEngine
 
 METHODS = [name for name, member in vars(ServingEngine).items() if inspect.isfunction(member) and name[0] != "_"]
 
 
-@pytest.mark.parametrize("cls", [Engine, RemoteEngine])
+@pytest.mark.parametrize("cls", [Engine, ReplicaEngine])
 def test_both_engines_meet_the_serving_protocol(cls):
     assert set(METHODS) == {
         "resolve",

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, MutableSet
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -143,7 +144,14 @@ def begin_shutdown(app: FastAPI) -> None:
     app.state.shutting_down.set()
 
 
-def create_app(engine: ServingEngine, registry: Any, config: Optional[ServerConfig] = None) -> FastAPI:
+def create_app(
+    engine: ServingEngine,
+    registry: Any,
+    config: Optional[ServerConfig] = None,
+    *,
+    unloaded: Optional[MutableSet[str]] = None,
+    peer_metrics: Optional[Callable[[], Iterable[dict[str, Any]]]] = None,
+) -> FastAPI:
     """The HTTP app over a started ``engine`` and a ``registry``, set up by ``config`` (default: ServerConfig()).
 
     With ``config.api_token`` set, every inference and management route needs
@@ -152,9 +160,13 @@ def create_app(engine: ServingEngine, registry: Any, config: Optional[ServerConf
     unless ``config.enable_management``. ``config.adapter_roots``: where a runtime load's
     ``lora_path`` may lie. ``config.serve_ui`` serves the playground page at ``/`` (static, open:
     every call it makes carries the token).
+
+    Where several processes serve one API (engine replicas on Ray Serve), ``unloaded`` is the
+    runtime-unloaded names they share and ``peer_metrics`` the other processes' metric snapshots,
+    summed into ``/metrics``.
     """
     config = config or ServerConfig()
-    metrics = Metrics(stats=engine.stats)
+    metrics = Metrics(stats=engine.stats, peers=peer_metrics)
     state = ServerState(
         engine=engine,
         registry=registry,
@@ -165,7 +177,7 @@ def create_app(engine: ServingEngine, registry: Any, config: Optional[ServerConf
         max_body_bytes=config.max_body_bytes,
         max_upload_bytes=config.max_upload_bytes,
         max_tokens_cap=config.max_tokens_cap,
-        runtime=RuntimeAdapters(registry, engine, config.adapter_roots),
+        runtime=RuntimeAdapters(registry, engine, config.adapter_roots, unloaded),
         management=config.enable_management,
         allowed_hosts=tuple(config.allowed_hosts),
     )

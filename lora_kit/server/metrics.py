@@ -60,6 +60,10 @@ def _fmt_value(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
+_COUNTERS = ("requests", "errors", "tokens", "prompt_tokens")  # Metrics' counter attributes
+_HISTOGRAMS = ("latency", "ttft")  # Metrics' histogram attributes
+
+
 class _Histogram:
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.buckets = buckets
@@ -78,9 +82,14 @@ class _Histogram:
 class Metrics:
     """The server's metrics. ``record_*`` are called by the routes; :meth:`render` by ``GET /metrics``."""
 
-    def __init__(self, stats: Optional[Callable[[], dict[str, Any]]] = None) -> None:
+    def __init__(
+        self,
+        stats: Optional[Callable[[], dict[str, Any]]] = None,
+        peers: Optional[Callable[[], Iterable[dict[str, Any]]]] = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._stats = stats
+        self._peers = peers  # other processes' snapshots, summed into every scrape (Ray replicas)
         self.requests: dict[Labels, float] = {}
         self.errors: dict[Labels, float] = {}
         self.tokens: dict[Labels, float] = {}
@@ -124,8 +133,33 @@ class Metrics:
             self.tokens[key] = self.tokens.get(key, 0) + completion_tokens
             self.prompt_tokens[key] = self.prompt_tokens.get(key, 0) + prompt_tokens
 
+    def snapshot(self) -> dict[str, Any]:
+        """This process's counters and histograms as plain data (what another process sums in)."""
+        with self._lock:
+            counters = {name: dict(getattr(self, name)) for name in _COUNTERS}
+            hists = {
+                name: {labels: (list(h.counts), h.total, h.sum) for labels, h in getattr(self, name).items()}
+                for name in _HISTOGRAMS
+            }
+        return {"counters": counters, "histograms": hists}
+
+    def _summed(self) -> dict[str, Any]:
+        """This process's snapshot plus every peer's."""
+        total = self.snapshot()
+        for peer in self._peers() if self._peers else ():
+            for name, values in peer["counters"].items():
+                mine = total["counters"][name]
+                for labels, value in values.items():
+                    mine[labels] = mine.get(labels, 0) + value
+            for name, values in peer["histograms"].items():
+                mine = total["histograms"][name]
+                for labels, (counts, n, sum_) in values.items():
+                    have = mine.get(labels, ([0] * len(counts), 0, 0.0))
+                    mine[labels] = ([a + b for a, b in zip(have[0], counts)], have[1] + n, have[2] + sum_)
+        return total
+
     def render(self) -> str:
-        """All metrics as Prometheus text."""
+        """All metrics as Prometheus text (this process's, plus its peers' when it has any)."""
         lines: list[str] = []
 
         def counter(name: str, help_: str, values: dict[Labels, float]) -> None:
@@ -134,28 +168,31 @@ class Metrics:
             for labels, value in sorted(values.items()):
                 lines.append(f"{name}{_fmt_labels(labels)} {_fmt_value(value)}")
 
-        def histogram(name: str, help_: str, values: dict[Labels, _Histogram]) -> None:
+        def histogram(name: str, help_: str, values: dict[Labels, tuple[list[int], int, float]]) -> None:
             lines.append(f"# HELP {name} {help_}")
             lines.append(f"# TYPE {name} histogram")
-            for labels, hist in sorted(values.items()):
-                for bound, count in zip(hist.buckets, hist.counts):
+            for labels, (counts, total, sum_) in sorted(values.items()):
+                for bound, count in zip(LATENCY_BUCKETS, counts):
                     lines.append(f"{name}_bucket{_fmt_labels(labels, [('le', _fmt_value(bound))])} {count}")
-                lines.append(f"{name}_bucket{_fmt_labels(labels, [('le', '+Inf')])} {hist.total}")
-                lines.append(f"{name}_sum{_fmt_labels(labels)} {_fmt_value(hist.sum)}")
-                lines.append(f"{name}_count{_fmt_labels(labels)} {hist.total}")
+                lines.append(f"{name}_bucket{_fmt_labels(labels, [('le', '+Inf')])} {total}")
+                lines.append(f"{name}_sum{_fmt_labels(labels)} {_fmt_value(sum_)}")
+                lines.append(f"{name}_count{_fmt_labels(labels)} {total}")
 
         def gauge(name: str, help_: str, value: float) -> None:
             lines.append(f"# HELP {name} {help_}")
             lines.append(f"# TYPE {name} gauge")
             lines.append(f"{name} {_fmt_value(value)}")
 
-        with self._lock:
-            counter("lora_kit_requests_total", "Inference requests by route, adapter and HTTP status.", self.requests)
-            counter("lora_kit_request_errors_total", "Failed requests by route and API error code.", self.errors)
-            counter("lora_kit_generated_tokens_total", "Generated (completion) tokens by adapter.", self.tokens)
-            counter("lora_kit_prompt_tokens_total", "Prompt tokens by adapter.", self.prompt_tokens)
-            histogram("lora_kit_request_duration_seconds", "Inference request latency.", self.latency)
-            histogram("lora_kit_time_to_first_token_seconds", "Time from request to first generated token.", self.ttft)
+        summed = self._summed()
+        counters, hists = summed["counters"], summed["histograms"]
+        counter(
+            "lora_kit_requests_total", "Inference requests by route, adapter and HTTP status.", counters["requests"]
+        )
+        counter("lora_kit_request_errors_total", "Failed requests by route and API error code.", counters["errors"])
+        counter("lora_kit_generated_tokens_total", "Generated (completion) tokens by adapter.", counters["tokens"])
+        counter("lora_kit_prompt_tokens_total", "Prompt tokens by adapter.", counters["prompt_tokens"])
+        histogram("lora_kit_request_duration_seconds", "Inference request latency.", hists["latency"])
+        histogram("lora_kit_time_to_first_token_seconds", "Time from request to first generated token.", hists["ttft"])
         stats = self._stats() if self._stats else {}
         gauge("lora_kit_queue_depth", "Requests waiting for a batch place.", float(stats.get("queue_depth", 0)))
         gauge("lora_kit_running_requests", "Requests being decoded now.", float(stats.get("running", 0)))

@@ -1,24 +1,22 @@
-"""``lora-kit serve --replicas N``: engine replicas on Ray Serve behind a gateway, routed by adapter.
+"""``lora-kit serve --replicas N``: engine replicas on Ray Serve, each serving the HTTP app, routed by adapter.
 
-Three parts, all Ray's own mechanisms (no home-made cluster):
+All Ray's own mechanisms (no home-made cluster), and one hop from Ray's HTTP proxy to an engine:
 
-- **EngineReplica** (a Serve deployment, ``N`` replicas): one :class:`~lora_kit.engine.Engine`
-  each, continuous batching and mixed-adapter batches intact. A stream's tokens go back in
-  batches (the first at once, then what is ready every ``--stream-interval-ms``:
-  :mod:`~lora_kit.server.coalesce`), not as one Ray object each. A request arrives with
-  ``multiplexed_model_id`` = its adapter's canonical reference (``NAME@VERSION``, immutable); the
-  ``@serve.multiplexed`` loader puts the adapter in an engine slot, with a per-replica model
-  count equal to the engine's slots, so Ray's LRU and the engine's agree and Ray's router
-  prefers the replica that already holds the adapter. ``@serve.batch`` is not used: it splits
-  batches by model id, which would undo mixed-adapter batches.
-- **Gateway** (a Serve ingress deployment): the same FastAPI app as the single process
-  (:func:`~lora_kit.server.app.create_app`, every route, auth, envelope, metrics), over a
-  :class:`RemoteEngine` that resolves ``lora`` in the registry first (an unknown adapter is
-  3037/404 before any routing) and streams each request's events from a replica token by token.
-  Responses name the replica in ``X-Lora-Kit-Replica``.
-- **AdapterDirectory** (a named Ray actor): what every replica must hear (runtime unloads: free
-  these slots) and what each replica reports (its resident adapters and queue), polled by every
-  replica twice a second. Serve has no broadcast to replicas; this is its stand-in.
+- **EngineReplica** (a Serve ingress deployment, ``N`` replicas): one
+  :class:`~lora_kit.engine.Engine` each (continuous batching and mixed-adapter batches intact)
+  and the same FastAPI app as the single process (:func:`~lora_kit.server.app.create_app`:
+  every route, auth, envelope, metrics) over a :class:`ReplicaEngine`. Ray's proxy routes a
+  request with a ``serve_multiplexed_model_id`` header to a replica that holds that adapter
+  (Ray's model multiplexing); a request without one (every stock SDK) to the least loaded of two
+  replicas, which runs it, or relays it to a replica holding its adapter when it has none
+  (:class:`ReplicaEngine`). Replicas warm adapters through ``@serve.multiplexed``, with a
+  per-replica model count equal to the engine's slots, so Ray's LRU and the engine's agree.
+  ``@serve.batch`` is not used: it splits batches by model id, which would undo mixed batches.
+  A relayed stream's tokens go back in batches (the first at once, then what is ready every
+  ``--stream-interval-ms``: :mod:`~lora_kit.server.coalesce`). Responses name the replica that
+  ran the request in ``X-Lora-Kit-Replica``.
+- **AdapterDirectory** (a named Ray actor, :mod:`~lora_kit.server.ray_directory`): the state
+  the replicas share: runtime unloads and slot drops, and each replica's stats and metrics.
 
 The registry root must be the same path on every node (a shared volume): its files are
 content-addressed and written by rename, so a replica never reads a half-written adapter.
@@ -37,7 +35,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Optional
 
-from lora_kit.engine.adapters import resolve_adapter
 from lora_kit.engine.config import EngineConfig
 from lora_kit.engine.types import (
     AdapterError,
@@ -57,15 +54,19 @@ from lora_kit.engine.types import (
 from lora_kit.server.coalesce import coalesced
 from lora_kit.server.config import ServerConfig
 from lora_kit.server.ray_config import ReplicaConfig
+from lora_kit.server.ray_directory import (
+    NAMESPACE,
+    POLL_S,
+    ClusterNames,
+    directory_actor,
+    sum_stats,
+    wait_for_epoch,
+)
 
 logger = logging.getLogger("lora_kit.server")
 
 APP_NAME = "lora-kit"
-DIRECTORY = "lora-kit-adapter-directory"
-NAMESPACE = "lora-kit"
-REPLICA_HEADER = "X-Lora-Kit-Replica"
-POLL_S = 0.5  # how often a replica reads the directory and reports to it
-STALE_S = 5.0  # a replica silent this long is presumed gone (a drop does not wait for it)
+DEPLOYMENT = "EngineReplica"
 
 # Errors a replica sends back by name; anything else becomes RequestFailed (the id only).
 _ERRORS: dict[str, type[EngineError]] = {
@@ -90,7 +91,7 @@ def request_payload(request: GenerationRequest) -> dict[str, Any]:
         "tools": request.tools,
         "tool_choice": request.tool_choice,
         "request_id": request.request_id,
-        # resolved once at the gateway; the registry root is one path on every node
+        # resolved once by the relaying replica; the registry root is one path on every node
         "resolved": {ref: [str(r[1]), r.files] for ref, r in request.resolved_adapters.items()},
     }
 
@@ -146,56 +147,13 @@ def mux_id(adapter: Any) -> str:
     return adapter[0].ref if adapter else ""
 
 
-# -- the directory: broadcasts to replicas, and their reports ---------------------------------------
-
-
-class AdapterDirectory:
-    """A log of runtime drops (each with an epoch) and the last report of each replica.
-
-    Run as a named Ray actor (``directory_actor``); replicas poll it, the gateway writes to it.
-    """
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.drops: list[tuple[int, str]] = []
-        self.reports: dict[str, dict[str, Any]] = {}
-
-    def drop(self, key: str) -> int:
-        """Ask every replica to free ``key``'s slot; the epoch to wait for."""
-        self.epoch += 1
-        self.drops.append((self.epoch, key))
-        return self.epoch
-
-    def since(self, epoch: int) -> tuple[int, list[str]]:
-        """The current epoch and the keys dropped after ``epoch``."""
-        return self.epoch, [key for e, key in self.drops if e > epoch]
-
-    def report(self, replica: str, epoch: int, stats: dict[str, Any], node: str | None = None) -> None:
-        """A replica's state: the drops it applied, its engine's stats, the Ray node it runs on."""
-        self.reports[replica] = {"epoch": epoch, "stats": stats, "node": node, "at": time.time()}
-
-    def replicas(self) -> dict[str, dict[str, Any]]:
-        """Replicas heard from in the last ``STALE_S`` seconds: their applied epoch and stats."""
-        now = time.time()
-        return {r: rep for r, rep in self.reports.items() if now - rep["at"] < STALE_S}
-
-
-def directory_actor(create: bool = False) -> Any:
-    """The named directory actor (created by the launcher, found by the deployments)."""
-    import ray
-
-    if create:
-        remote = ray.remote(num_cpus=0)(AdapterDirectory)
-        return remote.options(name=DIRECTORY, namespace=NAMESPACE, get_if_exists=True).remote()
-    return ray.get_actor(DIRECTORY, namespace=NAMESPACE)
-
-
-# -- the engine replica --------------------------------------------------------------------------------
+# -- the engine replica: the HTTP app and an engine in one process ------------------------------------
 
 
 class _Lease:
-    """What Ray's multiplex LRU holds for one adapter on a replica. Ray calls ``__del__`` when it
-    unloads the adapter (its LRU is full): the engine slot is freed as its requests finish."""
+    """What Ray's multiplex LRU holds for one model id on a replica. Ray calls ``__del__`` when it
+    unloads the id (its LRU is full): the slot of the adapter the id resolved to (``key``,
+    canonical) is freed as its requests finish. A later request for it loads it again."""
 
     def __init__(self, engine: Any, key: str) -> None:
         self.engine, self.key = engine, key
@@ -207,72 +165,100 @@ class _Lease:
 
 
 class EngineReplicaBase:
-    """One engine on one Serve replica (the deployment class is built by :func:`engine_deployment`)."""
+    """One engine and the whole HTTP app on one Serve replica (the deployment class is built by
+    :func:`engine_deployment`).
 
-    stream_interval = 0.0  # seconds a stream's tokens gather before they go as one event (see coalesce.py)
+    ``stream_interval``: seconds a relayed stream's tokens gather before they go as one Ray object
+    (see coalesce.py); ``capacity``: the requests this replica takes at once (Ray's
+    ``max_ongoing_requests``: the engine's batch and queue).
+    """
 
-    def __init__(self, config: EngineConfig, registry_root: str) -> None:
+    stream_interval = 0.0
+    capacity = 1
+
+    def __init__(self, config: EngineConfig, server: ServerConfig, registry_root: str) -> None:
         from ray import serve
 
         from lora_kit.engine import Engine
         from lora_kit.engine.threads import dedicate_cpu_threads
+        from lora_kit.registry import Registry
+        from lora_kit.server.app import create_app
 
         dedicate_cpu_threads()  # as `lora-kit serve` does: the decode loop owns the only OpenMP pool
         self.engine = Engine(config, registry_root=registry_root)
         self.engine.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._given: dict[str, ResolvedAdapter] = {}  # resolutions for the multiplexed loader, by key
+        self._given: dict[str, ResolvedAdapter] = {}  # resolutions for the multiplexed loader, by model id
         self.directory = directory_actor()
+        self.unloaded = ClusterNames(self.directory)
+        self.peers: dict[str, dict[str, Any]] = {}  # the other live replicas' last reports
+        self.http_app = create_app(
+            ReplicaEngine(self),
+            Registry(Path(registry_root)),
+            server,
+            unloaded=self.unloaded,
+            peer_metrics=lambda: [rep["metrics"] for rep in self.peers.values() if rep.get("metrics")],
+        )
         self._poller = threading.Thread(target=self._poll, name="lora-kit-directory", daemon=True)
         self._poller.start()
 
+    def __serve_build_asgi_app__(self) -> Any:
+        return self.http_app
+
     def _poll(self) -> None:
-        """Apply the drops the directory holds, and report this replica's state, every POLL_S."""
+        """Apply the directory's drops and unloaded names, report this replica's state and read the
+        others', every POLL_S."""
         import ray
 
-        epoch, _ = ray.get(self.directory.since.remote(1 << 62))  # start at the present: old drops are moot
+        epoch, _, names = ray.get(self.directory.since.remote(1 << 62))  # old drops are moot; names are not
+        self.unloaded.refresh(epoch, names)
         node = ray.get_runtime_context().get_node_id()
+        metrics = self.http_app.state.lora_kit.metrics
         while True:
             try:
-                epoch, keys = ray.get(self.directory.since.remote(epoch))
+                epoch, keys, names = ray.get(self.directory.since.remote(epoch))
                 for key in keys:
                     self.engine.drop_adapter(key)
-                self.directory.report.remote(self.replica, epoch, self.engine.stats(), node)
+                self.unloaded.refresh(epoch, names)
+                self.directory.report.remote(self.replica, epoch, self.engine.stats(), node, metrics.snapshot())
+                live = ray.get(self.directory.replicas.remote())
+                self.peers = {r: rep for r, rep in live.items() if r != self.replica}
             except Exception as err:  # noqa: BLE001 - the directory restarts with the app; keep polling
                 logger.warning("replica %s: directory poll failed: %r", self.replica, err)
             time.sleep(POLL_S)
 
-    async def _warm(self, key: str) -> _Lease:
-        given = self._given.pop(key, None)  # the gateway's resolution, when a request brought one
-        await asyncio.to_thread(self.engine.check_adapter, given or key)
+    async def _warm(self, model_id: str) -> _Lease:
+        given = self._given.pop(model_id, None)  # the request's resolution, when one brought it
+        key = await asyncio.to_thread(self.engine.check_adapter, given or model_id)
         return _Lease(self.engine, key)
 
+    async def serve_here(self, request: GenerationRequest, model_id: str) -> AsyncIterator[GenerationOutput]:
+        """``request`` on this replica's engine. Its (first) adapter is warmed through Ray's
+        multiplexed loader under ``model_id``, the string Ray routes on: Ray's router then knows
+        that this replica holds it."""
+        if model_id:
+            key = mux_id(request.adapter)
+            if key in request.resolved_adapters:
+                self._given[model_id] = request.resolved_adapters[key]
+            await self.adapter(model_id)  # type: ignore[attr-defined]  # the multiplexed loader (see engine_deployment)
+        async for out in self.engine.generate(request):
+            yield dataclasses.replace(out, replica=self.replica)
+
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The request's events as data: first ``{"replica": id}``, then outputs, or one error."""
+        """A request relayed by another replica (:meth:`ReplicaEngine._relay`), its events as data:
+        first ``{"replica": id}``, then outputs (coalesced), or one error."""
         from ray import serve
 
         yield {"replica": self.replica}
         request_id = payload.get("request_id")
-        _single_threaded()  # Serve's event-loop thread submits (small torch ops): no OpenMP pool of its own
+        _single_threaded()
         try:
             request = request_from_payload(payload)
-            key = serve.get_multiplexed_model_id()
-            if key:
-                if key in request.resolved_adapters:
-                    self._given[key] = request.resolved_adapters[key]
-                await self.adapter(key)  # type: ignore[attr-defined]  # the multiplexed loader (see engine_deployment)
-            async for out in coalesced(self.engine.generate(request), self.stream_interval):
+            events = self.serve_here(request, serve.get_multiplexed_model_id())
+            async for out in coalesced(events, self.stream_interval):
                 yield {"output": dataclasses.asdict(out)}
-        except Exception as err:  # noqa: BLE001 - sent back as data, rebuilt at the gateway
+        except Exception as err:  # noqa: BLE001 - sent back as data, rebuilt by the relaying replica
             yield error_payload(err, request_id)
-
-    def validate_adapter(self, path: str, name: str) -> Optional[dict[str, Any]]:
-        """A runtime load's check (the gateway has no model): None, or the AdapterError as data."""
-        try:
-            self.engine.validate_adapter(path, name)
-        except Exception as err:  # noqa: BLE001 - sent back as data, rebuilt at the gateway
-            return error_payload(err, None)
-        return None
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose decode loop died is restarted."""
@@ -294,90 +280,110 @@ def _single_threaded() -> None:
         _pinned.done = True
 
 
-def engine_deployment(engine_config: EngineConfig, replicas: ReplicaConfig) -> Any:
-    """The Serve deployment of engine replicas, its multiplex size equal to the engine's slots."""
-    from ray import serve
+class ReplicaEngine:
+    """The engine as one replica's HTTP app sees it (a :class:`~lora_kit.server.serving.ServingEngine`).
 
-    class EngineReplica(EngineReplicaBase):
-        stream_interval = replicas.stream_interval_ms / 1000
+    Where a request runs:
 
-        @serve.multiplexed(max_num_models_per_replica=engine_config.max_slots)
-        async def adapter(self, key: str) -> _Lease:
-            return await self._warm(key)
+    - with a ``serve_multiplexed_model_id`` header, Ray's proxy has routed it by that string to a
+      replica that holds it; it runs here. The header must name the request's adapter (its
+      ``lora``, or ``model`` on the OpenAI API): 400 otherwise;
+    - without one (every stock SDK), Ray picked this replica by load. A base request runs here (no
+      affinity needed). An adapter request runs here too, unless this replica lacks the adapter and
+      another holds it: then it is relayed through Ray, by its canonical reference, to a replica
+      that holds it (a second hop, and the only one). At most half of ``capacity`` requests are
+      relayed at once, so replicas relaying to each other can never fill each other's places.
 
-    env = {"OMP_NUM_THREADS": str(replicas.threads), "LORA_KIT_HOME": os.environ.get("LORA_KIT_HOME", "")}
-    options: dict[str, Any] = {"num_cpus": replicas.replica_cpus, "runtime_env": {"env_vars": env}}
-    if replicas.replica_gpus:
-        options["num_gpus"] = replicas.replica_gpus
-    return serve.deployment(
-        EngineReplica,
-        name="EngineReplica",
-        num_replicas=replicas.replicas,
-        ray_actor_options=options,
-        # Ray must not hold requests back below what the engine batches and queues itself.
-        max_ongoing_requests=replica_capacity(engine_config),
-        health_check_period_s=2,
-    )
-
-
-# -- the gateway ---------------------------------------------------------------------------------------
-
-
-class RemoteEngine:
-    """What the HTTP app needs of an engine, served by the engine replicas through Ray.
-
-    ``resolve``/``check_adapter`` resolve in the registry (no slot is taken here: the replica loads
-    it, with the resolution the request carries);
-    ``generate`` streams from the replica Ray picks for the request's adapter; ``stats`` sums
-    the replicas' last reports; ``drop_adapter`` reaches every replica through the directory.
+    Stats sum every live replica's (``/healthz``, ``/metrics``); a drop reaches every replica.
     """
 
-    def __init__(self, handle: Any, directory: Any, config: EngineConfig, registry_root: str) -> None:
-        from lora_kit import models
-        from lora_kit.engine.adapters import registry_resolver
-
-        self._handle = handle.options(stream=True)
-        self._unary = handle
-        self._directory = directory
-        self._resolve = registry_resolver(registry_root)
-        self.model_name = config.model
-        self.tokenizer = models.load_tokenizer(config.model)
-        self.max_slots = config.max_slots
-        self._reports: dict[str, dict[str, Any]] = {}
-        threading.Thread(target=self._follow_reports, name="lora-kit-reports", daemon=True).start()
-
-    def _follow_reports(self) -> None:
-        import ray
-
-        while True:
-            try:
-                self._reports = ray.get(self._directory.replicas.remote())
-            except Exception as err:  # noqa: BLE001 - stats are best effort; keep trying
-                logger.warning("gateway: reading replica reports failed: %r", err)
-            time.sleep(POLL_S)
+    def __init__(self, replica: EngineReplicaBase) -> None:
+        self._replica = replica
+        self._engine = replica.engine
+        self.model_name = self._engine.model_name
+        self.tokenizer = self._engine.tokenizer
+        self.max_slots = self._engine.max_slots
+        self._relays = 0
+        self._relay_cap = max(1, replica.capacity // 2)
+        self._handle: Any = None
 
     def resolve(self, ref: str) -> ResolvedAdapter:
-        """What ``ref`` names, resolved in the registry (the replicas load it from the same path)."""
-        return resolve_adapter(self._resolve, ref)
+        return self._engine.resolve(ref)
 
     def check_adapter(self, ref: str | ResolvedAdapter) -> str:
-        """The canonical reference of ``ref``; no slot is taken here (the replica loads it)."""
+        """The canonical reference of ``ref``; no slot is taken here (the replica that runs it loads it)."""
         return ref.key if isinstance(ref, ResolvedAdapter) else self.resolve(ref).key
 
     def validate_adapter(self, path: str, name: str) -> None:
-        """Check ``path`` on one replica (the gateway holds no model); blocking, off the event loop."""
-        failure = self._unary.validate_adapter.remote(path, name).result()
-        if failure is not None:
-            raise error_from_payload(failure)
+        self._engine.validate_adapter(path, name)
+
+    def drop_adapter(self, key: str) -> bool:
+        """Free ``key``'s slot on every replica; wait until every live replica has heard."""
+        import ray
+
+        epoch = ray.get(self._replica.directory.drop.remote(key))
+        wait_for_epoch(self._replica.directory, epoch, f"drop of {key}")
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """Every live replica's engine stats summed (this one's now, the others' last reports), and each."""
+        own, peers = self._engine.stats(), self._replica.peers
+        return {
+            **sum_stats(own, [rep["stats"] for rep in peers.values()]),
+            "replicas": {self._replica.replica: own, **{r: rep["stats"] for r, rep in peers.items()}},
+        }
+
+    def start(self) -> None:
+        """The replica started its engine: nothing to start here."""
+
+    def stop(self, timeout: float = 10.0, *, shutting_down: bool = False) -> None:
+        """Ray stops the replicas (``serve.shutdown``): nothing to stop here."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        """The request's events from a replica; engine errors raise at the first iteration."""
+        """The request's events, from this replica or relayed; engine errors raise at the first iteration."""
         return self._events(request)
 
     async def _events(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        stream = self._handle.options(multiplexed_model_id=mux_id(request.adapter)).generate.remote(
-            request_payload(request)
-        )
+        from ray import serve
+
+        _single_threaded()  # the app's thread submits (small torch ops): no OpenMP pool of its own
+        key = mux_id(request.adapter)
+        header = serve.get_multiplexed_model_id()
+        if header:
+            await asyncio.to_thread(self._check_header, header, key)
+            events = self._replica.serve_here(request, header)
+        elif key and self._relays < self._relay_cap and self._held_elsewhere_only(key):
+            events = self._relay(request, key)
+        else:
+            events = self._replica.serve_here(request, key)
+        async for out in events:
+            yield out
+
+    def _check_header(self, header: str, key: str) -> None:
+        """400 unless the routing header resolves to the request's (first) adapter."""
+        try:
+            named = self.resolve(header).key
+        except EngineError:
+            named = None
+        if named != key or not key:
+            raise InvalidRequest(
+                "the serve_multiplexed_model_id header must name the request's adapter (its lora, or model "
+                "on the OpenAI API; a mix's first); leave it out for the base model"
+            )
+
+    def _held_elsewhere_only(self, key: str) -> bool:
+        """Whether ``key`` is resident on another live replica and not on this one."""
+        if key in self._engine.stats()["resident_adapters"]:
+            return False
+        return any(key in rep["stats"].get("resident_adapters", ()) for rep in self._replica.peers.values())
+
+    async def _relay(self, request: GenerationRequest, key: str) -> AsyncIterator[GenerationOutput]:
+        from ray import serve
+
+        if self._handle is None:
+            self._handle = serve.get_deployment_handle(DEPLOYMENT, APP_NAME).options(stream=True)
+        self._relays += 1
+        stream = self._handle.options(multiplexed_model_id=key).generate.remote(request_payload(request))
         replica = None
         try:
             async for item in stream:
@@ -390,94 +396,47 @@ class RemoteEngine:
         except EngineError:
             raise
         except Exception as err:  # the replica died or Ray could not reach one
-            logger.error("request %s lost its replica: %r", request.request_id, err)
+            logger.error("request %s lost the replica it was relayed to: %r", request.request_id, err)
             raise RequestFailed(request.request_id or "unknown") from err
         finally:
+            self._relays -= 1
             stream.cancel()  # the client left early: the replica's generator stops and frees the row
 
-    def stats(self) -> dict[str, Any]:
-        """The replicas' engine stats summed (resident adapters: the union; each replica has its own
-        prefix cache, summed too), from their last reports."""
-        reports = [r["stats"] for r in self._reports.values()]
-        finished: dict[str, int] = {}
-        for stats in reports:
-            for reason, n in stats.get("finished", {}).items():
-                finished[reason] = finished.get(reason, 0) + n
-        prefix: dict[str, int] = {}
-        for stats in reports:
-            for key, n in (stats.get("prefix_cache") or {}).items():
-                prefix[key] = prefix.get(key, 0) + n
-        return {
-            "queue_depth": sum(s.get("queue_depth", 0) for s in reports),
-            "running": sum(s.get("running", 0) for s in reports),
-            "finished": finished,
-            "resident_adapters": sorted({a for s in reports for a in s.get("resident_adapters", [])}),
-            "slots": sum(s.get("slots", 0) for s in reports),
-            "prefix_cache": prefix,
-            "replicas": {r: rep["stats"] for r, rep in self._reports.items()},
-        }
 
-    def drop_adapter(self, key: str, timeout: float = 10.0) -> bool:
-        """Tell every replica to free ``key``'s slot, and wait until every live replica has heard."""
-        import ray
-
-        epoch = ray.get(self._directory.drop.remote(key))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            live = ray.get(self._directory.replicas.remote())
-            if all(rep["epoch"] >= epoch for rep in live.values()):
-                return True
-            time.sleep(POLL_S / 5)
-        logger.warning("drop of %s: not every replica confirmed within %.0fs", key, timeout)
-        return True
-
-    def start(self) -> None:
-        """Ray runs the replicas: nothing to start here."""
-
-    def stop(self, timeout: float = 10.0, *, shutting_down: bool = False) -> None:
-        """Ray stops the replicas (``serve.shutdown``): nothing to stop here."""
-
-
-class GatewayBase:
-    """The HTTP app over a :class:`RemoteEngine` (the ingress class is built by :func:`gateway_deployment`)."""
-
-    def __init__(self, handle: Any, config: EngineConfig, server: ServerConfig, registry_root: str) -> None:
-        self._engine = RemoteEngine(handle, directory_actor(), config, registry_root)
-        self._server = server
-        self._registry_root = registry_root
-
-    def __serve_build_asgi_app__(self) -> Any:
-        from lora_kit.registry import Registry
-        from lora_kit.server.app import create_app
-
-        return create_app(self._engine, Registry(Path(self._registry_root)), self._server)
-
-
-def gateway_deployment(max_ongoing_requests: int) -> Any:
-    """The ingress deployment. ``max_ongoing_requests``: what every engine replica takes at once
-    (running and queued), summed. Ray's default (5) held a server of 16-row batches to 5 requests
-    in flight: 0.4x one process's tokens/s (BENCHMARKS.md, issue 24)."""
+def engine_deployment(engine_config: EngineConfig, replicas: ReplicaConfig) -> Any:
+    """The Serve deployment of engine replicas, each the HTTP ingress; its multiplex size is the
+    engine's slots, so Ray's LRU and the engine's agree."""
     from ray import serve
 
     @serve.ingress()
-    class Gateway(GatewayBase):
-        pass
+    class EngineReplica(EngineReplicaBase):
+        stream_interval = replicas.stream_interval_ms / 1000
+        capacity = replica_capacity(engine_config)
 
+        @serve.multiplexed(max_num_models_per_replica=engine_config.max_slots)
+        async def adapter(self, model_id: str) -> _Lease:
+            return await self._warm(model_id)
+
+    env = {"OMP_NUM_THREADS": str(replicas.threads), "LORA_KIT_HOME": os.environ.get("LORA_KIT_HOME", "")}
+    options: dict[str, Any] = {"num_cpus": replicas.replica_cpus, "runtime_env": {"env_vars": env}}
+    if replicas.replica_gpus:
+        options["num_gpus"] = replicas.replica_gpus
     return serve.deployment(
-        Gateway,
-        name="Gateway",
-        num_replicas=1,
-        ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=max_ongoing_requests,
+        EngineReplica,
+        name=DEPLOYMENT,
+        num_replicas=replicas.replicas,
+        ray_actor_options=options,
+        # Ray must not hold requests back below what the engine batches and queues itself; Ray's
+        # default (5) held 16-row batches to 5 requests: 0.4x one process (BENCHMARKS.md, issue 24).
+        max_ongoing_requests=replica_capacity(engine_config),
+        health_check_period_s=2,
     )
 
 
 def build_app(engine_config: EngineConfig, replicas: ReplicaConfig, server: ServerConfig, registry_root: str) -> Any:
-    """The Serve application: the gateway bound to the engine replicas."""
+    """The Serve application: the engine replicas, each serving the HTTP app."""
     config = dataclasses.replace(engine_config, threads=replicas.threads)
-    engines = engine_deployment(engine_config, replicas).bind(config, registry_root)
-    ongoing = replica_capacity(engine_config) * max(1, replicas.replicas)
-    return gateway_deployment(ongoing).bind(engines, config, server, registry_root)
+    return engine_deployment(engine_config, replicas).bind(config, server, registry_root)
 
 
 def replica_capacity(engine_config: EngineConfig) -> int:
@@ -489,7 +448,7 @@ def replica_capacity(engine_config: EngineConfig) -> int:
 
 
 def serve_replicated(server: ServerConfig, engine_config: EngineConfig, replicas: ReplicaConfig) -> int:
-    """Start (or join) Ray, deploy the gateway and ``replicas.replicas`` engine replicas, and serve
+    """Start (or join) Ray, deploy ``replicas.replicas`` engine replicas behind Ray's proxy, and serve
     until SIGTERM/SIGINT; then delete the application (a cluster that was joined keeps running)."""
     import signal
 

@@ -14,7 +14,7 @@ class ReplicaConfig:
     """How the engine is scaled out on Ray Serve (one docstring per field: the flag's help)."""
 
     replicas: int = 0
-    """Engine replicas behind a gateway on Ray Serve (0: one process, no Ray). Each replica loads the base once and serves every adapter; Ray routes a request to a replica that holds its adapter."""
+    """Engine replicas on Ray Serve, each serving the HTTP API behind Ray's proxy (0: one process, no Ray). Each replica loads the base once and serves every adapter; a request goes to a replica that holds its adapter (README: Serving beyond one process)."""
 
     replica_cpus: float = field(default=1.0, metadata={"metavar": "X"})
     """CPUs Ray reserves per engine replica; its torch threads are set to match (at least 1)."""
@@ -26,7 +26,7 @@ class ReplicaConfig:
     """Ray cluster to join: 'auto' (the cluster `ray start` made on this node) or HOST:PORT; default: start a local Ray."""
 
     stream_interval_ms: float = field(default=50.0, metadata={"metavar": "MS"})
-    """A replica sends a stream's first token at once, then the tokens ready every this many milliseconds as one event (one Ray object, one SSE event, the same text); 0: every token alone."""
+    """A replica running a relayed request sends its stream's first token at once, then the tokens ready every this many milliseconds as one event (one Ray object, the same text); 0: every token alone."""
 
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     """Where Ray Serve runs its HTTP proxies: EveryNode (each node with a replica; a load balancer in front of the nodes) or HeadOnly (one address; also for several Ray nodes on one host, whose proxies would share a port)."""

@@ -23,9 +23,10 @@ set; with a token they need it; without one they refuse cross-site requests (305
 ``lora_path`` must lie under one of the server's adapter roots (``--adapter-root DIR``, symlinks
 resolved; none by default, then only registry names load); a path outside is 5006/400, naming no
 server path. They answer vLLM's plain-text ``Success: ...`` on 200. The set of unloaded names is
-the server's (a runtime state, as in vLLM): a restart serves the whole registry again. The engine
-behind is a local :class:`~lora_kit.engine.Engine` or the Ray gateway's proxy, which forwards
-drops to every replica and checks a new directory on one replica.
+the server's (a runtime state, as in vLLM): a restart serves the whole registry again. On Ray
+Serve every engine replica answers these routes, and the set is the cluster's
+(:class:`~lora_kit.server.ray_directory.ClusterNames`): an unload answers 200 once every replica
+refuses the name, and its slots are freed on every replica.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import MutableSet, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,13 +56,21 @@ logger = logging.getLogger(__name__)
 
 class RuntimeAdapters:
     """Which registry adapters the server serves: all but the unloaded names. ``roots``: the
-    directories a ``lora_path`` may lie under (resolved once, here)."""
+    directories a ``lora_path`` may lie under (resolved once, here). ``unloaded``: where the
+    unloaded names live (default: this process's set; on Ray Serve, the cluster's, whose writes
+    block until every replica has them)."""
 
-    def __init__(self, registry: Any, engine: ServingEngine, roots: Sequence[Path | str] = ()) -> None:
+    def __init__(
+        self,
+        registry: Any,
+        engine: ServingEngine,
+        roots: Sequence[Path | str] = (),
+        unloaded: Optional[MutableSet[str]] = None,
+    ) -> None:
         self.registry = registry
         self.engine = engine
         self.roots = tuple(Path(os.path.realpath(root)) for root in roots)
-        self._unloaded: set[str] = set()
+        self._unloaded: MutableSet[str] = set() if unloaded is None else unloaded
 
     def is_served(self, name: str) -> bool:
         """Whether adapter ``name`` (a bare name) is served (not unloaded at runtime)."""
@@ -94,7 +103,7 @@ class RuntimeAdapters:
             raise errors.bad_input(f"cannot load {name!r}: {_public(err)}", "lora_path") from None
         except LoraKitError as err:  # the adapter format's and the engine's checks
             raise errors.bad_input(f"cannot load {name!r}: {hide_paths(str(err))}", "lora_path") from None
-        self._unloaded.discard(name)  # only now: a failed load never changes what is served
+        await asyncio.to_thread(self._unloaded.discard, name)  # only now: a failed load changes nothing
         logger.info("runtime load: %s is served (%s)", name, ref)
         return str(ref)
 
@@ -157,7 +166,7 @@ class RuntimeAdapters:
             await asyncio.to_thread(self.registry.resolve, name)
         except RegistryError:
             raise _not_found(name) from None
-        self._unloaded.add(name)
+        await asyncio.to_thread(self._unloaded.add, name)
         resident = [ref for ref in self.engine.stats().get("resident_adapters", []) if reference_name(ref) == name]
         dropped = [ref for ref in resident if await asyncio.to_thread(self.engine.drop_adapter, ref)]
         logger.info("runtime unload: %s is not served; slots freed for %s", name, dropped or "none")

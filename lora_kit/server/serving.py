@@ -1,5 +1,5 @@
 """What the HTTP app needs of an engine: :class:`ServingEngine`, met by a local
-:class:`~lora_kit.engine.Engine` and by the Ray gateway's :class:`~lora_kit.server.ray_app.RemoteEngine`."""
+:class:`~lora_kit.engine.Engine` and by a Ray Serve replica's :class:`~lora_kit.server.ray_app.ReplicaEngine`."""
 
 from __future__ import annotations
 
