@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import typing
 from pathlib import Path
@@ -555,6 +556,28 @@ def test_embedded_greedy_matches_peft_alone_and_mixed(embedded_setup, embedded_m
     assert [o.token_ids for o in together] == list(refs.values())
 
 
+def test_an_adapter_loaded_from_a_long_lived_thread_leaves_no_thread_pool_behind(embedded_setup):
+    """A server loads adapters on demand from its worker threads. Torch work there would leave an
+    OpenMP pool behind the worker, and every later decode step would pay for it (one request: 15
+    against 32 tok/s, BENCHMARKS.md): the engine loads on a short-lived thread of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, eng = embedded_setup
+    eng.drop_adapter("smol-b")
+
+    def worker_threads() -> int:  # as a server's worker has them by default: all cores
+        torch.get_num_threads()
+        torch.set_num_threads(2)
+        return len(os.listdir("/proc/self/task"))
+
+    with ThreadPoolExecutor(1) as worker:
+        before = worker.submit(worker_threads).result()
+        assert worker.submit(eng.check_adapter, "smol-b").result() == "smol-b"
+        after = len(os.listdir("/proc/self/task"))
+    assert "smol-b" in eng.stats()["resident_adapters"]
+    assert after == before
+
+
 def test_json_schema_output_parses_and_validates(embedded_setup, embedded_model):
     _, _, eng = embedded_setup
     tok = embedded_model[1]
@@ -692,6 +715,32 @@ def test_dedicated_main_thread_is_single_and_engine_threads_get_the_cores():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["2", "1", "2", "2", "1"]  # the main thread stays at 1 after a worker took 2
+
+
+def test_a_set_thread_count_stays_when_another_thread_sets_torchs_and_single_threaded_is_one():
+    """torch applies its process-wide count (the last any thread set) lazily to a thread, over what
+    that thread set itself: a loop that set 2 and ran its first op after another thread set 1 ran
+    at 1. ``set_thread_count`` keeps a thread's count; ``single_threaded`` pins its caller only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, torch\n"
+        "from lora_kit.engine.threads import set_thread_count, single_threaded\n"
+        "def loop(setter, out, started, go):\n"
+        "    setter(2); started.set(); go.wait(); out.append(torch.get_num_threads())\n"
+        "def pinned(out):\n"
+        "    single_threaded(); out.append(torch.get_num_threads())\n"
+        "for setter in (torch.set_num_threads, set_thread_count):\n"
+        "    out, started, go = [], threading.Event(), threading.Event()\n"
+        "    t = threading.Thread(target=loop, args=(setter, out, started, go)); t.start(); started.wait()\n"
+        "    other = threading.Thread(target=torch.set_num_threads, args=(1,)); other.start(); other.join()\n"
+        "    go.set(); t.join()\n"
+        "    p = threading.Thread(target=pinned, args=(out,)); p.start(); p.join()\n"
+        "    print(*out)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1", "2", "1"]  # torch's own set is overridden; ours stays
 
 
 # -- EngineConfig and the CLI flags derived from it -------------------------------------------

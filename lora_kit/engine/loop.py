@@ -23,12 +23,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
-
 from lora_kit.engine.output import OutputProcessor
 from lora_kit.engine.runner import ModelRunner
 from lora_kit.engine.scheduler import Scheduler
 from lora_kit.engine.sequence import Sequence
+from lora_kit.engine.threads import set_thread_count
 from lora_kit.engine.types import RequestFailed
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ class EngineLoop:
 
     def run(self) -> None:
         """Step until a stop is requested; then cancel whatever is left."""
-        torch.set_num_threads(self.threads)  # this thread's own OpenMP pool (see engine/threads.py)
+        set_thread_count(self.threads)  # this thread's own OpenMP pool (see engine/threads.py)
         while self.scheduler.wait_for_work():
             try:
                 self.step()

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lora_kit.engine.config import EngineConfig
+from lora_kit.engine.threads import single_threaded
 from lora_kit.engine.types import (
     AdapterError,
     AdapterWeight,
@@ -251,7 +252,7 @@ class EngineReplicaBase:
 
         yield {"replica": self.replica}
         request_id = payload.get("request_id")
-        _single_threaded()
+        single_threaded()
         try:
             request = request_from_payload(payload)
             events = self.serve_here(request, serve.get_multiplexed_model_id())
@@ -264,20 +265,6 @@ class EngineReplicaBase:
         """Serve's health check: a replica whose decode loop died is restarted."""
         if self.engine.loop_failed():
             raise RuntimeError("the engine's decode loop is not running")
-
-
-_pinned = threading.local()
-
-
-def _single_threaded() -> None:
-    """Keep the calling thread at one torch thread (once per thread), as ``lora-kit serve`` keeps its
-    HTTP thread: a second OpenMP pool in the process makes the decode loop's parallel regions wait
-    for sleeping workers (see :mod:`lora_kit.engine.threads`)."""
-    if not getattr(_pinned, "done", False):
-        import torch
-
-        torch.set_num_threads(1)
-        _pinned.done = True
 
 
 class ReplicaEngine:
@@ -346,7 +333,7 @@ class ReplicaEngine:
     async def _events(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         from ray import serve
 
-        _single_threaded()  # the app's thread submits (small torch ops): no OpenMP pool of its own
+        single_threaded()  # the app's thread submits (small torch ops): no OpenMP pool of its own
         key = mux_id(request.adapter)
         header = serve.get_multiplexed_model_id()
         if header:
