@@ -2,9 +2,9 @@
 
 Every event a replica yields for a relayed request crosses Ray as its own object (serialised,
 sent, awaited by the relaying replica, turned into an SSE event): at 16 streams of ~15 tokens/s
-each, hundreds of objects a second on a machine whose CPUs also run the engine. Ray Serve LLM batches its streams the same
-way: the first event goes at once (time to first token does not grow), then whatever arrived
-within an interval goes as one event. Merged events concatenate to exactly what the unbatched
+each, hundreds of objects a second on a machine whose CPUs also run the engine. Ray Serve LLM
+batches its streams the same way: the first event goes at once (time to first token does not
+grow), then whatever arrived within an interval goes as one event. Merged events concatenate to exactly what the unbatched
 ones said: the same text, the same token ids, the last one's finish and usage.
 """
 

@@ -4,8 +4,8 @@
 default and help, the docstring under the field), as :class:`~lora_kit.engine.config.EngineConfig`
 is for the engine and :class:`~lora_kit.server.ray_config.ReplicaConfig` for Ray. ``lora-kit serve``
 derives its flags from it (:mod:`lora_kit.config_cli`); :func:`~lora_kit.server.app.create_app`,
-:func:`~lora_kit.server.main.serve` and every Ray Serve replica take it. A field with ``flag=None`` is set
-by code only (tests, embedders).
+:func:`~lora_kit.server.main.serve` and every Ray Serve replica take it. A field with
+``flag=None`` is set by code only (tests, embedders).
 
 Importing this module is cheap (no FastAPI): the CLI builds its parsers from it at start-up.
 """

@@ -289,7 +289,6 @@ class ReplicaEngine:
         self._engine = replica.engine
         self.model_name = self._engine.model_name
         self.tokenizer = self._engine.tokenizer
-        self.max_slots = self._engine.max_slots
         self._relays = 0
         self._relay_cap = max(1, replica.capacity // 2)
         self._handle: Any = None
@@ -369,8 +368,8 @@ class ReplicaEngine:
 
         if self._handle is None:
             self._handle = serve.get_deployment_handle(DEPLOYMENT, APP_NAME).options(stream=True)
-        self._relays += 1
         stream = self._handle.options(multiplexed_model_id=key).generate.remote(request_payload(request))
+        self._relays += 1  # counted once sent (a call Ray refused relays nothing)
         replica = None
         try:
             async for item in stream:
