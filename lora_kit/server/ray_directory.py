@@ -6,8 +6,8 @@ keeps in memory must be one state for the cluster. Serve has no broadcast to rep
 
 - **a log of runtime changes, each with an epoch**: slot drops (free this adapter's slots) and
   the names unloaded at runtime (``/v1/unload_lora_adapter``: 3037/404 on every replica). A
-  writer waits until every live replica reports the new epoch (:func:`wait_for_epoch`), so when
-  an unload answers 200 no replica serves the name any more;
+  writer waits until every live replica reports the new epoch (:func:`wait_for_epoch`, at most
+  10 s, then logged), so when an unload answers 200 no answering replica serves the name;
 - **each replica's report**: its applied epoch, engine stats, Ray node and request metrics,
   which ``/healthz`` and ``/metrics`` on any replica sum (:func:`sum_stats`).
 """
