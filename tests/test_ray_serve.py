@@ -178,7 +178,7 @@ def test_answers_equal_the_single_process_and_adapters_stick_to_a_replica(cluste
     assert any("alpha@1" in r for r in resident) and any("beta@1" in r for r in resident)
     # /metrics on whichever replica answers sums every replica's counts (each reports twice a second)
     line = 'lora_kit_requests_total{adapter="alpha@1",route="cloudflare.run",status="200"}'
-    wait_for(lambda: any(m.startswith(line) and float(m.split()[-1]) >= 5 for m in metric_lines(http)), 10)
+    wait_for(lambda: any(m.startswith(line) and float(m.split()[-1]) >= 5 for m in metric_lines(http)), 60)
 
 
 def metric_lines(http) -> list[str]:

@@ -14,8 +14,10 @@ sets the intra-op thread count for itself (:func:`set_thread_count`). Heavy work
 another long-lived thread (an adapter loaded on demand by a server's ``asyncio.to_thread``
 worker) runs on a short-lived thread too: that worker's pool halved a server's throughput for
 the rest of its life (16 clients: 174 against 301 tok/s with the adapters preloaded; one request
-15 against 32 tok/s; BENCHMARKS.md). Nothing but the loop calls ``torch.set_num_threads`` once
-the loop runs: it also sets MKL's process-wide count, which held the loop's products to one core.
+15 against 32 tok/s; BENCHMARKS.md). Once the loop runs, no thread sets torch a count other
+than the engine's (``torch.set_num_threads`` also sets MKL's process-wide count: a server
+thread setting 1 held the loop's products to one core); a thread that must stay at one thread
+uses :func:`single_threaded`, which goes through OpenMP only.
 """
 
 from __future__ import annotations
