@@ -79,3 +79,71 @@ def test_crop_select_and_repeat_keep_the_filled_part_exact():
     assert layer.update(torch.zeros(4, 2, 1, 4), torch.zeros(4, 2, 1, 4))[0].shape == (4, 2, 6, 4)
     with pytest.raises(ValueError):
         layer.crop(3)
+
+
+# -- a 16-bit cache (EngineConfig.kv_dtype) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_layer_stores_rounded_values_and_widens_them_for_an_fp32_caller(dtype):
+    g = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g)
+    layer = GrowingLayer(keys, values, dtype=dtype)
+    assert layer._k.dtype == dtype and torch.equal(layer.keys, keys.to(dtype))
+    ref_k, ref_v = keys.to(dtype), values.to(dtype)
+    for _ in range(MIN_SPARE + 3):  # across a reallocation, which keeps the dtype
+        k, v = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 3, 1, 8, generator=g)
+        got_k, got_v = layer.update(k, v)  # an fp32 caller: widened copies of the rounded values
+        ref_k, ref_v = torch.cat([ref_k, k.to(dtype)], dim=2), torch.cat([ref_v, v.to(dtype)], dim=2)
+        assert got_k.dtype == torch.float32 and torch.equal(got_k, ref_k.float()) and torch.equal(got_v, ref_v.float())
+    assert layer._k.dtype == dtype and layer.capacity > 5 + MIN_SPARE
+    k16, v16 = layer.update(torch.ones(2, 3, 1, 8, dtype=dtype), torch.ones(2, 3, 1, 8, dtype=dtype))
+    assert k16.dtype == dtype and k16.data_ptr() == layer._k.data_ptr()  # a caller in the cache's dtype: views
+
+
+def test_an_empty_layer_allocates_on_its_first_update_in_its_dtype():
+    layer = GrowingLayer.empty(torch.bfloat16)
+    assert not layer.is_initialized and layer.get_seq_length() == 0
+    keys = torch.randn(2, 1, 7, 4)
+    got, _ = layer.update(keys, keys + 1)
+    assert layer._k.dtype == torch.bfloat16 and layer.capacity == 7 + MIN_SPARE
+    assert got.dtype == torch.float32 and torch.equal(got, keys.to(torch.bfloat16).float())
+    assert GrowingLayer.empty().update(keys, keys)[0].dtype == torch.float32  # no dtype: as given
+    converted = growing_cache([(keys, keys)], dtype=torch.float16)
+    assert converted.layers[0].keys.dtype == torch.float16
+
+
+def test_a_16_bit_cache_through_the_models_forward_holds_the_fp32_cache_rounded(tiny_mistral_dir):
+    """A prefill into an empty bf16 cache: its first layer's keys and values are exactly the fp32
+    forward's rounded (later layers read attention over rounded values, so they differ by that)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from lora_kit.engine.kv_cache import empty_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+        got = model(input_ids=ids, past_key_values=empty_cache(torch.bfloat16), use_cache=True)
+    (k, v), (ref_k, ref_v) = layer_kv(got.past_key_values)[0], layer_kv(ref.past_key_values)[0]
+    assert (
+        k.dtype == torch.bfloat16
+        and torch.equal(k, ref_k.to(torch.bfloat16))
+        and torch.equal(v, ref_v.to(torch.bfloat16))
+    )
+    assert torch.allclose(got.logits, ref.logits, atol=0.05) and not torch.equal(got.logits, ref.logits)
+
+
+def test_the_running_batch_keeps_its_cache_in_its_dtype_as_rows_join_and_leave():
+    from lora_kit.engine.batch import RunningBatch
+
+    batch = RunningBatch(torch.device("cpu"), torch.bfloat16)
+    fp32 = lambda rows, length: [(torch.randn(rows, 2, length, 4), torch.randn(rows, 2, length, 4))]  # noqa: E731
+    batch.add(["a"], growing_cache(fp32(1, 5)), torch.ones(1, 5), [1])  # a cache in another dtype: converted
+    assert batch.cache.layers[0].dtype == torch.bfloat16
+    batch.add(["b", "c"], growing_cache(fp32(2, 3)), torch.ones(2, 3), [2, 3])  # merged, left-padded
+    assert [layer.dtype for layer in batch.cache.layers] == [torch.bfloat16] and batch.cache.layers[0].keys.shape[
+        :3
+    ] == (3, 2, 5)
+    batch.keep([2])
+    assert batch.cache.layers[0].keys.dtype == torch.bfloat16 and batch.cache.layers[0].keys.shape[:3] == (1, 2, 3)

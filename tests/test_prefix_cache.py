@@ -318,8 +318,15 @@ def test_rows_arriving_together_compute_a_shared_prefix_once(cached, uncached):
 # -- the tiny Mistral: both LoRA paths, and a sliding window ------------------------------------------
 
 
-@pytest.mark.parametrize("backend", [None, "torch"])
-def test_both_lora_paths_on_the_tiny_mistral(tiny_mistral_dir, word_tokenizer, tmp_path, backend):
+@pytest.mark.parametrize(
+    ("backend", "kv_dtype"),
+    [(None, "float32"), ("torch", "float32"), (None, "bfloat16")],
+    ids=["cpu", "torch", "bf16-kv"],
+)
+def test_both_lora_paths_on_the_tiny_mistral(tiny_mistral_dir, word_tokenizer, tmp_path, backend, kv_dtype):
+    """Cached and uncached prefills give the same answers, on both LoRA paths, and with a 16-bit KV
+    cache, whose blocks are stored in its dtype (a cold prefill attends over its own positions
+    unrounded, a later prompt over the cached blocks' rounded values: within the logits' bound here)."""
     from helpers import MISTRAL_ADAPTERS, make_peft_init_adapter, mistral_engine
 
     adapters = {
@@ -329,12 +336,17 @@ def test_both_lora_paths_on_the_tiny_mistral(tiny_mistral_dir, word_tokenizer, t
     words = word_tokenizer.encode("You are terse . What is two plus two ? Four .", add_special_tokens=False)
     prefix = [word_tokenizer.bos_token_id] + words * 8
     reqs = [request(prefix + words[: 3 + i], lora, 6) for i, lora in enumerate([None, "all", "qv", "mlp", None])]
-    engines = [mistral_engine(tiny_mistral_dir, word_tokenizer, adapters, backend, prefix_cache_mib=m) for m in (0, 64)]
+    engines = [
+        mistral_engine(tiny_mistral_dir, word_tokenizer, adapters, backend, prefix_cache_mib=m, kv_dtype=kv_dtype)
+        for m in (0, 64)
+    ]
     try:
         want = run_batch(engines[0], reqs)
         for _ in range(2):  # cold (in waves for the two base rows), then warm
             assert_same(run_batch(engines[1], reqs), want)
         assert engines[1].stats()["prefix_cache"]["hits"] >= len(reqs) + 1
+        blocks = list(engines[1].prefix_cache._blocks.values())
+        assert blocks and all(b.kv.dtype == getattr(torch, kv_dtype) for b in blocks)
     finally:
         for eng in engines:
             eng.stop()

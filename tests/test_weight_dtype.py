@@ -71,6 +71,8 @@ def test_weight_dtype_is_validated_and_is_a_serve_flag():
     args = build_parser().parse_args(["serve", "--weight-dtype", "float32"])
     assert EngineConfig.from_cli_args(args).weight_dtype == "float32"
     assert EngineConfig().weight_dtype == "auto"
+    args = build_parser().parse_args(["serve", "--kv-dtype", "bfloat16"])
+    assert EngineConfig.from_cli_args(args).kv_dtype == "bfloat16" and EngineConfig().kv_dtype == "auto"
 
 
 @pytest.mark.parametrize("setting", ["auto", "float32", "bfloat16"])
@@ -95,6 +97,19 @@ def test_engine_packs_the_dense_weights_in_the_chosen_dtype(setting, isa, tiny_m
     assert embed.weight.dtype == want  # the table is narrowed with the weights...
     assert embed(torch.tensor([[1, 2]])).dtype == torch.float32  # ...but the activations stay fp32
     assert not any(can_pack(m) for m in eng.model.modules())  # every dense layer was packed
+    assert eng.kv_dtype == want  # kv_dtype auto: the cache follows the weights (bf16 outputs stored as bf16)
+
+
+def test_an_explicit_kv_dtype_is_kept_and_validated(tiny_mistral_dir, word_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    for weights, kv, want in [("bfloat16", "float32", torch.float32), ("float32", "float16", torch.float16)]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32)
+        config = EngineConfig(model="tiny-mistral", weight_dtype=weights, kv_dtype=kv)
+        eng = Engine(config, model=model, tokenizer=word_tokenizer, adapter_resolver=mapping_resolver({}))
+        assert eng.kv_dtype == want
+    with pytest.raises(ValueError, match="kv_dtype must be one of auto, float32, bfloat16, float16, not 'int8'"):
+        EngineConfig(kv_dtype="int8")
 
 
 def test_bf16_weights_keep_the_embedded_models_greedy_answers(embedded_model, isa):
@@ -113,6 +128,7 @@ def test_bf16_weights_keep_the_embedded_models_greedy_answers(embedded_model, is
     answers, first_logits = {}, {}
     for setting in ("float32", "bfloat16"):
         model = models.load_model("smollm2-135m-instruct")
+        # kv_dtype auto: the bf16 setting holds its KV cache in bf16 too (what a user of it gets).
         eng = Engine(EngineConfig(weight_dtype=setting), model=model, tokenizer=tokenizer)
         try:
             if setting == "bfloat16":

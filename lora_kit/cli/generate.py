@@ -8,7 +8,7 @@ from lora_kit.cli.common import CliError
 from lora_kit.engine.config import EngineConfig
 
 # The engine settings that matter for one completion (flags derived from EngineConfig, as serve's).
-ENGINE_FLAGS = ("model", "quantization", "adapter_dtype")
+ENGINE_FLAGS = ("model", "quantization", "adapter_dtype", "weight_dtype", "kv_dtype")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -34,8 +34,9 @@ class RunningBatch:
     (the runner: rows to adapter slots) knows when to redo it.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, kv_dtype: torch.dtype | None = None) -> None:
         self.device = device
+        self.kv_dtype = kv_dtype  # what the cache holds keys and values in (None: as the model gives them)
         self.rows: list[Any] = []
         self.cache: Cache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # (B, L) 1 = real token
@@ -51,13 +52,18 @@ class RunningBatch:
         ``next_tokens`` their first sampled tokens, fed at the next step."""
         mask = mask.to(self.device, torch.long)
         if self.cache is None or not self.rows:
-            adopt = all(isinstance(layer, GrowingLayer) for layer in cache.layers)  # a prefill after a cached prefix
-            self.cache, self.mask = (cache if adopt else growing_cache(layer_kv(cache))), mask
+            adopt = all(  # the runner's prefills fill a growing cache in the batch's dtype
+                isinstance(layer, GrowingLayer) and layer.dtype == (self.kv_dtype or layer.dtype)
+                for layer in cache.layers
+            )
+            self.cache = cache if adopt else growing_cache(layer_kv(cache), dtype=self.kv_dtype)
+            self.mask = mask
         else:
             cur, new = self.mask.shape[1], mask.shape[1]
             total = max(cur, new)
             merged = []
             for (k, v), (nk, nv) in zip(layer_kv(self.cache), layer_kv(cache)):
+                nk, nv = nk.to(k.dtype), nv.to(v.dtype)
                 merged.append(
                     (
                         torch.cat([_pad_left(k, total - cur), _pad_left(nk, total - new)], dim=0),

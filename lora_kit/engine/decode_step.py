@@ -10,7 +10,9 @@ that grows in place (:mod:`.kv_cache`), a padding mask that only changes when ro
 :class:`LeanDecoder` runs that step by calling the model's own submodules in the order its
 forward does -- the same norms, the same (LoRA-wrapped, packed or 4-bit) projections, the
 same rotary embedding and transformers' own SDPA attention function with the mask it would
-build -- so its logits equal the full forward's (tested exactly, not within a tolerance).
+build -- so with an fp32 cache its logits equal the full forward's (tested exactly, not within a
+tolerance). With a 16-bit cache (``kv_dtype``) it attends in the cache's dtype, where the full
+forward attends in fp32 over the widened cache.
 Prefill keeps the full forward. Models of another architecture, or with features this step
 does not reproduce (a sliding window shorter than the cache, attention other than SDPA/eager
 with its own kernels, non-SiLU MLPs), keep the full forward for every step.
@@ -79,16 +81,21 @@ class LeanDecoder:
     def _attend(
         self, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache_layer: Any
     ) -> torch.Tensor:
-        """One attention block of a decode step: (B, 1, H) -> (B, 1, H); writes its K/V into the cache."""
+        """One attention block of a decode step: (B, 1, H) -> (B, 1, H); writes its K/V into the cache.
+
+        Attention runs in the cache's dtype: a 16-bit cache (``kv_dtype``) is read as it is held,
+        the query rounded to it, rather than widened to fp32 at every step (a copy of the whole
+        cache per layer and step)."""
         rows = h.shape[0]
         shape = (rows, 1, -1, self.head_dim)
         q = attn.q_proj(h).view(shape).transpose(1, 2)  # (B, heads, 1, D)
         k = attn.k_proj(h).view(shape).transpose(1, 2)
         v = attn.v_proj(h).view(shape).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        k, v = cache_layer.update(k, v)
-        out, _ = self._attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-        return attn.o_proj(out.reshape(rows, 1, -1))
+        stored = getattr(cache_layer, "dtype", None) or k.dtype
+        k, v = cache_layer.update(k.to(stored), v.to(stored))
+        out, _ = self._attention(attn, q.to(stored), k, v, mask, dropout=0.0, scaling=attn.scaling)
+        return attn.o_proj(out.reshape(rows, 1, -1).to(h.dtype))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

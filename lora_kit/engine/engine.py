@@ -104,11 +104,22 @@ class Engine:
             # The base's weights are rounded to bf16 already: the adapters' are too, halving the
             # bytes each adapter row reads per step (the kernel widens them to fp32 as it reads).
             self.adapter_dtype = torch.bfloat16
+        self.kv_dtype = self._kv_dtype(config.kv_dtype)
         self._wrap_layers()
         self._build_loop()
         self._thread: threading.Thread | None = None
         self._shutting_down = False  # set for good by stop(shutting_down=True)
         self._preload(config.preload)
+
+    def _kv_dtype(self, choice: str) -> torch.dtype:
+        """What the KV cache holds keys and values in: ``choice``, or for ``auto`` bf16 where the base's
+        products round their outputs to bf16 already (a value is then a bf16 number but for its
+        adapter's LoRA term, a key but for its rotation), else the compute dtype (exact)."""
+        if choice != "auto":
+            return ADAPTER_DTYPES[choice]
+        if self.device.type == "cpu" and self.backend.weight_dtype == torch.bfloat16:
+            return torch.bfloat16
+        return self.dtype
 
     def _wrap_layers(self) -> None:
         """Wrap the base's linear layers for batched LoRA, then let the backend prepare them."""
@@ -129,7 +140,9 @@ class Engine:
         slots = SlotManager(
             self._layers, self._ctx, self.max_slots, self._load_adapter, on_evict=self.prefix_cache.drop_adapter
         )
-        self._runner = ModelRunner(self.model, self._ctx, slots, self._grammar_cache, self.device, self.prefix_cache)
+        self._runner = ModelRunner(
+            self.model, self._ctx, slots, self._grammar_cache, self.device, self.prefix_cache, self.kv_dtype
+        )
         self._scheduler = Scheduler(
             self._runner.can_acquire,
             self._runner.acquire_slot,
@@ -137,6 +150,7 @@ class Engine:
             self.device,
             self.config.max_batch,
             self.config.max_queue,
+            self.kv_dtype,
         )
         output = OutputProcessor(self.tokenizer, self.stop_ids, self.max_length)
         self._loop = EngineLoop(self._scheduler, self._runner, output, self.threads)

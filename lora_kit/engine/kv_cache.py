@@ -10,9 +10,17 @@ concatenations took a third of a decode step.
 writes new tokens into them, and hands attention a view of the filled part. When the spare
 columns run out it reallocates with room to grow (a copy every so often, amortised O(1)
 per token). The buffers are rebuilt only when rows join or leave the batch.
+
+The buffers may be held in a narrower dtype than the model computes in (the engine's
+``kv_dtype``: bf16 next to bf16 weights halves the cache's bytes). ``update`` then stores
+the new positions rounded to that dtype and hands a caller that computes in another dtype a
+widened copy of everything filled (a prefill after cached prefix blocks, ``prefill._past``).
+The lean decode step (:mod:`.decode_step`) attends in the stored dtype and takes views.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -28,25 +36,47 @@ def spare_for(length: int) -> int:
 
 
 class GrowingLayer(DynamicLayer):
-    """One layer's keys and values, (rows, heads, capacity, head_dim), filled up to ``length``."""
+    """One layer's keys and values, (rows, heads, capacity, head_dim) in ``dtype``, filled up to ``length``."""
 
     def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, capacity: int | None = None, *, filled: int | None = None
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        capacity: int | None = None,
+        *,
+        filled: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        """Copies ``keys``/``values`` into buffers of ``capacity`` (or more) columns; with ``filled``,
-        they are such buffers already, their first ``filled`` columns filled: taken as they are."""
+        """Copies ``keys``/``values`` into buffers of ``capacity`` (or more) columns in ``dtype``
+        (default: theirs); with ``filled``, they are such buffers already, their first ``filled``
+        columns filled: taken as they are."""
         super().__init__()
-        self.dtype, self.device = keys.dtype, keys.device
+        self.dtype = dtype
+        self._fill(keys, values, capacity, filled)
+
+    def _fill(
+        self, keys: torch.Tensor, values: torch.Tensor, capacity: int | None = None, filled: int | None = None
+    ) -> None:
+        self.dtype, self.device = self.dtype or keys.dtype, keys.device
         if filled is not None:
-            self._k, self._v, length = keys, values, filled
+            self._k, self._v, length = keys.to(self.dtype), values.to(self.dtype), filled
         else:
             length = keys.shape[2]
             capacity = max(capacity or 0, length + spare_for(length))
-            self._k = _with_capacity(keys, capacity)
-            self._v = _with_capacity(values, capacity)
+            self._k = _with_capacity(keys, capacity, self.dtype)
+            self._v = _with_capacity(values, capacity, self.dtype)
         self.length = length
         self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
         self.is_initialized = True
+
+    @classmethod
+    def empty(cls, dtype: torch.dtype | None = None) -> GrowingLayer:
+        """A layer holding nothing yet: its first ``update`` allocates the buffers (in ``dtype``,
+        default the update's), as a prefill without a cached past needs."""
+        layer = cls.__new__(cls)
+        DynamicLayer.__init__(layer)  # is_initialized False
+        layer.dtype, layer.length = dtype, 0
+        return layer
 
     @property
     def capacity(self) -> int:
@@ -55,15 +85,21 @@ class GrowingLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new positions after the filled part; return views of everything filled."""
-        end = self.length + key_states.shape[2]
-        if end > self.capacity:
-            self._k = _with_capacity(self._k[:, :, : self.length], end + spare_for(end))
-            self._v = _with_capacity(self._v[:, :, : self.length], end + spare_for(end))
-        self._k[:, :, self.length : end].copy_(key_states)
-        self._v[:, :, self.length : end].copy_(value_states)
-        self.length = end
-        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        """Write the new positions after the filled part; return everything filled: views, or
+        copies widened to the caller's dtype when the buffers are narrower."""
+        if not self.is_initialized:
+            self._fill(key_states, value_states)  # the first positions
+        else:
+            end = self.length + key_states.shape[2]
+            if end > self.capacity:
+                self._k = _with_capacity(self._k[:, :, : self.length], end + spare_for(end))
+                self._v = _with_capacity(self._v[:, :, : self.length], end + spare_for(end))
+            self._k[:, :, self.length : end].copy_(key_states)
+            self._v[:, :, self.length : end].copy_(value_states)
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        if key_states.dtype != self.dtype:
+            return self.keys.to(key_states.dtype), self.values.to(key_states.dtype)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -93,20 +129,27 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
 
-def _with_capacity(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    """A (B, H, capacity, D) buffer whose first columns hold ``t``; the rest is uninitialised
-    (never read: attention only sees the filled part)."""
+def _with_capacity(t: torch.Tensor, capacity: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A (B, H, capacity, D) buffer in ``dtype`` (default ``t``'s) whose first columns hold ``t``;
+    the rest is uninitialised (never read: attention only sees the filled part)."""
     shape = list(t.shape)
     shape[2] = capacity
-    buf = torch.empty(shape, dtype=t.dtype, device=t.device)
+    buf = torch.empty(shape, dtype=dtype or t.dtype, device=t.device)
     buf[:, :, : t.shape[2]].copy_(t)
     return buf
 
 
-def growing_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], extra: int = 0) -> Cache:
-    """A cache holding ``kv`` (one (keys, values) pair per layer) with room to grow (at least
-    ``extra`` positions before it reallocates)."""
-    return Cache(layers=[GrowingLayer(k, v, k.shape[2] + extra if extra else None) for k, v in kv])
+def growing_cache(
+    kv: list[tuple[torch.Tensor, torch.Tensor]], extra: int = 0, dtype: torch.dtype | None = None
+) -> Cache:
+    """A cache holding ``kv`` (one (keys, values) pair per layer) in ``dtype`` (default theirs) with
+    room to grow (at least ``extra`` positions before it reallocates)."""
+    return Cache(layers=[GrowingLayer(k, v, k.shape[2] + extra if extra else None, dtype=dtype) for k, v in kv])
+
+
+def empty_cache(dtype: torch.dtype | None = None) -> Cache:
+    """A growing cache with nothing in it yet, holding what it is given in ``dtype`` (default: as given)."""
+    return Cache(layer_class_to_replicate=partial(GrowingLayer.empty, dtype))
 
 
 def layer_kv(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

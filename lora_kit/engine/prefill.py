@@ -49,8 +49,19 @@ def cached_lengths(prompts: list[list[int]], matches: list[PrefixMatch] | None) 
     return [min(m.tokens, len(p) - 1) for p, m in zip(prompts, matches)]
 
 
-def build_prefill(prompts: list[list[int]], matches: list[PrefixMatch] | None, device: torch.device) -> PrefillInputs:
-    """The inputs of one forward over ``prompts``, each after its cached prefix in ``matches``."""
+def build_prefill(
+    prompts: list[list[int]],
+    matches: list[PrefixMatch] | None,
+    device: torch.device,
+    kv_dtype: torch.dtype | None = None,
+) -> PrefillInputs:
+    """The inputs of one forward over ``prompts``, each after its cached prefix in ``matches``
+    (held in ``kv_dtype``, default the model's: the forward attends over them widened).
+
+    Without a cached past the forward fills a plain cache in the model's dtype, which the running
+    batch then narrows to ``kv_dtype``: the prompt's own positions are attended unrounded, so the
+    first token is the one an fp32 cache gives (rounding them flipped the embedded model's first
+    token on "What is the capital of France?", a near-tie, and its answer with it)."""
     from transformers import DynamicCache
 
     cached = cached_lengths(prompts, matches)
@@ -67,7 +78,7 @@ def build_prefill(prompts: list[list[int]], matches: list[PrefixMatch] | None, d
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if past_width:
         assert matches is not None
-        inputs["past_key_values"] = _past(matches, cached, past_width, width)
+        inputs["past_key_values"] = _past(matches, cached, past_width, width, kv_dtype)
     else:
         inputs["past_key_values"] = DynamicCache()
     if rows > 1 or past_width:  # with padding or a past the positions are explicit, as generate() does
@@ -75,7 +86,9 @@ def build_prefill(prompts: list[list[int]], matches: list[PrefixMatch] | None, d
     return PrefillInputs(inputs, mask, cached, [len(p) for p in prompts])
 
 
-def _past(matches: list[PrefixMatch], cached: list[int], past_width: int, width: int) -> Cache:
+def _past(
+    matches: list[PrefixMatch], cached: list[int], past_width: int, width: int, kv_dtype: torch.dtype | None
+) -> Cache:
     """A cache holding each row's cached positions, left-padded to ``past_width``, in buffers with
     room for the ``width`` positions the forward adds. The blocks are copied straight into those
     buffers: on the CPU each fresh page costs a fault on first touch, so nothing is zeroed or
@@ -83,7 +96,7 @@ def _past(matches: list[PrefixMatch], cached: list[int], past_width: int, width:
     sample = next(m.blocks[0].kv for m, c in zip(matches, cached) if c)
     layers, _, heads, _, head_dim = sample.shape
     total = past_width + width
-    buf = sample.new_empty(layers, 2, len(matches), heads, total + spare_for(total), head_dim)
+    buf = sample.new_empty(layers, 2, len(matches), heads, total + spare_for(total), head_dim, dtype=kv_dtype)
     for i, (m, c) in enumerate(zip(matches, cached)):
         col = past_width - c
         buf[:, :, i, :, :col].zero_()
@@ -96,9 +109,9 @@ def _past(matches: list[PrefixMatch], cached: list[int], past_width: int, width:
     return Cache(layers=[GrowingLayer(buf[n, 0], buf[n, 1], filled=past_width) for n in range(layers)])
 
 
-def row_kv(cache: Any, row: int, columns: slice | torch.Tensor) -> torch.Tensor:
+def row_kv(cache: Any, row: int, columns: slice | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``columns`` (a slice, or column indices) of ``row`` of every layer of ``cache``:
-    (layers, 2, kv_heads, n, head_dim), a copy."""
+    (layers, 2, kv_heads, n, head_dim), a copy, in ``dtype`` (default the cache's)."""
     return torch.stack(
         [torch.stack((layer.keys[row][:, columns], layer.values[row][:, columns])) for layer in cache.layers]
-    )
+    ).to(dtype or cache.layers[0].keys.dtype)

@@ -60,8 +60,10 @@ class ModelRunner:
         grammar: Callable[[], GrammarCache],
         device: torch.device,
         prefix: PrefixCache | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.kv_dtype = kv_dtype  # the prefills' caches hold keys and values in it (None: the model's)
         self.prefix = prefix or PrefixCache(0)
         self._window: int | None = getattr(getattr(model, "config", None), "sliding_window", None)
         self.ctx = ctx
@@ -150,7 +152,7 @@ class ModelRunner:
         """
         prompts = [s.request.prompt_ids for s in group]
         matches = self._matches(group)
-        built = build_prefill(prompts, matches, self.device)
+        built = build_prefill(prompts, matches, self.device, self.kv_dtype)
         with self._lock:
             self.ctx.set_rows([s.row_adapters() for s in group], self._slots.zero_slot, self.device)
             self._rows_version = None  # ctx holds the group's rows now, not the batch's
@@ -183,7 +185,9 @@ class ModelRunner:
             self.prefix.record(built.cached[i])
             ids = seq.request.prompt_ids
             self.prefix.insert(
-                match, ids, lambda a, b, i=i: row_kv(cache, i, slice(built.column(i, a), built.column(i, b)))
+                match,
+                ids,
+                lambda a, b, i=i: row_kv(cache, i, slice(built.column(i, a), built.column(i, b)), self.kv_dtype),
             )
 
     @torch.inference_mode()

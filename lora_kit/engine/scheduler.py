@@ -52,13 +52,14 @@ class Scheduler:
         device: torch.device,
         max_batch: int,
         max_queue: int,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self._can_acquire = can_acquire
         self._acquire = acquire
         self._release = release
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.batch = RunningBatch(device)
+        self.batch = RunningBatch(device, kv_dtype)
         self._waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
         self._stopping = False
