@@ -236,6 +236,36 @@ def test_batched_lora_linear_matches_per_row_products(slots, tokens, kernel):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+class _StridedLinear(torch.nn.Linear):
+    """A base whose output is a transposed view (as the AVX2 path's blocked bf16 product returned)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        return torch.addmm(self.bias[:, None], self.weight, flat.t()).t().reshape(*x.shape[:-1], -1)
+
+
+@needs_compiler
+def test_the_kernel_adds_into_a_strided_base_output_without_gathering():
+    assert bgmv.load(), bgmv.error()
+    torch.manual_seed(1)
+    ctx = LoraContext()
+    ctx.kernel = bgmv.op()
+    layer = lora_layer(ctx)
+    layer.base = _StridedLinear(16, 24)
+    slots = [0, 1, None, 2]
+    x = torch.randn(3, len(slots), 16).transpose(0, 1)  # (rows, tokens, in), not contiguous either
+    ctx.set_rows(slots, zero_slot=4, device=torch.device("cpu"))
+    with torch.inference_mode():
+        assert not layer.base(x).is_contiguous()
+        got = layer(x)
+    want = layer.base(x).detach().clone()
+    for row, slot in enumerate(slots):
+        if slot is not None:
+            want[row] += x[row] @ layer.lora_A[slot].T @ layer.lora_B[slot]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert layer._gathered is None  # the kernel added the rows: no gathered copies of the adapters
+
+
 def test_kernel_rows_skip_base_rows_and_adapters_that_miss_the_module():
     ctx = LoraContext()
     layer = lora_layer(ctx)

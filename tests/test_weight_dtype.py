@@ -34,22 +34,24 @@ def test_the_isa_override_is_validated(monkeypatch):
         packed_linear.forced_avx2()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 40])
-def test_bf16_packed_linear_equals_a_product_with_the_same_roundings(rows, isa):
+@pytest.mark.parametrize(("rows", "width"), [(1, 40), (3, 40), (8, 40), (40, 40), (8, 512), (80, 512)])
+def test_bf16_packed_linear_equals_a_product_with_the_same_roundings(rows, width, isa):
     """y = bf16(bf16(x) @ bf16(W)^T + bf16(b)): oneDNN (or torch's bf16 product on the AVX2 path)
     sums the bf16 products in fp32 and rounds the result to bf16 (the products' dtype), widened
-    back to fp32 for the model; W held in bf16."""
+    back to fp32 for the model; W held in bf16. 80 rows of a 512-wide output take the AVX2 path's
+    blocked product (more rows than its kernel takes): its output must be contiguous too, or the
+    LoRA kernel cannot add into it."""
     gen = torch.Generator().manual_seed(rows)
-    layer = nn.Linear(96, 40, bias=True)
+    layer = nn.Linear(96, width, bias=True)
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(40, 96, generator=gen))
-        layer.bias.copy_(torch.randn(40, generator=gen))
+        layer.weight.copy_(torch.randn(width, 96, generator=gen))
+        layer.bias.copy_(torch.randn(width, generator=gen))
     x = torch.randn(rows, 96, generator=gen)
     packed = PackedLinear(layer, batch_hint=8, dtype=torch.bfloat16)
     with torch.inference_mode():
         got = packed(x)
     rounded = x.bfloat16().double() @ layer.weight.bfloat16().double().T + layer.bias.bfloat16().double()
-    assert got.dtype == torch.float32 and got.shape == (rows, 40)
+    assert got.dtype == torch.float32 and got.shape == (rows, width) and got.is_contiguous()
     assert torch.equal(got, got.bfloat16().float())  # the output is bf16, widened
     # within one bf16 rounding of the exact sum of the rounded terms (2^-8 relative)
     torch.testing.assert_close(got.double(), rounded, atol=1e-3, rtol=2**-8)

@@ -126,7 +126,10 @@ class BatchedLoraLinear(nn.Module):
         assert lora_b is not None
         grad = torch.is_grad_enabled()
         kernel = ctx.kernel
-        if kernel is not None and not grad and out.is_contiguous() and x.is_contiguous():
+        if kernel is not None and not grad:
+            # The kernel takes contiguous tensors only; a strided base output is copied once rather
+            # than sent to the torch path, whose gathered adapter copies would stay held.
+            out, x = out.contiguous(), x.contiguous()
             kernel(out, x, lora_a, lora_b, self._kernel_slots())  # every token of a row: the row's slot
             return out
         lx = x.to(lora_a.dtype)
@@ -153,7 +156,8 @@ class BatchedLoraLinear(nn.Module):
         ctx = self.ctx
         assert self.lora_A is not None and self.lora_B is not None and ctx.mix_scales is not None
         kernel = ctx.mix_kernel
-        if kernel is not None and not torch.is_grad_enabled() and out.is_contiguous() and x.is_contiguous():
+        if kernel is not None and not torch.is_grad_enabled():
+            out, x = out.contiguous(), x.contiguous()
             kernel(out, x, self.lora_A, self.lora_B, self._kernel_mix_slots(), ctx.mix_scales)
             return out
         rows = x.shape[0]

@@ -171,7 +171,11 @@ class PackedLinear(nn.Module):
         y = out_t.t()
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(self.weight.dtype).reshape(*x.shape[:-1], self.out_features)
+        # Contiguous, as every other path returns: the LoRA kernel adds into the output in place and
+        # takes only contiguous ones (a transposed view sent the prefill's LoRA rows to torch's
+        # gathered products, whose copies of every row's adapter then stayed held: 32 MiB for 8 rows).
+        y = y.to(self.weight.dtype, memory_format=torch.contiguous_format)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The weight in the usual (out, in) layout (a copy)."""
