@@ -93,9 +93,12 @@ class LeanDecoder:
         v = attn.v_proj(h).view(shape).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         stored = getattr(cache_layer, "dtype", None) or k.dtype
-        k, v = cache_layer.update(k.to(stored), v.to(stored))
-        out, _ = self._attention(attn, q.to(stored), k, v, mask, dropout=0.0, scaling=attn.scaling)
-        return attn.o_proj(out.reshape(rows, 1, -1).to(h.dtype))
+        if stored != k.dtype:  # no casts at all for a cache in the model's dtype (this runs 4x per layer and step)
+            q, k, v = q.to(stored), k.to(stored), v.to(stored)
+        k, v = cache_layer.update(k, v)
+        out, _ = self._attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+        out = out.reshape(rows, 1, -1)
+        return attn.o_proj(out if out.dtype == h.dtype else out.to(h.dtype))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
