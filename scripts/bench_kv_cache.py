@@ -48,11 +48,13 @@ def prompts_for(tokenizer, context: int, rows: int) -> list[list[int]]:
 @torch.inference_mode()
 def step_times(engines: dict[str, Engine], tokenizer, rounds: int) -> dict[tuple[str, int, int], list[float]]:
     """Seconds per decode step, per (kv dtype, rows, context), one entry per round: each engine's
-    model prefills the rows once into a cache of its ``kv_dtype``, then every round times ``STEPS``
-    lean decode steps and crops the cache back (prefill's time, large and variable at long
-    contexts, never enters the figure)."""
+    model prefills the rows once, the cache is narrowed to its ``kv_dtype`` as the engine's batch
+    holds it, then every round times ``STEPS`` lean decode steps and crops the cache back
+    (prefill's time, large and variable at long contexts, never enters the figure)."""
+    from transformers import DynamicCache
+
     from lora_kit.engine.decode_step import LeanDecoder
-    from lora_kit.engine.kv_cache import empty_cache
+    from lora_kit.engine.kv_cache import growing_cache, layer_kv
 
     times: dict[tuple[str, int, int], list[float]] = {}
     for rows in (1, 8):
@@ -64,8 +66,10 @@ def step_times(engines: dict[str, Engine], tokenizer, rounds: int) -> dict[tuple
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             state = {}
             for kv, engine in engines.items():
-                cache = empty_cache(engine.kv_dtype)
-                engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+                out = engine.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=DynamicCache()
+                )
+                cache = growing_cache(layer_kv(out.past_key_values), extra=STEPS, dtype=engine.kv_dtype)
                 state[kv] = (LeanDecoder.for_model(engine.model), cache)
             for _ in range(rounds):
                 for kv, (lean, cache) in state.items():

@@ -101,37 +101,35 @@ def test_a_16_bit_layer_stores_rounded_values_and_widens_them_for_an_fp32_caller
     assert k16.dtype == dtype and k16.data_ptr() == layer._k.data_ptr()  # a caller in the cache's dtype: views
 
 
-def test_an_empty_layer_allocates_on_its_first_update_in_its_dtype():
-    layer = GrowingLayer.empty(torch.bfloat16)
-    assert not layer.is_initialized and layer.get_seq_length() == 0
+def test_growing_cache_narrows_a_prefills_cache_to_its_dtype():
     keys = torch.randn(2, 1, 7, 4)
-    got, _ = layer.update(keys, keys + 1)
+    converted = growing_cache([(keys, keys + 1)], dtype=torch.bfloat16)
+    layer = converted.layers[0]
     assert layer._k.dtype == torch.bfloat16 and layer.capacity == 7 + MIN_SPARE
-    assert got.dtype == torch.float32 and torch.equal(got, keys.to(torch.bfloat16).float())
-    assert GrowingLayer.empty().update(keys, keys)[0].dtype == torch.float32  # no dtype: as given
-    converted = growing_cache([(keys, keys)], dtype=torch.float16)
-    assert converted.layers[0].keys.dtype == torch.float16
+    assert torch.equal(layer.keys, keys.to(torch.bfloat16)) and torch.equal(layer.values, (keys + 1).to(torch.bfloat16))
+    assert growing_cache([(keys, keys)]).layers[0].keys.dtype == torch.float32  # no dtype: as given
 
 
-def test_a_16_bit_cache_through_the_models_forward_holds_the_fp32_cache_rounded(tiny_mistral_dir):
-    """A prefill into an empty bf16 cache: its first layer's keys and values are exactly the fp32
-    forward's rounded (later layers read attention over rounded values, so they differ by that)."""
+def test_a_prefills_cache_narrowed_to_16_bits_holds_the_fp32_cache_rounded_and_decodes_on(tiny_mistral_dir):
+    """The engine's path: prefill in fp32 into a ``DynamicCache``, narrow it to bf16, decode on.
+    Every layer holds exactly the fp32 keys and values rounded; the next step's logits are close
+    to the fp32 cache's but not equal (it attends over rounded values)."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from lora_kit.engine.kv_cache import empty_cache
-
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32).eval()
-    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        ref = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-        got = model(input_ids=ids, past_key_values=empty_cache(torch.bfloat16), use_cache=True)
-    (k, v), (ref_k, ref_v) = layer_kv(got.past_key_values)[0], layer_kv(ref.past_key_values)[0]
-    assert (
-        k.dtype == torch.bfloat16
-        and torch.equal(k, ref_k.to(torch.bfloat16))
-        and torch.equal(v, ref_v.to(torch.bfloat16))
-    )
-    assert torch.allclose(got.logits, ref.logits, atol=0.05) and not torch.equal(got.logits, ref.logits)
+        ref = model(input_ids=ids[:, :9], past_key_values=DynamicCache(), use_cache=True)
+        kv = layer_kv(ref.past_key_values)
+        narrow = growing_cache(kv, dtype=torch.bfloat16)
+        for (k, v), (ref_k, ref_v) in zip(layer_kv(narrow), kv):
+            assert k.dtype == torch.bfloat16
+            assert torch.equal(k, ref_k.to(torch.bfloat16)) and torch.equal(v, ref_v.to(torch.bfloat16))
+        wide = growing_cache(kv)
+        step_ref = model(input_ids=ids[:, 9:], past_key_values=wide, use_cache=True)
+        step = model(input_ids=ids[:, 9:], past_key_values=narrow, use_cache=True)
+    assert narrow.get_seq_length() == 10 and narrow.layers[0]._k.dtype == torch.bfloat16
+    assert torch.allclose(step.logits, step_ref.logits, atol=0.05) and not torch.equal(step.logits, step_ref.logits)
 
 
 def test_the_running_batch_keeps_its_cache_in_its_dtype_as_rows_join_and_leave():

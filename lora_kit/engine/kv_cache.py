@@ -20,8 +20,6 @@ The lean decode step (:mod:`.decode_step`) attends in the stored dtype and takes
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -51,13 +49,7 @@ class GrowingLayer(DynamicLayer):
         (default: theirs); with ``filled``, they are such buffers already, their first ``filled``
         columns filled: taken as they are."""
         super().__init__()
-        self.dtype = dtype
-        self._fill(keys, values, capacity, filled)
-
-    def _fill(
-        self, keys: torch.Tensor, values: torch.Tensor, capacity: int | None = None, filled: int | None = None
-    ) -> None:
-        self.dtype, self.device = self.dtype or keys.dtype, keys.device
+        self.dtype, self.device = dtype or keys.dtype, keys.device
         if filled is not None:
             self._k, self._v, length = keys.to(self.dtype), values.to(self.dtype), filled
         else:
@@ -69,15 +61,6 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
         self.is_initialized = True
 
-    @classmethod
-    def empty(cls, dtype: torch.dtype | None = None) -> GrowingLayer:
-        """A layer holding nothing yet: its first ``update`` allocates the buffers (in ``dtype``,
-        default the update's), as a prefill without a cached past needs."""
-        layer = cls.__new__(cls)
-        DynamicLayer.__init__(layer)  # is_initialized False
-        layer.dtype, layer.length = dtype, 0
-        return layer
-
     @property
     def capacity(self) -> int:
         return self._k.shape[2]
@@ -87,17 +70,14 @@ class GrowingLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new positions after the filled part; return everything filled: views, or
         copies widened to the caller's dtype when the buffers are narrower."""
-        if not self.is_initialized:
-            self._fill(key_states, value_states)  # the first positions
-        else:
-            end = self.length + key_states.shape[2]
-            if end > self.capacity:
-                self._k = _with_capacity(self._k[:, :, : self.length], end + spare_for(end))
-                self._v = _with_capacity(self._v[:, :, : self.length], end + spare_for(end))
-            self._k[:, :, self.length : end].copy_(key_states)
-            self._v[:, :, self.length : end].copy_(value_states)
-            self.length = end
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        end = self.length + key_states.shape[2]
+        if end > self.capacity:
+            self._k = _with_capacity(self._k[:, :, : self.length], end + spare_for(end))
+            self._v = _with_capacity(self._v[:, :, : self.length], end + spare_for(end))
+        self._k[:, :, self.length : end].copy_(key_states)
+        self._v[:, :, self.length : end].copy_(value_states)
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         if key_states.dtype != self.dtype:
             return self.keys.to(key_states.dtype), self.values.to(key_states.dtype)
         return self.keys, self.values
@@ -145,11 +125,6 @@ def growing_cache(
     """A cache holding ``kv`` (one (keys, values) pair per layer) in ``dtype`` (default theirs) with
     room to grow (at least ``extra`` positions before it reallocates)."""
     return Cache(layers=[GrowingLayer(k, v, k.shape[2] + extra if extra else None, dtype=dtype) for k, v in kv])
-
-
-def empty_cache(dtype: torch.dtype | None = None) -> Cache:
-    """A growing cache with nothing in it yet, holding what it is given in ``dtype`` (default: as given)."""
-    return Cache(layer_class_to_replicate=partial(GrowingLayer.empty, dtype))
 
 
 def layer_kv(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
