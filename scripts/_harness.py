@@ -234,7 +234,7 @@ def weight_summary(model: Any) -> str:
     kinds: Counter[str] = Counter()
     for module in model.modules():
         if isinstance(module, PackedLinear):
-            kinds[f"{str(module.weight.dtype).removeprefix('torch.')} oneDNN-packed"] += 1
+            kinds[f"{str(module.weight.dtype).removeprefix('torch.')} {module.layout}"] += 1
         elif isinstance(module, torch.nn.Linear):
             kinds[
                 f"{str(module.weight.dtype).removeprefix('torch.')} {type(module).__name__}".replace(" Linear", "")

@@ -8,9 +8,12 @@ Two measurements, in one process, on the embedded model with the engine's own pa
    (no product, no casts): the difference is what the products cost, the rest is norms, rotary,
    attention, the LoRA wrappers and Python.
 2. One product per call as a decode step makes it: a fresh weight each call (as many copies as fill
-   ~400 MB, so none stays in cache, as in a step that reads 256 MB of weights), oneDNN-packed bf16
-   against a dense bf16 weight through lora-kit's kernel (``LORA_KIT_CPU_ISA=avx2``'s path), at
-   1, 4, 8 and 32 rows; microseconds per call and the GB/s of weight bytes that makes.
+   ~400 MB, so none stays in cache, as in a step that reads 256 MB of weights), a bf16 weight on
+   each CPU path in turn: the CPU's own (``auto``: tiled for lora-kit's kernel where the CPU has
+   AMX), an AVX-512 CPU's without AMX (``LORA_KIT_CPU_ISA=avx512``: oneDNN-packed) and an AVX2
+   CPU's (``avx2``: dense, lora-kit's AVX2 kernel), at 1, 4, 8 and 32 rows; microseconds per call
+   and the GB/s of weight bytes that makes. The decode step of 1. runs the path the environment
+   sets (``LORA_KIT_CPU_ISA``, default the CPU's own).
 
     .venv/bin/python scripts/profile_decode_step.py [--rows 1] [--weight-dtype auto]
 
@@ -73,15 +76,16 @@ def without_products(model) -> None:
             module.forward = forward
 
 
-def product_us(out_features: int, in_features: int, rows: int, dense: bool) -> float:
-    """Microseconds per call of a bf16 product of ``rows`` fp32 rows, a fresh weight each call."""
+def product_us(out_features: int, in_features: int, rows: int, isa: str) -> tuple[float, str]:
+    """Microseconds per call of a bf16 product of ``rows`` fp32 rows, a fresh weight each call, on
+    the path ``$LORA_KIT_CPU_ISA=isa`` takes; and that path's layout."""
     import torch
     from torch import nn
 
     from lora_kit.engine.backends.packed_linear import ISA_ENV, PackedLinear
 
     given = os.environ.get(ISA_ENV)
-    os.environ[ISA_ENV] = "avx2" if dense else "auto"  # read when a layer is made: its path is fixed then
+    os.environ[ISA_ENV] = isa  # read when a layer is made: its path is fixed then
     copies = max(2, min(400, 400_000_000 // (2 * out_features * in_features)))
     try:
         layers = [
@@ -102,7 +106,7 @@ def product_us(out_features: int, in_features: int, rows: int, dense: bool) -> f
             for layer in layers:
                 layer(x)
             best = min(best, (time.perf_counter() - start) / copies)
-    return 1e6 * best
+    return 1e6 * best, layers[0].layout
 
 
 def stream_gbs() -> float:
@@ -134,23 +138,24 @@ def main() -> None:
     served = step_ms(engine.model, tokenizer, args.rows)
     without_products(engine.model)
     rest = step_ms(engine.model, tokenizer, args.rows)
-    from lora_kit.engine.backends.packed_linear import onednn_bf16
+    from _harness import weight_summary
 
     print(f"CPU: {cpu_summary()}; 2 threads; streaming read of 256 MB: {stream_gbs():.1f} GB/s")
-    if not onednn_bf16():
-        print("oneDNN takes no bf16 here: both product columns below run lora-kit's kernel")
-    print(f"embedded model, {args.rows} row(s), weights {engine.backend.weight_dtype}: lean decode step "
+    print(f"embedded model, {args.rows} row(s), weights {weight_summary(engine.model)}: lean decode step "
           f"{served:.2f} ms; without the base's products {rest:.2f} ms; the products {served - rest:.2f} ms "
           f"({100 * (served - rest) / served:.0f}%)\n")  # fmt: skip
-    print("| weight (out x in) | rows | oneDNN-packed bf16 us | GB/s | dense bf16, lora-kit kernel us | GB/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    isas = ("auto", "avx512", "avx2")
+    header = "| weight (out x in) | rows |"
     for out_features, in_features in SHAPES:
         for rows in (1, 4, 8, 32):
-            packed = product_us(out_features, in_features, rows, dense=False)
-            dense = product_us(out_features, in_features, rows, dense=True)
+            timed = [product_us(out_features, in_features, rows, isa) for isa in isas]
+            if header:
+                print(header + "".join(f" {isa}: {layout} us | GB/s |" for isa, (_, layout) in zip(isas, timed)))
+                print("|---|---:|" + "---:|---:|" * len(isas))
+                header = ""
             size = 2 * out_features * in_features / 1e3  # MB per call times 1e6 us: GB/s = bytes / us / 1e3
-            print(f"| {out_features} x {in_features} | {rows} | {packed:.1f} | {size / packed:.1f} | "
-                  f"{dense:.1f} | {size / dense:.1f} |", flush=True)  # fmt: skip
+            cells = "".join(f" {us:.1f} | {size / us:.1f} |" for us, _ in timed)
+            print(f"| {out_features} x {in_features} | {rows} |{cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from lora_kit.engine.backends.packed_linear import (
     copy_unpacked_weights,
     onednn_bf16,
     pack_output_head,
+    tiles_bf16,
 )
 
 
@@ -33,10 +34,10 @@ def test_packed_linear_equals_nn_linear(bias, shape):
     assert torch.equal(packed.dense_weight(), dense)  # the layout changed, not the values
 
 
-@pytest.mark.parametrize("isa", ["auto", "avx2"])
+@pytest.mark.parametrize("isa", ["auto", "avx512", "avx2"])
 def test_bf16_packed_linear_is_close(isa, monkeypatch):
-    """A bf16 layer: oneDNN-packed where it takes bf16, else (and on the forced AVX2 path) kept
-    dense for torch's product."""
+    """A bf16 layer: tiled where the CPU has AMX, oneDNN-packed where oneDNN takes bf16 (and on the
+    forced AVX-512 path), else (and on the forced AVX2 path) kept dense for torch's product."""
     monkeypatch.setenv(ISA_ENV, isa)
     torch.manual_seed(0)
     layer = nn.Linear(64, 32).to(torch.bfloat16)
@@ -45,7 +46,7 @@ def test_bf16_packed_linear_is_close(isa, monkeypatch):
     packed = PackedLinear(layer, 8)
     with torch.inference_mode():
         got = packed(x)
-    assert packed.onednn == onednn_bf16()
+    assert packed.tiled == tiles_bf16() and packed.onednn == (onednn_bf16() and not packed.tiled)
     assert can_pack(layer)  # held dense where oneDNN cannot take bf16: a bf16-loaded base is wrapped too
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

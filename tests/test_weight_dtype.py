@@ -1,8 +1,9 @@
 """Base weights held in bf16 under an fp32 model (EngineConfig.weight_dtype): the packed layer's
 products against a reference with the same roundings, the ``auto`` choice, and the embedded
-model's greedy answers against the exact fp32 engine. The bf16 tests run twice: on the CPU's own
-path (oneDNN, where it takes bf16) and with ``LORA_KIT_CPU_ISA=avx2`` (torch's bf16 product, the
-AVX2 machines' path), so each path is tested on any x86 machine."""
+model's greedy answers against the exact fp32 engine. The bf16 tests run on each CPU path: the
+CPU's own (tiled for lora-kit's kernel where it has AMX), ``LORA_KIT_CPU_ISA=avx512`` (oneDNN's
+packed bf16: AVX-512 machines without AMX) and ``avx2`` (lora-kit's AVX2 kernel or torch's bf16
+product: the AVX2 machines' path), so each path is tested on any machine that can run it."""
 
 from __future__ import annotations
 
@@ -16,31 +17,50 @@ from lora_kit.engine.backends import packed_linear
 from lora_kit.engine.backends.packed_linear import ISA_ENV, PackedLinear, can_pack, native_bf16
 
 
-@pytest.fixture(params=["auto", "avx2"])
+@pytest.fixture(params=["auto", "avx512", "avx2"])
 def isa(request, monkeypatch):
     """``$LORA_KIT_CPU_ISA`` for one test: the CPU's own paths (skipped where they are the AVX2
-    ones already: no oneDNN bf16 here) or the forced AVX2 paths."""
-    if request.param == "auto" and not packed_linear._onednn_bf16_here():
+    ones already: no oneDNN bf16 here), an AVX-512 CPU's without AMX (skipped where oneDNN takes
+    no bf16) or the forced AVX2 paths."""
+    if request.param != "avx2" and not packed_linear._onednn_bf16_here():
         pytest.skip("oneDNN cannot take bf16 on this CPU: its own paths are the AVX2 ones, tested as 'avx2'")
     monkeypatch.setenv(ISA_ENV, request.param)
     return request.param
 
 
+def held(isa: str, layer: PackedLinear) -> str:
+    """The layout a bf16 weight of ``layer``'s shape gets on the path ``isa`` forces."""
+    if isa == "avx2":
+        return "dense"
+    tileable = layer.out_features % packed_linear.TILE_N == 0 and layer.in_features % packed_linear.TILE_K == 0
+    return "tiled" if isa == "auto" and packed_linear._tiles_here() and tileable else "onednn"
+
+
+def layout_of(layer: PackedLinear) -> str:
+    return "tiled" if layer.tiled else "onednn" if layer.onednn else "dense"
+
+
 def test_the_isa_override_is_validated(monkeypatch):
     monkeypatch.setenv(ISA_ENV, "avx2")
     assert packed_linear.forced_avx2() and not packed_linear.onednn_bf16() and not native_bf16()
+    assert not packed_linear.tiles_bf16()
+    monkeypatch.setenv(ISA_ENV, "avx512")
+    assert not packed_linear.forced_avx2() and not packed_linear.tiles_bf16()
+    assert packed_linear.onednn_bf16() == packed_linear._onednn_bf16_here()
     monkeypatch.setenv(ISA_ENV, "sse2")
-    with pytest.raises(ValueError, match="LORA_KIT_CPU_ISA must be one of auto, avx2, not 'sse2'"):
+    with pytest.raises(ValueError, match="LORA_KIT_CPU_ISA must be one of auto, avx512, avx2, not 'sse2'"):
         packed_linear.forced_avx2()
 
 
-@pytest.mark.parametrize(("rows", "width"), [(1, 40), (3, 40), (8, 40), (40, 40), (8, 512), (80, 512)])
+@pytest.mark.parametrize(("rows", "width"), [(1, 48), (3, 40), (8, 48), (40, 48), (8, 512), (80, 512)])
 def test_bf16_packed_linear_equals_a_product_with_the_same_roundings(rows, width, isa):
     """y = bf16(bf16(x) @ bf16(W)^T + bf16(b)): oneDNN (or torch's bf16 product on the AVX2 path)
     sums the bf16 products in fp32 and rounds the result to bf16 (the products' dtype), widened
-    back to fp32 for the model; W held in bf16. 80 rows of a 512-wide output take the AVX2 path's
-    blocked product (more rows than its kernel takes): its output must be contiguous too, or the
-    LoRA kernel cannot add into it."""
+    back to fp32 for the model; W held in bf16. lora-kit's tiled kernel (AMX CPUs) sums them in
+    fp32 and keeps the fp32 result. A 40-wide output is no
+    multiple of 16: oneDNN takes it on an AMX CPU too. 80 rows of a 512-wide output take the AVX2
+    path's blocked product (more rows than its kernel takes): its output must be contiguous too, or
+    the LoRA kernel cannot add into it."""
     gen = torch.Generator().manual_seed(rows)
     layer = nn.Linear(96, width, bias=True)
     with torch.no_grad():
@@ -52,11 +72,14 @@ def test_bf16_packed_linear_equals_a_product_with_the_same_roundings(rows, width
         got = packed(x)
     rounded = x.bfloat16().double() @ layer.weight.bfloat16().double().T + layer.bias.bfloat16().double()
     assert got.dtype == torch.float32 and got.shape == (rows, width) and got.is_contiguous()
-    assert torch.equal(got, got.bfloat16().float())  # the output is bf16, widened
+    # oneDNN's and torch's outputs are bf16, widened; the tiled kernel's stay fp32 (one rounding fewer)
+    assert torch.equal(got, got.bfloat16().float()) != packed.tiled
     # within one bf16 rounding of the exact sum of the rounded terms (2^-8 relative)
     torch.testing.assert_close(got.double(), rounded, atol=1e-3, rtol=2**-8)
+    if packed.tiled:  # within the fp32 sums' own error
+        torch.testing.assert_close(got.double(), rounded, atol=1e-4, rtol=1e-5)
     assert packed.weight.dtype == torch.bfloat16
-    assert packed.onednn == (isa == "auto") and packed.weight.is_mkldnn == packed.onednn
+    assert layout_of(packed) == held(isa, packed) and packed.weight.is_mkldnn == packed.onednn
     assert torch.equal(packed.dense_weight(), layer.weight.detach().bfloat16())
     exact = x.double() @ layer.weight.double().T + layer.bias.double()
     assert (got.double() - exact).abs().max() > 1e-3  # the roundings did happen: this is not the fp32 path
@@ -94,12 +117,13 @@ def test_engine_packs_the_dense_weights_in_the_chosen_dtype(setting, isa, tiny_m
     packed = [m for m in eng.model.modules() if isinstance(m, PackedLinear)]
     assert eng.backend.weight_dtype == want
     assert packed and {m.weight.dtype for m in packed} == {want}
-    assert {m.onednn for m in packed} == {want == torch.float32 or isa == "auto"}
+    for m in packed:
+        assert layout_of(m) == ("onednn" if want == torch.float32 else held(isa, m)), m
     embed = eng.model.get_input_embeddings()
     assert embed.weight.dtype == want  # the table is narrowed with the weights...
     assert embed(torch.tensor([[1, 2]])).dtype == torch.float32  # ...but the activations stay fp32
     assert not any(can_pack(m) for m in eng.model.modules())  # every dense layer was packed
-    assert eng.kv_dtype == want  # kv_dtype auto: the cache follows the weights (bf16 outputs stored as bf16)
+    assert eng.kv_dtype == want  # kv_dtype auto: the cache follows the weights
 
 
 def test_an_explicit_kv_dtype_is_kept_and_validated(tiny_mistral_dir, word_tokenizer):

@@ -67,7 +67,7 @@ class EngineConfig:
     """dtype the base model's dense weights are held in on the CPU: bfloat16 halves the bytes a decode step reads (weights, and each product's input and output, rounded to bf16; norms, attention, residuals and LoRA stay fp32); float32 is exact (results equal transformers'/PEFT's); auto: bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX) or where float32 weights would take more than half the free memory (a 7B base on a 24 GiB machine; read from a bf16 checkpoint as bf16, never copied to float32), else float32. int8: weight-only int8 in blocks of 32 inputs with a scale each (llama.cpp's Q8_0 blocks; activations stay fp32), half of bf16's bytes and the fastest on a CPU, never chosen by auto. A base that does not fit at all is refused before loading, naming the flag that fits it"""
 
     kv_dtype: KvDtype = "auto"
-    """dtype the KV cache holds keys and values in: bfloat16 or float16 halve its memory (and what attention reads per step at long contexts), rounding each cached key and value; auto: bfloat16 where the base's weights are held in bf16 on the CPU (their products' outputs are bf16 numbers already), else the model's compute dtype (exact)"""
+    """dtype the KV cache holds keys and values in: bfloat16 or float16 halve its memory (and what attention reads per step at long contexts), rounding each cached key and value; auto: bfloat16 where the base's weights are held in bf16 on the CPU (a model at bf16's precision already), else the model's compute dtype (exact)"""
 
     def __post_init__(self) -> None:
         # A torch dtype or "torch.bfloat16" names the same choice; this module does not import torch.

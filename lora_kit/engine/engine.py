@@ -113,8 +113,8 @@ class Engine:
 
     def _kv_dtype(self, choice: str) -> torch.dtype:
         """What the KV cache holds keys and values in: ``choice``, or for ``auto`` bf16 where the base's
-        products round their outputs to bf16 already (a value is then a bf16 number but for its
-        adapter's LoRA term, a key but for its rotation), else the compute dtype (exact)."""
+        weights are bf16 (a model at bf16's precision already: its products round their inputs to
+        bf16, and all but the tiled ones their outputs too), else the compute dtype (exact)."""
         if choice != "auto":
             return ADAPTER_DTYPES[choice]
         if self.device.type == "cpu" and self.backend.weight_dtype == torch.bfloat16:

@@ -5,7 +5,8 @@ The backend is chosen by platform, not by a user flag (as vLLM picks its kernels
 - ``cpu``, for a model on the CPU: dense fp32/bf16 base weights and the output head are
   repacked for oneDNN (:mod:`.packed_linear`: ~1.8x faster decoding, results equal to
   transformers' up to float rounding) -- in bf16 under an fp32 model when the engine's
-  ``weight_dtype`` says so (``auto``: where the CPU multiplies bf16 natively), and the rows' LoRA products are added by the BGMV
+  ``weight_dtype`` says so (``auto``: where the CPU multiplies bf16 natively; on AMX CPUs held
+  in lora-kit's tiled layout for its own kernel, ``csrc/bf16_tiles.cpp``), and the rows' LoRA products are added by the BGMV
   kernel (:mod:`.bgmv`, ``csrc/bgmv.cpp``, built once per machine) when the model computes in
   fp32, adapters are fp32 or bf16 and ranks are at most ``bgmv.MAX_RANK``. Otherwise, or where
   the kernel cannot be built (no C++ compiler), torch's products add them.

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "bgmv.cpp"
-# Every source of the library: the BGMV ops and the weight-only quantized linear (wo_linear.cpp).
-SOURCES = (SOURCE, SOURCE.with_name("wo_linear.cpp"))
+# Every source of the library: the BGMV ops, the weight-only linears (wo_linear.cpp) and the bf16
+# products on lora-kit's tiled layout (bf16_tiles.cpp).
+SOURCES = (SOURCE, SOURCE.with_name("wo_linear.cpp"), SOURCE.with_name("bf16_tiles.cpp"))
 MAX_RANK = 256  # kMaxRank in bgmv.cpp: higher (padded) ranks take the torch path
 # The -march the library is built for: this CPU's own by default. A portable target (x86-64: no
 # AVX2, no FMA) builds the kernels' plain C++ paths, so a test can run them on any machine.

@@ -20,12 +20,21 @@ the activations are rounded to bf16 on their way in and each product's result is
 to bf16 on its way out (as in a bf16 model's matmuls), then widened; the rest of the model --
 norms, attention, the residual stream, the LoRA rows -- still computes in fp32.
 
+On CPUs with AMX a bf16 weight is held instead in lora-kit's tiled layout (``csrc/bf16_tiles.cpp``:
+(N / 16, K / 2, 16, 2), the VNNI pairs of 16 outputs): one or two rows take AVX512-BF16 dot
+products, more rows AMX tiles; the activations are rounded to bf16 on their way in, as above, but
+the results stay fp32 (one rounding fewer than oneDNN's). oneDNN pays a fixed ~15 us per call that
+dominates the embedded model's small products; measured on a 2-core AMX Xeon VM, the tiled
+products run 1.2-3.6x faster than oneDNN-packed ones at one row and 1.1-2.8x at 2 to 256 rows
+(BENCHMARKS.md, issue 25).
+
 Where oneDNN cannot handle bf16 (CPUs without AVX512: AVX2 machines), a bf16 weight is held
 dense and multiplied, up to :data:`KERNEL_MAX_ROWS` rows, by lora-kit's kernel
 (``csrc/wo_linear.cpp``: widened in registers, fp32 sums, each weight read once per call),
 above that (prefill) by fp32 GEMM on widened blocks, and where the kernel could not be built
 by torch's own bf16 product; all with the same roundings (bf16 in, fp32 sums, bf16 out). ``LORA_KIT_CPU_ISA=avx2`` makes any CPU
-take the paths an AVX2 machine takes (no oneDNN bf16, no native bf16), so they are tested and
+take the paths an AVX2 machine takes (no oneDNN bf16, no native bf16), and ``LORA_KIT_CPU_ISA=avx512``
+those of an AVX-512 machine without AMX (oneDNN-packed bf16, no tiles), so they are tested and
 measured on every machine.
 """
 
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,18 +65,29 @@ WIDEN_BLOCK = 128
 # blocks (measured on an AVX2 EPYC at 14336 x 4096: 33 rows 30 ms against 45, a tie at 64, the
 # blocks 3% ahead at 128).
 KERNEL_MAX_ROWS = 64
+# A tiled bf16 weight: up to this many rows take the AVX512-BF16 dot products, more AMX tiles
+# (measured on a 2-core AMX Xeon VM: tiles from 3 rows on, e.g. 4 rows of 4096 x 4096 1.21 ms
+# against 1.44 ms; at 1 row the dot products, 576 x 576 18 us against 29 us).
+TILES_MAX_DOT_ROWS = 2
+TILE_N, TILE_K = 16, 32  # a tiled weight's out and in features must be multiples of these
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 ISA_ENV = "LORA_KIT_CPU_ISA"
-ISA_CHOICES = ("auto", "avx2")
+ISA_CHOICES = ("auto", "avx512", "avx2")
 
 
-def forced_avx2() -> bool:
-    """Whether ``$LORA_KIT_CPU_ISA`` asks for the AVX2 paths on this CPU (``avx2``; unset or
-    ``auto``: the CPU's own). Read at each call: tests switch it."""
+def forced_isa() -> str:
+    """``$LORA_KIT_CPU_ISA``: ``auto`` (unset: the CPU's own paths), ``avx512`` (an AVX-512 CPU's
+    without AMX: no tiled weights) or ``avx2`` (an AVX2 CPU's: no oneDNN bf16, no native bf16).
+    Read at each call: tests switch it."""
     isa = (os.environ.get(ISA_ENV) or "auto").strip().lower()
     if isa not in ISA_CHOICES:
         raise ValueError(f"{ISA_ENV} must be one of {', '.join(ISA_CHOICES)}, not {isa!r}")
-    return isa == "avx2"
+    return isa
+
+
+def forced_avx2() -> bool:
+    """Whether ``$LORA_KIT_CPU_ISA`` asks for the AVX2 paths on this CPU."""
+    return forced_isa() == "avx2"
 
 
 @functools.cache
@@ -92,6 +113,29 @@ def native_bf16() -> bool:
     return _native_bf16_here() and not forced_avx2()
 
 
+@functools.cache
+def _tiles_here() -> bool:
+    return bgmv.load() and int(torch.ops.lora_kit.bf16_tiles_caps()) == 3
+
+
+def tiles_bf16() -> bool:
+    """Whether bf16 weights are held tiled here: lora-kit's kernel built with AVX512-BF16 and AMX,
+    and the OS grants AMX, unless another CPU's paths are forced."""
+    return forced_isa() == "auto" and _tiles_here()
+
+
+def to_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (N, K) bf16 in the tiled layout (N / 16, K / 2, 16, 2), a copy."""
+    n, k = weight.shape
+    return weight.reshape(n // TILE_N, TILE_N, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def from_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """The (N, K) weight of a tiled one, a copy."""
+    blocks, pairs = tiles.shape[:2]
+    return tiles.permute(0, 2, 1, 3).reshape(blocks * TILE_N, pairs * 2)
+
+
 def can_pack(layer: nn.Module) -> bool:
     """Whether ``layer`` is a dense CPU ``nn.Linear`` oneDNN can pack (4-bit layers are not)."""
     if type(layer) is not nn.Linear:  # bitsandbytes' Linear4bit subclasses nn.Linear
@@ -107,7 +151,9 @@ class PackedLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` held in oneDNN's blocked layout, in ``dtype`` (default: the
     layer's). Inference only. ``x`` and ``y`` keep the layer's dtype: with a bf16 weight under
     an fp32 layer, ``x`` is rounded to bf16 for the product and ``y`` widened back. A bf16
-    weight oneDNN cannot take here (:func:`onednn_bf16`) stays dense, multiplied by torch."""
+    weight is held tiled for lora-kit's kernel where the CPU has AMX (:func:`tiles_bf16`); one
+    oneDNN cannot take here (:func:`onednn_bf16`) stays dense, multiplied by lora-kit's AVX2
+    kernel or torch."""
 
     def __init__(
         self, layer: nn.Linear, batch_hint: int, dtype: torch.dtype | None = None, io_dtype: torch.dtype | None = None
@@ -119,8 +165,16 @@ class PackedLinear(nn.Module):
         # linear_dtype) passes its activations' dtype: the layer still takes and returns fp32.
         self.io_dtype = io_dtype or layer.weight.dtype
         weight = layer.weight.detach().to(dtype or self.io_dtype)
-        self.onednn = weight.dtype != torch.bfloat16 or onednn_bf16()
-        if self.onednn:
+        self.tiled = (
+            weight.dtype == torch.bfloat16
+            and self.out_features % TILE_N == 0
+            and self.in_features % TILE_K == 0
+            and tiles_bf16()
+        )
+        self.onednn = not self.tiled and (weight.dtype != torch.bfloat16 or onednn_bf16())
+        if self.tiled:
+            weight = to_tiles(weight)
+        elif self.onednn:
             # The layout is tuned for ``batch_hint`` rows; any row count works (measured: hints
             # of 8 and 32 run 1 to 32 rows equally well, a hint of 1 is 1.8x slower at 8 rows).
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
@@ -130,18 +184,38 @@ class PackedLinear(nn.Module):
         bias = None if layer.bias is None else layer.bias.detach().to(weight.dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._cast = weight.dtype != self.io_dtype
-        # A dense bf16 weight: lora-kit's kernel for up to KERNEL_MAX_ROWS rows where it was built
-        # (csrc/wo_linear.cpp: the weight widened in registers, same roundings as torch's product).
-        self._kernel = None
-        if not self.onednn and bgmv.load():
-            self._kernel = torch.ops.lora_kit.wo_bf16_linear_
-            self._bias32 = None if self.bias is None else self.bias.detach().float()
+        # A tiled weight: lora-kit's kernel for every row count (csrc/bf16_tiles.cpp; its last
+        # argument: the most rows for its dot products). A dense bf16 weight: lora-kit's AVX2 kernel
+        # for up to KERNEL_MAX_ROWS rows where it was built (csrc/wo_linear.cpp: the weight widened
+        # in registers, same roundings as torch's product; its last argument: round_io).
+        self._kernel, self._kernel_arg, self._kernel_rows = None, None, 0
+        if self.tiled:
+            self._kernel, self._kernel_arg = torch.ops.lora_kit.bf16_tiles_linear_, TILES_MAX_DOT_ROWS
+            self._kernel_rows = sys.maxsize
+        elif not self.onednn and bgmv.load():
+            self._kernel, self._kernel_arg = torch.ops.lora_kit.wo_bf16_linear_, True
+            self._kernel_rows = KERNEL_MAX_ROWS
+        self._bias32 = None if self.bias is None else self.bias.detach().float()
+
+    @property
+    def held_dense(self) -> bool:
+        """Whether the weight is held in the usual (out, in) layout."""
+        return not (self.onednn or self.tiled)
+
+    @property
+    def layout(self) -> str:
+        """How the weight is held and multiplied, in words (benchmarks print it)."""
+        if self.onednn:
+            return "oneDNN-packed"
+        if self.tiled:
+            return "tiled (AMX)"
+        return "dense (kernel)" if self._kernel is not None else "dense (torch)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is not None and x.numel() <= KERNEL_MAX_ROWS * self.in_features:
+        if self._kernel is not None and x.numel() <= self._kernel_rows * self.in_features:
             rows = x.reshape(-1, self.in_features).float().contiguous()
             out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
-            self._kernel(out, rows, self.weight, self._bias32, True)
+            self._kernel(out, rows, self.weight, self._bias32, self._kernel_arg)
             return out.reshape(*x.shape[:-1], self.out_features).to(self.io_dtype)
         if self._cast:
             x = x.to(self.weight.dtype)
@@ -179,11 +253,13 @@ class PackedLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The weight in the usual (out, in) layout (a copy)."""
+        if self.tiled:
+            return from_tiles(self.weight.detach())
         return self.weight.to_dense() if self.onednn else self.weight.detach().clone()
 
     def extra_repr(self) -> str:
         dtype = str(self.weight.dtype).removeprefix("torch.")
-        held = "oneDNN-packed" if self.onednn else "dense (kernel)" if self._kernel is not None else "dense (torch)"
+        held = self.layout
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {held} {dtype}"
 
 
@@ -217,7 +293,7 @@ def pack_output_head(
     tied = table is not None and table.data_ptr() == head.weight.data_ptr()
     packed = make_packed(head, batch_hint, dtype, io_dtype)
     model.set_output_embeddings(packed)
-    if tied and isinstance(packed, PackedLinear) and not packed.onednn and packed.weight.dtype != packed.io_dtype:
+    if tied and isinstance(packed, PackedLinear) and packed.held_dense and packed.weight.dtype != packed.io_dtype:
         # A dense 16-bit head (no oneDNN bf16 here) holds the table's rows in the layout a lookup
         # reads: the embedding takes its rows from it, one table for both (the same values a
         # narrowed copy would hold: both are the table rounded to bf16).
