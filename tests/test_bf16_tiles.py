@@ -37,9 +37,7 @@ def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> to
 
 
 def tiled_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, max_dot_rows: int) -> torch.Tensor:
-    out = torch.full((x.shape[0], w.shape[0]), float("nan"))
-    torch.ops.lora_kit.bf16_tiles_linear_(out, x, to_tiles(w), bias, max_dot_rows)
-    return out
+    return torch.ops.lora_kit.bf16_tiles_linear(x, to_tiles(w), bias, max_dot_rows)
 
 
 def assert_fp32_sums(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, want: torch.Tensor) -> None:
@@ -86,16 +84,20 @@ def test_the_tiled_layout_round_trips_and_the_op_checks_its_inputs():
     assert tiles.shape == (3, 32, 16, 2) and torch.equal(from_tiles(tiles), w)
     assert torch.equal(tiles[1, 5, 7], w[16 + 7, 10:12])  # block 1, pair 5, output 7: w[23, 10], w[23, 11]
     needs(DOT)
-    op = torch.ops.lora_kit.bf16_tiles_linear_
-    x = torch.randn(2, 64)
+    op = torch.ops.lora_kit.bf16_tiles_linear
+    x = torch.randn(2, 5, 64)
+    y = op(x, tiles, None, 2)  # any leading shape; a strided or bf16 x is taken as fp32 and contiguous
+    assert y.shape == (2, 5, 48) and y.dtype == torch.float32
+    assert torch.equal(op(x.transpose(0, 1).contiguous().transpose(0, 1), tiles, None, 2), y)
+    assert torch.equal(op(x.bfloat16(), tiles, None, 2), y)  # x is rounded to bf16 on the way in anyway
     with pytest.raises(RuntimeError, match="shapes do not match"):
-        op(torch.empty(2, 32), x, tiles, None, 2)
+        op(torch.randn(2, 32), tiles, None, 2)
     with pytest.raises(RuntimeError, match="shapes do not match"):
-        op(torch.empty(2, 48), torch.randn(2, 48), to_tiles(torch.randn(48, 48).bfloat16()), None, 2)  # K % 32
-    with pytest.raises(RuntimeError, match="x and out float32, weight bfloat16"):
-        op(torch.empty(2, 48), x.bfloat16(), tiles, None, 2)
+        op(torch.randn(2, 48), to_tiles(torch.randn(48, 48).bfloat16()), None, 2)  # K % 32
+    with pytest.raises(RuntimeError, match="weight must be a contiguous bfloat16"):
+        op(x, tiles.float(), None, 2)
     with pytest.raises(RuntimeError, match="bias must be a contiguous float32"):
-        op(torch.empty(2, 48), x, tiles, torch.ones(47), 2)
+        op(x, tiles, torch.ones(47), 2)
 
 
 def test_a_tiled_packed_linear_matches_the_onednn_packed_one(monkeypatch):

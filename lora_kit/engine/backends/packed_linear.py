@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -184,17 +183,14 @@ class PackedLinear(nn.Module):
         bias = None if layer.bias is None else layer.bias.detach().to(weight.dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._cast = weight.dtype != self.io_dtype
-        # A tiled weight: lora-kit's kernel for every row count (csrc/bf16_tiles.cpp; its last
-        # argument: the most rows for its dot products). A dense bf16 weight: lora-kit's AVX2 kernel
-        # for up to KERNEL_MAX_ROWS rows where it was built (csrc/wo_linear.cpp: the weight widened
-        # in registers, same roundings as torch's product; its last argument: round_io).
-        self._kernel, self._kernel_arg, self._kernel_rows = None, None, 0
-        if self.tiled:
-            self._kernel, self._kernel_arg = torch.ops.lora_kit.bf16_tiles_linear_, TILES_MAX_DOT_ROWS
-            self._kernel_rows = sys.maxsize
-        elif not self.onednn and bgmv.load():
-            self._kernel, self._kernel_arg = torch.ops.lora_kit.wo_bf16_linear_, True
-            self._kernel_rows = KERNEL_MAX_ROWS
+        # A tiled weight: lora-kit's kernel for every row count (csrc/bf16_tiles.cpp; one op that
+        # takes x as it comes and returns y: a decode step calls it ~200 times). A dense bf16
+        # weight: lora-kit's AVX2 kernel for up to KERNEL_MAX_ROWS rows where it was built
+        # (csrc/wo_linear.cpp: the weight widened in registers, same roundings as torch's product).
+        self._tiles_op = torch.ops.lora_kit.bf16_tiles_linear.default if self.tiled else None
+        self._kernel = None
+        if self.held_dense and bgmv.load():
+            self._kernel = torch.ops.lora_kit.wo_bf16_linear_
         self._bias32 = None if self.bias is None else self.bias.detach().float()
 
     @property
@@ -212,10 +208,13 @@ class PackedLinear(nn.Module):
         return "dense (kernel)" if self._kernel is not None else "dense (torch)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is not None and x.numel() <= self._kernel_rows * self.in_features:
+        if self._tiles_op is not None:
+            y = self._tiles_op(x, self.weight, self._bias32, TILES_MAX_DOT_ROWS)
+            return y if self.io_dtype == torch.float32 else y.to(self.io_dtype)
+        if self._kernel is not None and x.numel() <= KERNEL_MAX_ROWS * self.in_features:
             rows = x.reshape(-1, self.in_features).float().contiguous()
             out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
-            self._kernel(out, rows, self.weight, self._bias32, self._kernel_arg)
+            self._kernel(out, rows, self.weight, self._bias32, True)
             return out.reshape(*x.shape[:-1], self.out_features).to(self.io_dtype)
         if self._cast:
             x = x.to(self.weight.dtype)

@@ -24,6 +24,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -221,30 +222,32 @@ int64_t bf16_tiles_caps() {
   return caps;
 }
 
-// out (M, N) = x (M, K) @ w^T + bias, w tiled (N / 16, K / 2, 16, 2) bf16, x, out and bias fp32.
+// x (..., K) @ w^T + bias -> (..., N) fp32, w tiled (N / 16, K / 2, 16, 2) bf16, bias fp32 (N,); x is
+// taken as fp32 and contiguous (converted if not). One op that allocates its output: the decode
+// step calls it ~200 times, and each Python-side reshape, cast or allocation cost ~1 us per call.
 // Up to max_dot_rows rows take the dot path, more the AMX path (where there is none: the dot path).
-void bf16_tiles_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
-                        const c10::optional<at::Tensor>& bias, int64_t max_dot_rows) {
-  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && weight.device().is_cpu(),
-              "bf16_tiles_linear_: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && weight.dim() == 4,
-              "bf16_tiles_linear_: out (M, N), x (M, K), weight (N / 16, K / 2, 16, 2)");
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
-  TORCH_CHECK(out.size(0) == M && K % kKAlign == 0 && N % kN == 0 && weight.size(0) == N / kN &&
-                  weight.size(1) == K / 2 && weight.size(2) == kN && weight.size(3) == 2,
-              "bf16_tiles_linear_: shapes do not match (K a multiple of 32, N of 16)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && weight.scalar_type() == at::kBFloat16,
-              "bf16_tiles_linear_: x and out float32, weight bfloat16");
-  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && weight.is_contiguous(),
-              "bf16_tiles_linear_: tensors must be contiguous");
+at::Tensor bf16_tiles_linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             int64_t max_dot_rows) {
+  TORCH_CHECK(x_in.device().is_cpu() && weight.device().is_cpu(), "bf16_tiles_linear: CPU tensors only");
+  TORCH_CHECK(x_in.dim() >= 1 && weight.dim() == 4, "bf16_tiles_linear: x (..., K), weight (N / 16, K / 2, 16, 2)");
+  const int64_t K = x_in.size(-1), N = weight.size(0) * kN;
+  TORCH_CHECK(K % kKAlign == 0 && weight.size(1) == K / 2 && weight.size(2) == kN && weight.size(3) == 2,
+              "bf16_tiles_linear: shapes do not match (K a multiple of 32, N of 16)");
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+              "bf16_tiles_linear: weight must be a contiguous bfloat16");
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "bf16_tiles_linear_: bias must be a contiguous float32 (N,)");
+                "bf16_tiles_linear: bias must be a contiguous float32 (N,)");
     b = bias->data_ptr<float>();
   }
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor out = at::empty(sizes, x.options());
+  const int64_t M = x.numel() / std::max<int64_t>(K, 1);
 #ifdef LORA_KIT_TILES_DOT
-  if (M == 0 || N == 0) return;
+  if (M == 0 || N == 0) return out;
   const bool amx = M > max_dot_rows && (bf16_tiles_caps() & 2);
   const int64_t rows = amx ? (M + 15) / 16 * 16 : M;  // AMX reads whole tiles: zero rows below
   std::vector<uint16_t> xb(static_cast<size_t>(rows * K), 0);
@@ -253,12 +256,13 @@ void bf16_tiles_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& w
 #ifdef LORA_KIT_TILES_AMX
   if (amx) {
     amx_path(xb.data(), w, b, out.data_ptr<float>(), M, K, N);
-    return;
+    return out;
   }
 #endif
   dot_path(xb.data(), w, b, out.data_ptr<float>(), M, K, N);
+  return out;
 #else
-  TORCH_CHECK(false, "bf16_tiles_linear_: built without AVX512-BF16 (see bf16_tiles_caps)");
+  TORCH_CHECK(false, "bf16_tiles_linear: built without AVX512-BF16 (see bf16_tiles_caps)");
 #endif
 }
 
@@ -266,6 +270,6 @@ void bf16_tiles_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& w
 
 TORCH_LIBRARY_FRAGMENT(lora_kit, m) {
   m.def("bf16_tiles_caps() -> int", &bf16_tiles_caps);
-  m.def("bf16_tiles_linear_(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias, int max_dot_rows) -> ()");
-  m.impl("bf16_tiles_linear_", c10::DispatchKey::CPU, TORCH_FN(bf16_tiles_linear_));
+  m.def("bf16_tiles_linear(Tensor x, Tensor weight, Tensor? bias, int max_dot_rows) -> Tensor");
+  m.impl("bf16_tiles_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_tiles_linear));
 }
