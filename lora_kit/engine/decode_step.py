@@ -67,19 +67,21 @@ class LeanDecoder:
         inner = self.inner
         hidden = inner.embed_tokens(input_ids)  # (B, 1, H)
         cos, sin = inner.rotary_emb(hidden, position_ids)  # (B, 1, D) each
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, signed_sin = cos.unsqueeze(1), _signed_sin(sin.unsqueeze(1))
         # transformers' SDPA mask for a decode step: none when every position is real, else
         # (B, 1, 1, L) booleans, True where a row may attend.
         mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
         for layer, cache_layer in zip(inner.layers, cache.layers):
-            hidden = hidden + self._attend(layer.self_attn, layer.input_layernorm(hidden), cos, sin, mask, cache_layer)
+            hidden = hidden + self._attend(
+                layer.self_attn, layer.input_layernorm(hidden), cos, signed_sin, mask, cache_layer
+            )
             mlp = layer.mlp
             h = layer.post_attention_layernorm(hidden)
             hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
         return self.model.lm_head(inner.norm(hidden))[:, -1, :]
 
     def _attend(
-        self, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache_layer: Any
+        self, attn: Any, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, mask: Any, cache_layer: Any
     ) -> torch.Tensor:
         """One attention block of a decode step: (B, 1, H) -> (B, 1, H); writes its K/V into the cache.
 
@@ -91,7 +93,8 @@ class LeanDecoder:
         q = attn.q_proj(h).view(shape).transpose(1, 2)  # (B, heads, 1, D)
         k = attn.k_proj(h).view(shape).transpose(1, 2)
         v = attn.v_proj(h).view(shape).transpose(1, 2)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        half = self.head_dim // 2
+        q, k = q * cos + q.roll(half, -1) * signed_sin, k * cos + k.roll(half, -1) * signed_sin
         stored = getattr(cache_layer, "dtype", None) or k.dtype
         if stored != k.dtype:  # no casts at all for a cache in the model's dtype (this runs 4x per layer and step)
             q, k, v = q.to(stored), k.to(stored), v.to(stored)
@@ -101,6 +104,10 @@ class LeanDecoder:
         return attn.o_proj(out if out.dtype == h.dtype else out.to(h.dtype))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, once per step, so that each layer's rotation is
+    ``x * cos + x.roll(D / 2) * signed_sin``: transformers' ``x * cos + rotate_half(x) * sin``
+    bit for bit (rotate_half(x) = cat(-x2, x1), and -x2 * s1 = x2 * -s1 exactly), in one op per
+    tensor where rotate_half took four (two slices, a negation and a cat, 4 tensors per layer)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
