@@ -76,6 +76,15 @@ def test_lean_step_keeps_the_full_forward_where_it_would_differ(tiny_mistral_dir
     model.config._attn_implementation = "eager"
     assert LeanDecoder.for_model(model) is None
     assert LeanDecoder.for_model(torch.nn.Linear(2, 2)) is None
+    model.config._attn_implementation = "sdpa"
+
+    class OffsetRMSNorm(torch.nn.Module):  # Gemma's (1 + weight) form: the lean step's norm is not it
+        def __init__(self, norm):
+            super().__init__()
+            self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
+
+    model.model.layers[1].post_attention_layernorm = OffsetRMSNorm(model.model.layers[1].post_attention_layernorm)
+    assert LeanDecoder.for_model(model) is None
 
 
 TEXT = (
