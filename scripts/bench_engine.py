@@ -8,7 +8,7 @@ median tokens/s and the median of the per-round ratios, and the adapters' size.
     .venv/bin/python scripts/bench_engine.py [--quick] [--rounds N] [--json out.json]
 
 The header states what really ran: the base's weights as the engine holds them after loading
-(dtype, oneDNN-packed or not), the adapters' dtype, the LoRA path, and the CPU's model and flags.
+(dtype; oneDNN-packed, tiled or dense), the adapters' dtype, the LoRA path, and the CPU's model and flags.
 
 The engine runs on the backend chosen by platform (on the CPU: the BGMV kernel and packed
 weights); compare with torch's bmm and transformers' kernels through the backend override:

@@ -1,4 +1,4 @@
-"""Linear layers with weights pre-packed for oneDNN: the CPU decode step's matmuls, faster.
+"""Linear layers with weights pre-packed (oneDNN's layout, or lora-kit's tiles): the CPU decode step's matmuls, faster.
 
 A decode step multiplies a few rows by every weight matrix. On the CPU, ``nn.Linear``
 runs these skinny products at a fraction of memory bandwidth (measured on a 2-core AVX-512
@@ -25,8 +25,8 @@ On CPUs with AMX a bf16 weight is held instead in lora-kit's tiled layout (``csr
 products, more rows AMX tiles; the activations are rounded to bf16 on their way in, as above, but
 the results stay fp32 (one rounding fewer than oneDNN's). oneDNN pays a fixed ~15 us per call that
 dominates the embedded model's small products; measured on a 2-core AMX Xeon VM, the tiled
-products run 1.2-3.6x faster than oneDNN-packed ones at one row and 1.1-2.8x at 2 to 256 rows
-(BENCHMARKS.md, issue 25).
+products run 1.2-2.7x faster than oneDNN-packed ones at one row, 1.1-2.6x at 4 to 32 rows and
+1.1-1.4x at a prefill's 256 (BENCHMARKS.md, issue 25).
 
 Where oneDNN cannot handle bf16 (CPUs without AVX512: AVX2 machines), a bf16 weight is held
 dense and multiplied, up to :data:`KERNEL_MAX_ROWS` rows, by lora-kit's kernel
