@@ -101,13 +101,17 @@ def test_the_torch_path_serves_where_the_kernel_is_missing():
 def test_the_kernel_refuses_mismatched_tensors():
     assert bgmv.load(), bgmv.error()
     q, s = quantize(linear(64, 32).weight)
-    op = torch.ops.lora_kit.wo_int8_linear_
+    op = torch.ops.lora_kit.wo_int8_linear
     with pytest.raises(RuntimeError, match="qweight does not match"):
-        op(torch.empty(2, 40), torch.randn(2, 64), q, s, None)
-    with pytest.raises(RuntimeError, match="x, out and scales float32"):
-        op(torch.empty(2, 32), torch.randn(2, 64).double(), q, s, None)
+        op(torch.randn(2, 64), q, s, None, 40)
+    with pytest.raises(RuntimeError, match="scales float32, qweight int8"):
+        op(torch.randn(2, 64), q, s.double(), None, 32)
     with pytest.raises(RuntimeError, match="bias must be"):
-        op(torch.empty(2, 32), torch.randn(2, 64), q, s, torch.zeros(31))
+        op(torch.randn(2, 64), q, s, torch.zeros(31), 32)
+    x = torch.randn(3, 2, 64)  # x as it comes: any leading shape, another dtype (taken as fp32)
+    got = op(x.double(), q, s, None, 32)
+    assert got.shape == (3, 2, 32) and got.dtype == torch.float32
+    assert torch.equal(got.reshape(6, 32), op(x.reshape(6, 64), q, s, None, 32))
 
 
 def reference_with_dequantized_weights(base_dir, adapter_dir):

@@ -150,7 +150,13 @@ def test_the_bf16_kernel_at_mistral_7b_width_gives_torchs_bf16_product(rows, mon
         got = packed(x)
         want = nn.functional.linear(x.to(torch.bfloat16), packed.weight).float()
     torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)
-    with pytest.raises(RuntimeError, match="x and out float32, weight bfloat16"):
-        packed._kernel(torch.empty(rows, 4096), x, layer.weight.detach(), None, True)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous bfloat16"):
+        packed._kernel(x, layer.weight.detach(), None, True)
     with pytest.raises(RuntimeError, match="shapes do not match"):
-        packed._kernel(torch.empty(rows, 4095), x, packed.weight, None, True)
+        packed._kernel(x[:, :4095], packed.weight, None, True)
+    # x as it comes: any leading shape, strided, another dtype (taken as fp32)
+    strided = torch.stack([x, x], dim=-1)[..., 0].reshape(rows, 1, 14336)
+    assert not strided.is_contiguous()
+    got3 = packed._kernel(strided, packed.weight, None, True)
+    assert got3.shape == (rows, 1, 4096) and torch.equal(got3.reshape(rows, 4096), got)
+    assert torch.equal(packed._kernel(x.double(), packed.weight, None, True), got)

@@ -85,16 +85,16 @@ class Int8Linear(nn.Module):
         self.scales = nn.Parameter(scales, requires_grad=False)
         bias = None if layer.bias is None else layer.bias.detach().to(torch.float32).contiguous()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._kernel = torch.ops.lora_kit.wo_int8_linear_ if bgmv.load() else None
+        # One op that takes x as it comes and returns y (a decode step calls it ~200 times).
+        self._kernel = torch.ops.lora_kit.wo_int8_linear.default if bgmv.load() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        if self._kernel is not None and rows.shape[0] <= KERNEL_MAX_ROWS:
-            out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
-            self._kernel(out, rows, self.qweight, self.scales, self.bias)
+        if self._kernel is not None and x.numel() <= KERNEL_MAX_ROWS * self.in_features:
+            out = self._kernel(x, self.qweight, self.scales, self.bias, self.out_features)
         else:
-            out = self._widened_by_blocks(rows)
-        return out.reshape(*x.shape[:-1], self.out_features).to(self.io_dtype)
+            rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+            out = self._widened_by_blocks(rows).reshape(*x.shape[:-1], self.out_features)
+        return out if self.io_dtype == torch.float32 else out.to(self.io_dtype)
 
     def _widened_by_blocks(self, rows: torch.Tensor) -> torch.Tensor:
         """The product through torch: :data:`BLOCK_PANELS` panels widened to fp32 at a time, each

@@ -183,14 +183,14 @@ class PackedLinear(nn.Module):
         bias = None if layer.bias is None else layer.bias.detach().to(weight.dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._cast = weight.dtype != self.io_dtype
-        # A tiled weight: lora-kit's kernel for every row count (csrc/bf16_tiles.cpp; one op that
-        # takes x as it comes and returns y: a decode step calls it ~200 times). A dense bf16
+        # A tiled weight: lora-kit's kernel for every row count (csrc/bf16_tiles.cpp). A dense bf16
         # weight: lora-kit's AVX2 kernel for up to KERNEL_MAX_ROWS rows where it was built
         # (csrc/wo_linear.cpp: the weight widened in registers, same roundings as torch's product).
+        # Both are one op that takes x as it comes and returns y (a decode step calls it ~200 times).
         self._tiles_op = torch.ops.lora_kit.bf16_tiles_linear.default if self.tiled else None
         self._kernel = None
         if self.held_dense and bgmv.load():
-            self._kernel = torch.ops.lora_kit.wo_bf16_linear_
+            self._kernel = torch.ops.lora_kit.wo_bf16_linear.default
         self._bias32 = None if self.bias is None else self.bias.detach().float()
 
     @property
@@ -212,10 +212,8 @@ class PackedLinear(nn.Module):
             y = self._tiles_op(x, self.weight, self._bias32, TILES_MAX_DOT_ROWS)
             return y if self.io_dtype == torch.float32 else y.to(self.io_dtype)
         if self._kernel is not None and x.numel() <= KERNEL_MAX_ROWS * self.in_features:
-            rows = x.reshape(-1, self.in_features).float().contiguous()
-            out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
-            self._kernel(out, rows, self.weight, self._bias32, True)
-            return out.reshape(*x.shape[:-1], self.out_features).to(self.io_dtype)
+            y = self._kernel(x, self.weight, self._bias32, True)
+            return y if self.io_dtype == torch.float32 else y.to(self.io_dtype)
         if self._cast:
             x = x.to(self.weight.dtype)
         if self.onednn:

@@ -22,6 +22,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -181,28 +182,41 @@ const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t N, const c
   return bias->data_ptr<float>();
 }
 
-// out (M, N) = x (M, K) @ dequant(qweight, scales)^T + bias; all fp32 but the int8 weight.
-void wo_int8_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu(),
-              "wo_int8_linear_: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && qweight.dim() == 3 && scales.dim() == 3,
-              "wo_int8_linear_: out (M, N), x (M, K), qweight (P, K, 16), scales (P, K / G, 16)");
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), P = qweight.size(0);
-  TORCH_CHECK(out.size(0) == M && qweight.size(1) == K && qweight.size(2) == kNR && P == (N + kNR - 1) / kNR,
-              "wo_int8_linear_: qweight does not match x and out");
+// x (..., K) as fp32 contiguous rows (converted if not), and an fp32 (..., N) output for them. The ops
+// take x as it comes and allocate their output: a decode step calls them ~200 times, and each
+// Python-side reshape, cast or allocation cost ~1 us per call (measured on the tiled bf16 op).
+at::Tensor rows_of(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1, op, ": x must be a CPU tensor (..., K)");
+  return x.to(at::kFloat).contiguous();
+}
+
+at::Tensor output_for(const at::Tensor& rows, int64_t N) {
+  std::vector<int64_t> sizes = rows.sizes().vec();
+  sizes.back() = N;
+  return at::empty(sizes, rows.options());
+}
+
+// x (..., K) @ dequant(qweight, scales)^T + bias -> (..., N) fp32; all fp32 but the int8 weight.
+at::Tensor wo_int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                          const c10::optional<at::Tensor>& bias, int64_t N) {
+  const at::Tensor x = rows_of(x_in, "wo_int8_linear");
+  TORCH_CHECK(qweight.device().is_cpu() && scales.device().is_cpu(), "wo_int8_linear: CPU tensors only");
+  TORCH_CHECK(qweight.dim() == 3 && scales.dim() == 3, "wo_int8_linear: qweight (P, K, 16), scales (P, K / G, 16)");
+  const int64_t K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1), P = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == K && qweight.size(2) == kNR && P == (N + kNR - 1) / kNR,
+              "wo_int8_linear: qweight does not match x and out_features");
   TORCH_CHECK(scales.size(0) == P && scales.size(2) == kNR && scales.size(1) > 0 && K % scales.size(1) == 0,
-              "wo_int8_linear_: scales do not match qweight");
-  TORCH_CHECK(kKC % (K / scales.size(1)) == 0, "wo_int8_linear_: the block size must divide ", kKC);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && scales.scalar_type() == at::kFloat &&
-                  qweight.scalar_type() == at::kChar,
-              "wo_int8_linear_: x, out and scales float32, qweight int8");
-  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && qweight.is_contiguous() && scales.is_contiguous(),
-              "wo_int8_linear_: tensors must be contiguous");
-  const float* b = bias_data(bias, N, "wo_int8_linear_");
-  if (M == 0 || N == 0) return;
+              "wo_int8_linear: scales do not match qweight");
+  TORCH_CHECK(kKC % (K / scales.size(1)) == 0, "wo_int8_linear: the block size must divide ", kKC);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && qweight.scalar_type() == at::kChar,
+              "wo_int8_linear: scales float32, qweight int8");
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous(), "wo_int8_linear: weights must be contiguous");
+  const float* b = bias_data(bias, N, "wo_int8_linear");
+  at::Tensor out = output_for(x, N);
+  if (M == 0 || N == 0) return out;
   wo_int8_impl(out.data_ptr<float>(), x.data_ptr<float>(), qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), b,
                M, N, K, K / scales.size(1));
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -301,20 +315,18 @@ void bf16_rows(float* out, const float* x, const uint16_t* w, const float* bias,
   }
 }
 
-// out (M, N) = x (M, K) @ w (N, K)^T + bias, w bf16, the rest fp32; round_io: see above.
-void wo_bf16_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                     bool round_io) {
-  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && weight.device().is_cpu(),
-              "wo_bf16_linear_: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && weight.dim() == 2, "wo_bf16_linear_: out (M, N), x (M, K), weight (N, K)");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(out.size(0) == M && out.size(1) == N && weight.size(1) == K, "wo_bf16_linear_: shapes do not match");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && weight.scalar_type() == at::kBFloat16,
-              "wo_bf16_linear_: x and out float32, weight bfloat16");
-  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && weight.is_contiguous(),
-              "wo_bf16_linear_: tensors must be contiguous");
-  const float* b = bias_data(bias, N, "wo_bf16_linear_");
-  if (M == 0 || N == 0) return;
+// x (..., K) @ w (N, K)^T + bias -> (..., N) fp32, w bf16, the rest fp32; round_io: see above.
+at::Tensor wo_bf16_linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          bool round_io) {
+  const at::Tensor x = rows_of(x_in, "wo_bf16_linear");
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2, "wo_bf16_linear: weight (N, K) on the CPU");
+  const int64_t K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "wo_bf16_linear: shapes do not match");
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+              "wo_bf16_linear: weight must be a contiguous bfloat16");
+  const float* b = bias_data(bias, N, "wo_bf16_linear");
+  at::Tensor out = output_for(x, N);
+  if (M == 0 || N == 0) return out;
   const float* xs = x.data_ptr<float>();
   std::vector<float> rounded;
   if (round_io) {
@@ -338,13 +350,14 @@ void wo_bf16_linear_(at::Tensor out, const at::Tensor& x, const at::Tensor& weig
     }
   });
   for (int64_t n0 = blocks * nr; n0 < N; ++n0) bf16_rows<1, 3>(o, xs, w, b, round_io, M, N, K, n0);  // tail rows
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lora_kit, m) {
-  m.def("wo_int8_linear_(Tensor(a!) out, Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> ()");
-  m.impl("wo_int8_linear_", c10::DispatchKey::CPU, TORCH_FN(wo_int8_linear_));
-  m.def("wo_bf16_linear_(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias, bool round_io) -> ()");
-  m.impl("wo_bf16_linear_", c10::DispatchKey::CPU, TORCH_FN(wo_bf16_linear_));
+  m.def("wo_int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int out_features) -> Tensor");
+  m.impl("wo_int8_linear", c10::DispatchKey::CPU, TORCH_FN(wo_int8_linear));
+  m.def("wo_bf16_linear(Tensor x, Tensor weight, Tensor? bias, bool round_io) -> Tensor");
+  m.impl("wo_bf16_linear", c10::DispatchKey::CPU, TORCH_FN(wo_bf16_linear));
 }
