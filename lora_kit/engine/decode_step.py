@@ -43,6 +43,10 @@ class LeanDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.window = getattr(config, "sliding_window", None)
         self._attention = sdpa_attention_forward
+        # torch's rms_norm is transformers' ops in one call on the CPU; elsewhere (a fused CUDA
+        # kernel) it may round differently, so other devices call the model's norm modules.
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        self._norm = _rms_norm if on_cpu else _call_norm
 
     @classmethod
     def for_model(cls, model: Any) -> LeanDecoder | None:
@@ -73,14 +77,15 @@ class LeanDecoder:
         # transformers' SDPA mask for a decode step: none when every position is real, else
         # (B, 1, 1, L) booleans, True where a row may attend.
         mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
+        norm = self._norm
         for layer, cache_layer in zip(inner.layers, cache.layers):
             hidden = hidden + self._attend(
-                layer.self_attn, _rms_norm(layer.input_layernorm, hidden), cos, signed_sin, mask, cache_layer
+                layer.self_attn, norm(layer.input_layernorm, hidden), cos, signed_sin, mask, cache_layer
             )
             mlp = layer.mlp
-            h = _rms_norm(layer.post_attention_layernorm, hidden)
+            h = norm(layer.post_attention_layernorm, hidden)
             hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
-        return self.model.lm_head(_rms_norm(inner.norm, hidden))[:, -1, :]
+        return self.model.lm_head(norm(inner.norm, hidden))[:, -1, :]
 
     def _attend(
         self, attn: Any, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, mask: Any, cache_layer: Any
@@ -117,10 +122,14 @@ def _plain_rms_norm(norm: Any) -> bool:
 
 
 def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    """transformers' Llama/Mistral RMSNorm ``norm(x)`` as one op: torch's CPU ``rms_norm`` runs the
+    """transformers' Llama/Mistral RMSNorm ``norm(x)`` as one op on the CPU: torch's CPU ``rms_norm`` runs the
     same ops in the same order (pow, mean, add eps, rsqrt, two muls: bit for bit, which the lean
     step's exactness test checks) without six Python-level calls (18 -> 9 us a norm, 61 a step)."""
     return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _call_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    return norm(x)
 
 
 def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
