@@ -10,7 +10,7 @@
 //     one 64-byte load serves every row of x in the register block, with no horizontal sums, and
 //   - AMX's B-tile layout (VNNI, "K / 2 rows of N pairs"): 16 consecutive pairs of one block are one
 //     1 KiB tile, loaded with a 64-byte stride.
-// So one copy of the weight serves the decode step (1 to kMaxDotRows rows: bandwidth-bound) and
+// So one copy of the weight serves the decode step (up to the op's max_dot_rows rows: bandwidth-bound) and
 // the prefill (compute-bound: AMX), where oneDNN's packed layout needed oneDNN for both, and
 // oneDNN pays a fixed ~15 us per call that dominates the embedded model's small products at one
 // row (BENCHMARKS.md, issue 25: 37 us for a 192 x 576 weight, 5.9 GB/s).
